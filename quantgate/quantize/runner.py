@@ -1,0 +1,95 @@
+"""Produce one candidate: resume, isolation, atomic artifact folder, and the candidate record.
+
+Each candidate is quantized in a child process (`python -m quantgate.quantize.worker`): peak
+memory is then the candidate's own, a crash in a native kernel loses only that candidate, and
+the parent keeps going with the others. The artifact folder is named by a hash of everything
+that determines its content, so the same candidate is never made twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..recipe import stable_hash
+from ..util import atomic_write_json
+
+RECORD = "candidate.json"
+
+
+@dataclass
+class CandidateResult:
+    name: str
+    method: str
+    status: str  # done | cached | failed
+    artifact: str | None = None
+    error: str | None = None
+    record: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def needs_calibration(spec) -> bool:
+    return spec.method in ("gptq", "awq")
+
+
+def candidate_key(spec, model_id: str, calib_hash: str | None) -> str:
+    """What an artifact's content depends on: the spec (not its name), the model, the calibration."""
+    params = spec.model_dump(mode="json", exclude={"name", "engine"})
+    return stable_hash({"spec": params, "model": model_id, "calib": calib_hash if needs_calibration(spec) else None})
+
+
+def artifact_dir(artifacts: Path, spec, key: str) -> Path:
+    return artifacts / f"{spec.method}-{key[:16]}"
+
+
+def find_existing(folder: Path) -> dict | None:
+    rec = folder / RECORD
+    if rec.is_file():
+        try:
+            return json.loads(rec.read_text())
+        except json.JSONDecodeError:
+            return None  # a torn record cannot happen with atomic writes; treat as absent
+    return None
+
+
+def run_candidate(spec, *, source: Path, calibration_file: Path | None, artifacts: Path, meta: dict,
+                  device: str, force: bool = False, log=print) -> CandidateResult:
+    key = candidate_key(spec, meta["model"]["identity"], meta.get("calib_hash"))
+    target = artifact_dir(artifacts, spec, key)
+    if not force and (rec := find_existing(target)):
+        log(f"✓ {spec.name}: already made for these hashes → {target}")
+        return CandidateResult(spec.name, spec.method, "cached", str(target), record=rec)
+    job = {
+        "spec": spec.model_dump(mode="json"),
+        "source": str(source),
+        "calibration_file": str(calibration_file) if calibration_file else None,
+        "target": str(target),
+        "device": device,
+        "meta": {**meta, "candidate_key": key},
+    }
+    job_file = artifacts / f".job-{key[:16]}.json"
+    result_file = artifacts / f".result-{key[:16]}.json"
+    atomic_write_json(job_file, job)
+    result_file.unlink(missing_ok=True)
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "quantgate.quantize.worker", str(job_file), str(result_file)],
+                          env=os.environ.copy())
+    job_file.unlink(missing_ok=True)
+    if result_file.is_file():
+        res = json.loads(result_file.read_text())
+        result_file.unlink(missing_ok=True)
+        if res.get("error"):
+            return CandidateResult(spec.name, spec.method, "failed", error=res["error"])
+        return CandidateResult(spec.name, spec.method, "done", str(target), record=res["record"])
+    return CandidateResult(
+        spec.name, spec.method, "failed",
+        error=f"the quantization process exited with code {proc.returncode} after {time.time() - t0:.0f} s "
+              "without a result (killed, out of memory, or a native crash); see the output above",
+    )

@@ -1,0 +1,110 @@
+"""Child-process entry point: quantize one candidate described by a job file, write a result file.
+
+Run by the runner as `python -m quantgate.quantize.worker JOB RESULT`; not meant for people.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import TypeAdapter
+
+from ..errors import QuantgateError
+from ..models import disk_size
+from ..recipe import CandidateSpec
+from ..util import atomic_dir, atomic_write_json, sha256_file
+from .base import QuantizeContext, get_quantizer
+from .runner import RECORD
+
+
+class TqdmProgress:
+    def iter(self, items, label):
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return items
+        return tqdm(list(items), desc=label, unit="layer", leave=False)
+
+    def log(self, msg):
+        print(msg, flush=True)
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("quantgate", "torch", "transformers", "safetensors", "gptqmodel", "llmcompressor", "compressed-tensors"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def peak_memory() -> dict:
+    mem = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        mem["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return mem
+
+
+def execute(job: dict) -> dict:
+    spec = TypeAdapter(CandidateSpec).validate_python(job["spec"])
+    calibration = None
+    if job.get("calibration_file"):
+        calibration = json.loads(Path(job["calibration_file"]).read_text())["windows"]
+        calibration = calibration[: getattr(spec, "n_samples", None) or len(calibration)]
+    quantizer = get_quantizer(spec)
+    ctx = QuantizeContext(Path(job["source"]), calibration, job["device"], TqdmProgress())
+    target = Path(job["target"])
+    with atomic_dir(target) as tmp:
+        t0 = time.perf_counter()
+        outcome = quantizer.quantize(spec, ctx, tmp)
+        wall = time.perf_counter() - t0
+        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.suffix in (".safetensors", ".json")}
+        record = {
+            "name": spec.name,
+            "method": spec.method,
+            "params": spec.model_dump(mode="json"),
+            "backend": quantizer.name,
+            "format": outcome.format,
+            "quantized_modules": outcome.quantized_modules,
+            "versions": {**library_versions(), **outcome.backend_versions},
+            **job["meta"],
+            "device": job["device"],
+            "wall_s": round(wall, 2),
+            **peak_memory(),
+            "size_bytes": disk_size(tmp),
+            "checksums": files,
+            "notes": outcome.notes,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        atomic_write_json(tmp / RECORD, record)
+    return record
+
+
+def main(argv: list[str]) -> int:
+    job_file, result_file = Path(argv[0]), Path(argv[1])
+    job = json.loads(job_file.read_text())
+    try:
+        record = execute(job)
+        atomic_write_json(result_file, {"record": record})
+        return 0
+    except QuantgateError as exc:
+        atomic_write_json(result_file, {"error": str(exc)})
+    except Exception as exc:  # one failing candidate must not lose the others: report and go on
+        traceback.print_exc()
+        atomic_write_json(result_file, {"error": f"{type(exc).__name__}: {exc}"})
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

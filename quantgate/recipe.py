@@ -1,0 +1,345 @@
+"""Recipes: the YAML document that drives a whole run, as typed pydantic models.
+
+A recipe composes specs owned by the stages: the model to start from, the calibration set, the
+candidates to produce, and optional sections (evaluation, trade-off card, serving) that later
+stages read. Loading validates everything before any work starts; errors name the file, the
+line and the field, and suggest the nearest valid name for a typo.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RecipeError
+
+DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
+
+
+class Spec(BaseModel):
+    """Base for everything a user writes: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------- model
+class ModelSpec(Spec):
+    ref: str = Field(
+        DEFAULT_MODEL,
+        description="'bundled:NAME', 'hf:org/name[@revision]', or a local folder path",
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = Field(
+        False, description="also load .bin/.pt weights; off: only safetensors are loaded"
+    )
+
+
+# ----------------------------------------------------------------------------- calibration
+class SourceSpec(Spec):
+    """One calibration source: exactly one of corpus, path or hf."""
+
+    corpus: str | None = Field(None, description="a bundled corpus, e.g. gutenberg, britannica")
+    path: str | None = Field(None, description="a local .txt or .jsonl file (or folder of them)")
+    hf: str | None = Field(None, description="a Hugging Face dataset id (needs the hub)")
+    config: str | None = None
+    split: str = "train"
+    field: str = "text"
+    weight: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "SourceSpec":
+        given = [k for k in ("corpus", "path", "hf") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                "a calibration source needs exactly one of 'corpus', 'path' or 'hf'"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.corpus or self.path or f"hf:{self.hf}"
+
+
+class CalibrationSpec(Spec):
+    sources: list[SourceSpec] = Field(
+        default_factory=lambda: [SourceSpec(corpus="gutenberg"), SourceSpec(corpus="britannica")],
+        min_length=1,
+    )
+    n_samples: int = Field(128, ge=1, le=100_000)
+    seq_len: int = Field(512, ge=16, le=131_072)
+    seed: int = 0
+    chat_template: bool = Field(
+        False, description="wrap each window's text in the model's chat template"
+    )
+
+
+# ------------------------------------------------------------------------------ candidates
+Bits = Literal[2, 3, 4, 8]
+
+
+class _CandidateBase(Spec):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=80)
+    engine: str | None = Field(None, description="engine used to evaluate this candidate")
+
+
+class BaselineSpec(_CandidateBase):
+    """The unquantized model, saved in the chosen dtype: every comparison is against it."""
+
+    method: Literal["baseline"]
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+
+
+class _WeightQuantBase(_CandidateBase):
+    bits: Bits = 4
+    group_size: int = Field(128, description="columns per quantization group; -1 = per-channel")
+    sym: bool = True
+    skip: list[str] = Field(
+        default_factory=lambda: ["lm_head"],
+        description="module name patterns left unquantized",
+    )
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int) -> int:
+        if v == -1 or (v > 0 and v & (v - 1) == 0 and v >= 16):
+            return v
+        raise ValueError("group_size must be -1 (per-channel) or a power of two ≥ 16, e.g. 64 or 128")
+
+
+class RTNSpec(_WeightQuantBase):
+    """Round-to-nearest: the papers' baseline, no calibration data."""
+
+    method: Literal["rtn"]
+    backend: Literal["quantgate"] = "quantgate"
+
+
+class _CalibratedBase(_WeightQuantBase):
+    n_samples: int | None = Field(
+        None, ge=1, description="use only the first N calibration windows (AWQ's search is costly on CPU)"
+    )
+
+
+class GPTQSpec(_CalibratedBase):
+    method: Literal["gptq"]
+    act_order: bool = Field(True, description="quantize columns in order of Hessian diagonal")
+    damp_percent: float = Field(0.01, gt=0, lt=1)
+    true_sequential: bool = True
+    backend: Literal["gptqmodel", "llmcompressor"] = "gptqmodel"
+
+
+class AWQSpec(_CalibratedBase):
+    method: Literal["awq"]
+    sym: bool = False
+    backend: Literal["gptqmodel", "llmcompressor"] = "gptqmodel"
+
+
+CandidateSpec = Annotated[
+    Union[BaselineSpec, RTNSpec, GPTQSpec, AWQSpec], Field(discriminator="method")
+]
+QUANT_METHODS = ("rtn", "gptq", "awq")
+
+
+# ---------------------------------------------- later stages (typed, optional, filled later)
+class PerplexitySpec(Spec):
+    corpus: str = "britannica"
+    seq_len: int = Field(512, ge=16)
+    max_windows: int = Field(32, ge=1)
+    batch_size: int = Field(4, ge=1)
+
+
+class EvaluationSpec(Spec):
+    perplexity: PerplexitySpec | None = Field(default_factory=PerplexitySpec)
+
+
+class TradeoffCardSpec(Spec):
+    """The chapter's trade-off card: targets, guard metrics and the rollback target."""
+
+    quality: str | None = Field(None, description="which tasks must stay accurate")
+    min_recovery: dict[str, float] = Field(default_factory=dict)
+    max_p95_ms: float | None = None
+    max_usd_per_1m_tokens: float | None = None
+    max_error_rate: float | None = None
+    rollback_to: str | None = Field(None, description="candidate name served on rollback")
+
+
+class ServingSpec(Spec):
+    default_budget_ms: int = Field(2000, gt=0)
+    max_budget_ms: int = Field(30_000, gt=0)
+    max_concurrency: int = Field(8, gt=0)
+
+
+# ---------------------------------------------------------------------------------- recipe
+class Recipe(Spec):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=80)
+    description: str = ""
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    candidates: list[CandidateSpec] = Field(..., min_length=1)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    card: TradeoffCardSpec = Field(default_factory=TradeoffCardSpec)
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Recipe":
+        seen: set[str] = set()
+        for c in self.candidates:
+            if c.name in seen:
+                raise ValueError(f"candidate name '{c.name}' is used twice; names must be unique")
+            seen.add(c.name)
+        return self
+
+    # ---------------------------------------------------------------- identity and access
+    @property
+    def recipe_hash(self) -> str:
+        """Stable over key order, comments and formatting; changes with any setting."""
+        return stable_hash(self.model_dump(mode="json", exclude={"description"}))
+
+    def candidate(self, name: str):
+        for c in self.candidates:
+            if c.name == name:
+                return c
+        raise RecipeError(
+            f"recipe '{self.name}' has no candidate '{name}'"
+            + _suggest(name, [c.name for c in self.candidates])
+            + f"; candidates: {', '.join(c.name for c in self.candidates)}"
+        )
+
+    @property
+    def baseline(self) -> BaselineSpec | None:
+        return next((c for c in self.candidates if c.method == "baseline"), None)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        return load_recipe(path)
+
+
+def stable_hash(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------- loading
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file (recipes/ holds examples)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping with at least 'name' and 'candidates'")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, path, root)) from None
+
+
+def format_validation_error(exc: ValidationError, path: Path, root) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = _strip_union_tags(err["loc"])
+        line = _line_of(root, loc)
+        where = f"{path}:{line}" if line else str(path)
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_fields(loc[:-1], err)
+            msg = f"unknown field '{loc[-1]}'" + _suggest(str(loc[-1]), allowed)
+            if allowed:
+                msg += f" (allowed: {', '.join(sorted(allowed))})"
+        elif err["type"] == "union_tag_invalid":
+            tag = str(err.get("ctx", {}).get("tag", ""))
+            line = _line_of(root, (*loc, "method")) or line
+            where = f"{path}:{line}"
+            msg = f"unknown method '{tag}'" + _suggest(tag, list(_TAGS)) + "; methods: baseline, rtn, gptq, awq"
+        lines.append(f"{where}: {field}: {msg}")
+    return "\n".join(lines)
+
+
+_TAGS = {"baseline", "rtn", "gptq", "awq"}
+
+
+def _strip_union_tags(loc: tuple) -> tuple:
+    """pydantic puts the discriminator value in the location: candidates.2.gptq.bits → candidates.2.bits."""
+    out = []
+    for i, p in enumerate(loc):
+        if isinstance(p, str) and p in _TAGS and i > 0 and isinstance(loc[i - 1], int):
+            continue
+        out.append(p)
+    return tuple(out)
+
+
+def _line_of(root, loc: tuple) -> int | None:
+    node, line = root, (root.start_mark.line + 1 if root is not None else None)
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == part:
+                    line, node = k.start_mark.line + 1, v
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _allowed_fields(parent_loc: tuple, err: dict) -> list[str]:
+    model: Any = Recipe
+    for part in parent_loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = _model_of(field.annotation, part, err)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+_BY_METHOD = {"baseline": BaselineSpec, "rtn": RTNSpec, "gptq": GPTQSpec, "awq": AWQSpec}
+
+
+def _model_of(annotation, part, err):
+    import typing
+
+    if part == "candidates":
+        # the failing candidate's own method decides which fields are allowed
+        method = None
+        for p in err["loc"]:
+            if p in _BY_METHOD:
+                method = p
+        return _BY_METHOD.get(method)
+    args = typing.get_args(annotation) or (annotation,)
+    for a in args:
+        inner = typing.get_args(a) or (a,)
+        for t in inner:
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                return t
+    return None
+
+
+def _suggest(word: str, choices) -> str:
+    near = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean '{near[0]}'?" if near else ""

@@ -1,0 +1,1 @@
+"""Serving: the manifest (promote/rollback) and the budgeted gateway."""
