@@ -81,19 +81,93 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="Redo candidates whose artifact already exists."),
 ):
     """Produce the recipe's candidates (baseline, RTN, GPTQ, AWQ) as standard checkpoints."""
-    from .pipeline import Workspace, quantize as run_quantize, resolve_device
+    from .pipeline import Workspace, quantize as run_quantize
     from .recipe import load_recipe
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise QuantgateError(f"--device: '{device}' is not one of auto, cpu, cuda")
     r = load_recipe(recipe)
-    results = run_quantize(r, Workspace(workspace), only=only, device=resolve_device(device), force=force,
+    results = run_quantize(r, Workspace(workspace), only=only, device=_device(device), force=force,
                            log=console.print)
     out.print(results_table(results))
     failed = [x for x in results if x.status == "failed"]
     if failed:
         raise QuantgateError(f"{len(failed)} of {len(results)} candidates failed: "
                              + "; ".join(f"{x.name}: {x.error}" for x in failed))
+
+
+def _device(device: str) -> str:
+    from .pipeline import resolve_device
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise QuantgateError(f"--device: '{device}' is not one of auto, cpu, cuda")
+    return resolve_device(device)
+
+
+@app.command()
+def evaluate(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    only: Optional[List[str]] = typer.Option(None, "--only", help="Only this candidate (repeatable)."),
+    workspace: Path = WorkspaceOpt,
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    force: bool = typer.Option(False, "--force", help="Re-evaluate even if a result exists."),
+):
+    """Measure each candidate (quality, speed under load, memory, cost); quantizes first if needed."""
+    from .pipeline import Workspace, evaluate as run_evaluate
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe)
+    records = run_evaluate(r, Workspace(workspace), only=only, device=_device(device), force=force, log=console.print)
+    _compare_and_print(r, Workspace(workspace), records)
+
+
+@app.command()
+def compare(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file whose run to compare."),
+    workspace: Path = WorkspaceOpt,
+    json_out: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
+):
+    """Compare evaluated candidates with the baseline and apply the trade-off card's gates."""
+    import json
+
+    from .pipeline import Workspace, load_records
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe)
+    ws = Workspace(workspace)
+    comp = _compare_and_print(r, ws, load_records(r, ws), quiet=json_out)
+    if json_out:
+        out.print_json(json.dumps(comp.to_dict(), default=str))
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    workspace: Path = WorkspaceOpt,
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+):
+    """quantize → evaluate → compare in one go; resumable (finished work is reused)."""
+    from .pipeline import Workspace, evaluate as run_evaluate
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe)
+    ws = Workspace(workspace)
+    records = run_evaluate(r, ws, device=_device(device), log=console.print)
+    comp = _compare_and_print(r, ws, records)
+    if comp.recommended:
+        console.print(f"recommended: [bold]{comp.recommended}[/] — {comp.why}")
+
+
+def _compare_and_print(r, ws, records, quiet: bool = False):
+    from .evaluate.report import comparison_table, failed_gate_lines
+    from .pipeline import compare_run
+
+    comp = compare_run(r, ws, records)
+    if not quiet:
+        out.print(comparison_table(comp))
+        for line in failed_gate_lines(comp):
+            console.print(f"[red]✗[/] {line}", highlight=False)
+        run_dir = ws.run_dir(r)
+        console.print(f"report: {run_dir / 'compare.md'}  ·  JSON: {run_dir / 'compare.json'}")
+    return comp
 
 
 def results_table(results) -> Table:

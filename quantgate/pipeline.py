@@ -102,3 +102,93 @@ def resolve_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     except ImportError:
         return "cpu"
+
+
+# ------------------------------------------------------------------------------ evaluate
+def eval_key(recipe: Recipe, spec, artifact_record: dict) -> str:
+    """What an evaluation result depends on: the artifact, the evaluation settings, the engine."""
+    from .recipe import stable_hash
+
+    return stable_hash({
+        "artifact": artifact_record.get("candidate_key") or artifact_record.get("checksums"),
+        "evaluation": recipe.evaluation.model_dump(mode="json", exclude={"engines"}),
+        "engine": recipe.evaluation.engines[spec.engine].model_dump(mode="json"),
+    })
+
+
+def prompt_texts(recipe: Recipe) -> list[str]:
+    """Prompt text for the load test: the eval split of the workload's corpus (never calibration text)."""
+    from .data import split_documents
+    from .recipe import SourceSpec
+
+    w = recipe.evaluation.workload
+    if w is None or w.prompts_file:
+        return []
+    return [d.text for d in split_documents(SourceSpec(corpus=w.corpus), "eval")]
+
+
+def evaluate(recipe: Recipe, ws: Workspace, *, only: list[str] | None = None, device: str = "cpu",
+             force: bool = False, log=print) -> list[dict]:
+    """Quantize (resuming) and evaluate each candidate in its own process; returns the records."""
+    from .isolate import run_in_child
+
+    results = quantize(recipe, ws, only=only, device=device, log=log)
+    out_dir = ws.run_dir(recipe) / "evaluate"
+    texts = prompt_texts(recipe)
+    records = []
+    for res in results:
+        spec = recipe.candidate(res.name)
+        path = out_dir / f"{res.name}.json"
+        if res.status == "failed":
+            records.append({"name": res.name, "method": res.method, "error": f"quantization failed: {res.error}"})
+            continue
+        key = eval_key(recipe, spec, res.record)
+        if not force and path.is_file() and json.loads(path.read_text()).get("eval_key") == key:
+            log(f"✓ {res.name}: already evaluated with these settings")
+            records.append(json.loads(path.read_text()))
+            continue
+        log(f"→ evaluating {res.name}")
+        job = {
+            "candidate": {"name": res.name, "method": res.method, "artifact": res.artifact},
+            "evaluation": recipe.evaluation.model_dump(mode="json"),
+            "engine": recipe.evaluation.engines[spec.engine].model_dump(mode="json"),
+            "device": device, "eval_key": key, "prompt_texts": texts,
+        }
+        got = run_in_child("quantgate.evaluate.worker", job, out_dir)
+        if got.get("error"):
+            rec = {"name": res.name, "method": res.method, "error": got["error"]}
+        else:
+            rec = got["record"]
+            atomic_write_json(path, rec)
+        records.append(rec)
+    return records
+
+
+def compare_run(recipe: Recipe, ws: Workspace, records: list[dict]):
+    """Gate every candidate against the baseline; write compare.json and compare.md."""
+    from .evaluate.compare import compare
+    from .evaluate.report import comparison_markdown
+
+    baseline = recipe.baseline
+    if baseline is None:
+        raise QuantgateError(f"recipe '{recipe.name}': comparing needs a baseline candidate (method: baseline)")
+    rows = [{"name": r["name"], "method": r.get("method", ""), "metrics": r.get("metrics", {}), "error": r.get("error")}
+            for r in records]
+    if not any(r["name"] == baseline.name and not r["error"] for r in rows):
+        raise QuantgateError(f"the baseline '{baseline.name}' has no evaluation; rerun `quantgate evaluate`")
+    comp = compare(rows, baseline.name, recipe.card.gates)
+    run_dir = ws.run_dir(recipe)
+    atomic_write_json(run_dir / "compare.json", {"recipe": recipe.name, "recipe_hash": recipe.recipe_hash,
+                                                 **comp.to_dict()})
+    atomic_write_text(run_dir / "compare.md", comparison_markdown(recipe, comp, records))
+    return comp
+
+
+def load_records(recipe: Recipe, ws: Workspace) -> list[dict]:
+    d = ws.run_dir(recipe) / "evaluate"
+    records = []
+    for c in recipe.candidates:
+        p = d / f"{c.name}.json"
+        records.append(json.loads(p.read_text()) if p.is_file()
+                       else {"name": c.name, "method": c.method, "error": "not evaluated"})
+    return records

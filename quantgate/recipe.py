@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
+from .evaluate.workload import WorkloadSpec
 
 DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
 
@@ -88,7 +89,7 @@ Bits = Literal[2, 3, 4, 8]
 
 class _CandidateBase(Spec):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=80)
-    engine: str | None = Field(None, description="engine used to evaluate this candidate")
+    engine: str = Field("transformers", description="which of evaluation.engines measures this candidate")
 
 
 class BaselineSpec(_CandidateBase):
@@ -148,7 +149,7 @@ CandidateSpec = Annotated[
 QUANT_METHODS = ("rtn", "gptq", "awq")
 
 
-# ---------------------------------------------- later stages (typed, optional, filled later)
+# ------------------------------------------------------------------------------ evaluation
 class PerplexitySpec(Spec):
     corpus: str = "britannica"
     seq_len: int = Field(512, ge=16)
@@ -156,19 +157,83 @@ class PerplexitySpec(Spec):
     batch_size: int = Field(4, ge=1)
 
 
+class LMEvalSpec(Spec):
+    tasks: list[str] = Field(default_factory=list, description="bundled qg_* tasks or any lm-eval task name")
+    limit: int | None = Field(None, ge=1, description="documents per task (None: all)")
+    batch_size: int = Field(4, ge=1)
+    num_fewshot: int | None = None
+
+
+class RegressionSpec(Spec):
+    path: str = Field(..., description="JSONL of prompts with checks (contains, regex, exact, length)")
+    max_tokens: int = Field(64, ge=1)
+
+
+class OfflineSpec(Spec):
+    prompt_tokens: int = Field(256, ge=1)
+    output_tokens: int = Field(32, ge=2)
+    repeats: int = Field(3, ge=1)
+
+
+class EngineSpec(Spec):
+    kind: Literal["transformers", "openai"] = "transformers"
+    base_url: str | None = None
+    model: str | None = None
+    threads: int | None = Field(None, ge=1)
+
+
+class CostSpec(Spec):
+    """Either what the machine costs per hour, or a hosted API's per-token prices."""
+
+    usd_per_hour: float | None = Field(None, ge=0)
+    usd_per_1m_input_tokens: float | None = Field(None, ge=0)
+    usd_per_1m_output_tokens: float | None = Field(None, ge=0)
+
+
 class EvaluationSpec(Spec):
     perplexity: PerplexitySpec | None = Field(default_factory=PerplexitySpec)
+    lm_eval: LMEvalSpec | None = None
+    regression: RegressionSpec | None = None
+    offline: OfflineSpec | None = Field(default_factory=OfflineSpec)
+    workload: WorkloadSpec | None = Field(default_factory=lambda: WorkloadSpec(requests=8, concurrency=2))
+    engines: dict[str, EngineSpec] = Field(default_factory=lambda: {"transformers": EngineSpec()})
+    cost: CostSpec = Field(default_factory=lambda: CostSpec(usd_per_hour=0.10))
+
+
+class GateSpec(Spec):
+    """One rule of the trade-off card: exactly one of min, max, min_recovery, max_ratio."""
+
+    metric: str
+    min: float | None = None
+    max: float | None = None
+    min_recovery: float | None = Field(None, gt=0, description="keep at least this share of the baseline's quality")
+    max_ratio: float | None = Field(None, gt=0, description="at most this multiple of the baseline's value")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "GateSpec":
+        given = [k for k in ("min", "max", "min_recovery", "max_ratio") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a gate needs exactly one of 'min', 'max', 'min_recovery', 'max_ratio'")
+        return self
+
+    @property
+    def threshold(self) -> float:
+        return next(v for v in (self.min, self.max, self.min_recovery, self.max_ratio) if v is not None)
+
+    @property
+    def rule(self) -> str:
+        k = next(k for k in ("min", "max", "min_recovery", "max_ratio") if getattr(self, k) is not None)
+        return f"{k} {self.threshold:g}"
 
 
 class TradeoffCardSpec(Spec):
-    """The chapter's trade-off card: targets, guard metrics and the rollback target."""
+    """The chapter's trade-off card: targets in words, gates as rules, the rollback target."""
 
-    quality: str | None = Field(None, description="which tasks must stay accurate")
-    min_recovery: dict[str, float] = Field(default_factory=dict)
-    max_p95_ms: float | None = None
-    max_usd_per_1m_tokens: float | None = None
-    max_error_rate: float | None = None
-    rollback_to: str | None = Field(None, description="candidate name served on rollback")
+    quality: str | None = Field(None, description="which tasks must stay accurate, which may degrade")
+    latency: str | None = None
+    cost: str | None = None
+    gates: list[GateSpec] = Field(default_factory=list)
+    rollback_to: str | None = Field(None, description="candidate served on rollback (default: the baseline)")
 
 
 class ServingSpec(Spec):
@@ -189,12 +254,21 @@ class Recipe(Spec):
     serving: ServingSpec = Field(default_factory=ServingSpec)
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "Recipe":
+    def _cross_checks(self) -> "Recipe":
         seen: set[str] = set()
         for c in self.candidates:
             if c.name in seen:
                 raise ValueError(f"candidate name '{c.name}' is used twice; names must be unique")
             seen.add(c.name)
+            if c.engine not in self.evaluation.engines:
+                raise ValueError(f"candidate '{c.name}' names engine '{c.engine}', which evaluation.engines "
+                                 f"does not define (defined: {', '.join(self.evaluation.engines)})"
+                                 + _suggest(c.engine, self.evaluation.engines))
+        if self.card.rollback_to and self.card.rollback_to not in seen:
+            raise ValueError(f"card.rollback_to '{self.card.rollback_to}' is not a candidate"
+                             + _suggest(self.card.rollback_to, seen))
+        if sum(c.method == "baseline" for c in self.candidates) > 1:
+            raise ValueError("a recipe has at most one baseline candidate: every comparison is against it")
         return self
 
     # ---------------------------------------------------------------- identity and access

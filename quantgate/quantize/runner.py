@@ -9,15 +9,11 @@ that determines its content, so the same candidate is never made twice.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..isolate import run_in_child
 from ..recipe import stable_hash
-from ..util import atomic_write_json
 
 RECORD = "candidate.json"
 
@@ -74,22 +70,7 @@ def run_candidate(spec, *, source: Path, calibration_file: Path | None, artifact
         "device": device,
         "meta": {**meta, "candidate_key": key},
     }
-    job_file = artifacts / f".job-{key[:16]}.json"
-    result_file = artifacts / f".result-{key[:16]}.json"
-    atomic_write_json(job_file, job)
-    result_file.unlink(missing_ok=True)
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "quantgate.quantize.worker", str(job_file), str(result_file)],
-                          env=os.environ.copy())
-    job_file.unlink(missing_ok=True)
-    if result_file.is_file():
-        res = json.loads(result_file.read_text())
-        result_file.unlink(missing_ok=True)
-        if res.get("error"):
-            return CandidateResult(spec.name, spec.method, "failed", error=res["error"])
-        return CandidateResult(spec.name, spec.method, "done", str(target), record=res["record"])
-    return CandidateResult(
-        spec.name, spec.method, "failed",
-        error=f"the quantization process exited with code {proc.returncode} after {time.time() - t0:.0f} s "
-              "without a result (killed, out of memory, or a native crash); see the output above",
-    )
+    res = run_in_child("quantgate.quantize.worker", job, artifacts)
+    if res.get("error"):
+        return CandidateResult(spec.name, spec.method, "failed", error=res["error"])
+    return CandidateResult(spec.name, spec.method, "done", str(target), record=res["record"])

@@ -10,13 +10,12 @@ import platform
 import resource
 import sys
 import time
-import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import TypeAdapter
 
-from ..errors import QuantgateError
+from ..isolate import child_main
 from ..models import disk_size
 from ..recipe import CandidateSpec
 from ..util import atomic_dir, atomic_write_json, sha256_file
@@ -91,20 +90,5 @@ def execute(job: dict) -> dict:
     return record
 
 
-def main(argv: list[str]) -> int:
-    job_file, result_file = Path(argv[0]), Path(argv[1])
-    job = json.loads(job_file.read_text())
-    try:
-        record = execute(job)
-        atomic_write_json(result_file, {"record": record})
-        return 0
-    except QuantgateError as exc:
-        atomic_write_json(result_file, {"error": str(exc)})
-    except Exception as exc:  # one failing candidate must not lose the others: report and go on
-        traceback.print_exc()
-        atomic_write_json(result_file, {"error": f"{type(exc).__name__}: {exc}"})
-    return 1
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(child_main(execute, sys.argv[1:]))

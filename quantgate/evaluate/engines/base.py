@@ -1,0 +1,65 @@
+"""The engine contract every speed measurement goes through.
+
+An engine turns one GenerationRequest into a stream of text chunks; the load generator, not
+the engine, holds the clock (TTFT, inter-token gaps, E2E), so every engine is timed the same way.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol
+
+from ...errors import MissingExtraError, QuantgateError
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    id: str
+    messages: list[dict]  # OpenAI chat messages
+    max_tokens: int
+    kind: str = ""  # the workload's length class, e.g. "short" / "long"
+    ignore_eos: bool = True  # load tests want the asked-for output length
+
+
+@dataclass
+class Chunk:
+    """A piece of streamed output. The last chunk may carry the engine's own token counts."""
+
+    text: str = ""
+    tokens: int | None = None  # tokens in this chunk if the engine knows (in-process: yes)
+    usage: dict | None = None  # {"prompt_tokens": n, "completion_tokens": m} at the end
+
+
+class Engine(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    def stream(self, req: GenerationRequest) -> AsyncIterator[Chunk]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class EngineSpecLike:
+    kind: str
+    args: dict = field(default_factory=dict)
+
+
+# engine kind → ("module:Class", extra); heavy modules load only when the engine is chosen
+ENGINES: dict[str, tuple[str, str]] = {
+    "transformers": ("quantgate.evaluate.engines.transformers_local:TransformersEngine", "models"),
+    "openai": ("quantgate.evaluate.engines.openai_http:OpenAIEngine", "eval"),
+}
+
+
+def engine_class(kind: str):
+    if kind not in ENGINES:
+        raise QuantgateError(f"unknown engine '{kind}'; engines: {', '.join(ENGINES)}")
+    target, extra = ENGINES[kind]
+    mod, cls = target.split(":")
+    try:
+        return getattr(importlib.import_module(mod), cls)
+    except ImportError as exc:
+        raise MissingExtraError(f"the {kind} engine", extra, exc.name or mod) from exc

@@ -1,0 +1,111 @@
+"""Render a comparison for people: a terminal table and Markdown (JSON is the Comparison itself)."""
+
+from __future__ import annotations
+
+from .compare import Comparison
+
+# (metric, header, format) — the columns a reviewer reads first, in order
+COLUMNS = [
+    ("perplexity", "ppl", "{:.2f}"),
+    ("regression_pass_rate", "regr. pass", "{:.0%}"),
+    ("ttft_p50_ms", "TTFT P50 ms", "{:.0f}"),
+    ("ttft_p95_ms", "TTFT P95 ms", "{:.0f}"),
+    ("tpot_p50_ms", "TPOT P50 ms", "{:.1f}"),
+    ("e2e_p95_ms", "E2E P95 ms", "{:.0f}"),
+    ("output_tok_s", "out tok/s", "{:.1f}"),
+    ("weights_mb", "weights MB", "{:.0f}"),
+    ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
+    ("usd_per_1m_output_tokens", "$/1M out tok", "{:.3f}"),
+    ("error_rate", "errors", "{:.0%}"),
+]
+
+
+def _fmt(v, fmt):
+    if v is None:
+        return "–"
+    try:
+        return fmt.format(v)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def _cell(metric, fmt, verdict, show_recovery=("perplexity", "regression_pass_rate")):
+    v = verdict.metrics.get(metric)
+    s = _fmt(v, fmt)
+    r = verdict.recovery.get(metric)
+    if metric in show_recovery and r is not None and verdict.name != "":
+        s += f" ({r:.0%})"
+    return s
+
+
+def _status(verdict, comp: Comparison) -> str:
+    if verdict.error:
+        return "error"
+    if verdict.name == comp.baseline:
+        return "baseline"
+    failed = [g for g in verdict.gates if not g.passed]
+    return "pass" if not failed else f"FAIL ({len(failed)})"
+
+
+def comparison_table(comp: Comparison):
+    from rich.table import Table
+
+    t = Table(title=f"candidates vs baseline '{comp.baseline}'  (recovery in brackets)")
+    t.add_column("candidate")
+    t.add_column("gates")
+    for _, head, _ in COLUMNS:
+        t.add_column(head, justify="right")
+    for v in comp.candidates:
+        star = " ★" if v.name == comp.recommended else ""
+        status = _status(v, comp)
+        color = {"pass": "green", "baseline": "cyan", "error": "red"}.get(status, "red")
+        t.add_row(v.name + star, f"[{color}]{status}", *[_cell(m, f, v) for m, _, f in COLUMNS])
+    return t
+
+
+def failed_gate_lines(comp: Comparison) -> list[str]:
+    lines = []
+    for v in comp.candidates:
+        if v.error:
+            lines.append(f"{v.name}: {v.error}")
+        lines += [f"{v.name}: {g.reason}" for g in v.gates if not g.passed]
+    return lines
+
+
+def comparison_markdown(recipe, comp: Comparison, records: list[dict]) -> str:
+    heads = ["candidate", "method", "gates"] + [h for _, h, _ in COLUMNS]
+    lines = [f"# {recipe.name}: candidates vs baseline `{comp.baseline}`", ""]
+    if recipe.card.quality or recipe.card.latency or recipe.card.cost:
+        lines += ["## Trade-off card", "", "| dimension | target |", "| --- | --- |"]
+        for k in ("quality", "latency", "cost"):
+            if getattr(recipe.card, k):
+                lines.append(f"| {k} | {getattr(recipe.card, k)} |")
+        lines.append(f"| rollback | {recipe.card.rollback_to or comp.baseline} |")
+        lines.append("")
+    lines += ["## Comparison", "", "| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
+    for v in comp.candidates:
+        name = f"**{v.name}** ★" if v.name == comp.recommended else v.name
+        lines.append("| " + " | ".join([name, v.method, _status(v, comp)] + [_cell(m, f, v) for m, _, f in COLUMNS]) + " |")
+    lines += ["", f"**Recommended:** {comp.recommended or 'none'} — {comp.why}", "", "## Gates", ""]
+    for v in comp.candidates:
+        for g in v.gates:
+            lines.append(f"- {'✅' if g.passed else '❌'} `{v.name}` {g.rule} on `{g.metric}`: {g.reason}")
+        if v.error:
+            lines.append(f"- ❌ `{v.name}`: {v.error}")
+    by_name = {r["name"]: r for r in records}
+    base_reg = (by_name.get(comp.baseline, {}).get("quality") or {}).get("regression")
+    if base_reg:
+        from .regression import flips
+
+        lines += ["", "## Regression set: cases that flipped against the baseline", ""]
+        for v in comp.candidates:
+            reg = (by_name.get(v.name, {}).get("quality") or {}).get("regression")
+            if reg and v.name != comp.baseline:
+                f = flips(reg, base_reg)
+                lines.append(f"- `{v.name}`: broke {f['broke'] or 'none'}; fixed {f['fixed'] or 'none'}")
+    ppl = next((r["quality"]["perplexity"]["protocol"] for r in records if (r.get("quality") or {}).get("perplexity")), None)
+    if ppl:
+        lines += ["", "## Protocol", "", f"- perplexity: {ppl}"]
+    if recipe.evaluation.workload:
+        lines.append(f"- workload: {recipe.evaluation.workload.model_dump(mode='json')}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,136 @@
+"""Child-process entry point: evaluate one candidate (quality, speed, memory, cost) from a job file.
+
+Run by the evaluation stage as `python -m quantgate.evaluate.worker JOB RESULT`. One candidate
+per process, so `peak_rss_mb` is that candidate's own peak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+from ..isolate import child_main
+from ..recipe import EngineSpec, EvaluationSpec
+from . import memory
+from .cost import cost_metrics
+
+
+def _progress(label):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return lambda items: tqdm(list(items), desc=label, leave=False)
+
+
+async def _generate(engine, messages, max_tokens) -> str:
+    from .engines.base import GenerationRequest
+
+    parts = []
+    async for chunk in engine.stream(GenerationRequest("regression", messages, max_tokens, ignore_eos=False)):
+        parts.append(chunk.text)
+    return "".join(parts)
+
+
+def quality(engine, spec: EvaluationSpec, name: str) -> tuple[dict, dict]:
+    """Perplexity and the regression set on the in-process model; returns (section, flat metrics)."""
+    from .quality import perplexity, perplexity_windows
+    from .regression import grade, load_cases, summarize
+
+    section, flat = {}, {}
+    if spec.perplexity:
+        windows = perplexity_windows(engine.tokenizer, spec.perplexity)
+        res = perplexity(engine.model, windows, spec.perplexity.batch_size, _progress(f"{name} perplexity"))
+        section["perplexity"] = res.to_dict()
+        flat["perplexity"] = res.perplexity
+    if spec.regression:
+        cases = load_cases(spec.regression.path)
+        results = [grade(c, asyncio.run(_generate(engine, c.messages(), spec.regression.max_tokens))) for c in cases]
+        reg = summarize(results)
+        section["regression"] = reg.to_dict()
+        flat["regression_pass_rate"] = reg.pass_rate
+    if spec.lm_eval and spec.lm_eval.tasks:
+        from .lmeval import run_tasks
+
+        scores = run_tasks(engine.model, engine.tokenizer, spec.lm_eval)
+        section["lm_eval"] = scores
+        flat.update({f"lm_eval/{task}/{m}": v for task, ms in scores.items() for m, v in ms.items()})
+    return section, flat
+
+
+def speed(engine, spec: EvaluationSpec, prompts_texts: list[str]) -> tuple[dict, dict]:
+    section, flat = {}, {}
+    if spec.offline and getattr(engine, "model", None) is not None:
+        from .engines.transformers_local import offline_timings
+
+        off = offline_timings(engine.model, spec.offline.prompt_tokens, spec.offline.output_tokens, spec.offline.repeats)
+        section["offline"] = off.to_dict()
+        flat.update(prefill_ms=off.prefill_ms, decode_ms_per_token=off.decode_ms_per_token)
+    if spec.workload:
+        from .loadgen import build_prompts, run_load
+
+        prompts = build_prompts(prompts_texts, spec.workload, count_tokens=_token_counter(engine))
+        report = asyncio.run(run_load(engine, spec.workload, prompts))
+        section["load"] = report.to_dict()
+        flat.update(load_metrics(report.to_dict()))
+        agg = section["load"]["aggregates"]
+        flat.update(cost_metrics(spec.cost, requests_per_s=agg["request_throughput"],
+                                 output_tokens_per_s=agg["output_token_throughput"],
+                                 mean_tokens_in=agg.get("mean_tokens_in", 0.0),
+                                 mean_tokens_out=agg.get("mean_tokens_out", 0.0)))
+    return section, flat
+
+
+def _token_counter(engine):
+    tok = getattr(engine, "tokenizer", None)
+    return (lambda text: len(tok(text, add_special_tokens=False)["input_ids"])) if tok is not None else None
+
+
+def load_metrics(report: dict) -> dict:
+    """Flatten the load report's aggregates into the metric names gates use (e2e_p95_ms, ...)."""
+    agg = report["aggregates"]
+    flat = {}
+    for metric in ("ttft", "tpot", "itl", "e2e"):
+        for q in ("p50", "p95", "p99"):
+            v = (agg.get(metric) or {}).get(q)
+            if v is not None:
+                flat[f"{metric}_{q}_ms"] = v * 1000
+    for k in ("request_throughput", "output_token_throughput", "goodput", "slo_attainment", "error_rate", "timeout_rate"):
+        if agg.get(k) is not None:
+            flat[{"request_throughput": "throughput_rps", "output_token_throughput": "output_tok_s",
+                  "goodput": "goodput_rps"}.get(k, k)] = agg[k]
+    return flat
+
+
+def execute(job: dict) -> dict:
+    spec = EvaluationSpec.model_validate(job["evaluation"])
+    engine_spec = EngineSpec.model_validate(job["engine"])
+    cand = job["candidate"]
+    from .engines.transformers_local import TransformersEngine
+
+    t0 = time.perf_counter()
+    local = TransformersEngine(cand["artifact"], device=job["device"], threads=engine_spec.threads)
+    asyncio.run(local.start())
+    q_section, flat = quality(local, spec, cand["name"])
+    speed_engine = local
+    if engine_spec.kind == "openai":
+        from .engines.openai_http import OpenAIEngine
+
+        speed_engine = OpenAIEngine(engine_spec.base_url, engine_spec.model or cand["name"])
+    s_section, s_flat = speed(speed_engine, spec, job.get("prompt_texts") or [])
+    flat.update(s_flat)
+    mem = {"weights_bytes": memory.weights_bytes(cand["artifact"]), **memory.process_peak()}
+    flat.update(weights_mb=mem["weights_bytes"] / 1e6, peak_rss_mb=mem["peak_rss_mb"])
+    if "peak_cuda_mb" in mem:
+        flat["peak_cuda_mb"] = mem["peak_cuda_mb"]
+    return {
+        "name": cand["name"], "method": cand["method"], "artifact": cand["artifact"],
+        "engine": engine_spec.model_dump(mode="json"), "device": job["device"],
+        "quality": q_section, "speed": s_section, "memory": mem, "metrics": flat,
+        "eval_key": job["eval_key"], "wall_s": round(time.perf_counter() - t0, 2),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(execute, sys.argv[1:]))
