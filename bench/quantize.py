@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 DIRECT = r'''
 import json, os, resource, sys, time
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(4, os.cpu_count() or 1))))
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, min(4, (os.cpu_count() or 1) // 2))))
 job = json.load(open(sys.argv[1]))
 from gptqmodel import GPTQModel, QuantizeConfig
 windows = json.load(open(job["calibration"]))["windows"]

@@ -143,8 +143,9 @@ def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     workspace: Path = WorkspaceOpt,
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    no_track: bool = typer.Option(False, "--no-track", help="Do not log to MLflow."),
 ):
-    """quantize → evaluate → compare in one go; resumable (finished work is reused)."""
+    """quantize → evaluate → compare → MLflow in one go; resumable (finished work is reused)."""
     from .pipeline import Workspace, evaluate as run_evaluate
     from .recipe import load_recipe
 
@@ -152,8 +153,61 @@ def run(
     ws = Workspace(workspace)
     records = run_evaluate(r, ws, device=_device(device), log=console.print)
     comp = _compare_and_print(r, ws, records)
+    if r.tracking.enabled and not no_track:
+        _track(r, ws)
+    run_dir = ws.run_dir(r)
     if comp.recommended:
         console.print(f"recommended: [bold]{comp.recommended}[/] — {comp.why}")
+        console.print(f"promote it with:\n  quantgate promote {run_dir} --candidate {comp.recommended}")
+    else:
+        console.print("[yellow]no candidate passes every gate: nothing to promote[/]")
+
+
+def _track(r, ws, uri=None):
+    from .pipeline import track as run_track
+
+    try:
+        res = run_track(r, ws, uri=uri, log=console.print)
+    except QuantgateError as exc:  # tracking down must not lose the run: every result is on disk
+        console.print(f"[yellow]tracking skipped:[/] {exc}", highlight=False)
+        return None
+    console.print(f"MLflow: experiment '{res.experiment}', parent run {res.parent_run_id} at {res.uri}")
+    if res.versions:
+        console.print(f"registry: {res.registered_model} versions {res.versions}")
+    console.print(f"look at it with: {res.ui_hint}")
+    return res
+
+
+@app.command()
+def track(
+    run_dir: Path = typer.Argument(..., help="A run folder: WORKSPACE/runs/NAME-HASH."),
+    uri: Optional[str] = typer.Option(None, "--uri", help="MLflow tracking URI (default: recipe, env, or workspace sqlite)."),
+):
+    """Log a finished run to MLflow (e.g. after the tracking server was down)."""
+    from .pipeline import recipe_of_run
+
+    r, ws = recipe_of_run(run_dir)
+    if _track(r, ws, uri) is None:
+        raise typer.Exit(1)
+
+
+@app.command()
+def ui(
+    workspace: Path = WorkspaceOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
+    port: int = typer.Option(5000, "--port"),
+):
+    """Start the MLflow UI on the workspace's embedded store."""
+    import subprocess
+
+    from .track import artifact_root, default_uri
+
+    if not (workspace / "mlflow.db").is_file():
+        raise QuantgateError(f"{workspace}: no MLflow store yet (mlflow.db); run `quantgate run RECIPE -w {workspace}` first")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", default_uri(workspace),
+           "--default-artifact-root", artifact_root(workspace), "--host", host, "--port", str(port)]
+    console.print(f"MLflow UI on http://{host}:{port}  (Ctrl-C to stop)")
+    raise typer.Exit(subprocess.call(cmd))
 
 
 def _compare_and_print(r, ws, records, quiet: bool = False):

@@ -192,3 +192,28 @@ def load_records(recipe: Recipe, ws: Workspace) -> list[dict]:
         records.append(json.loads(p.read_text()) if p.is_file()
                        else {"name": c.name, "method": c.method, "error": "not evaluated"})
     return records
+
+
+# --------------------------------------------------------------------------------- track
+def track(recipe: Recipe, ws: Workspace, *, uri: str | None = None, log=print):
+    """Log the finished run (quantize.json, evaluate/*.json, compare.json) to MLflow."""
+    from .track import log_run
+
+    run_dir = ws.run_dir(recipe)
+    for needed in ("quantize.json", "compare.json"):
+        if not (run_dir / needed).is_file():
+            raise QuantgateError(f"{run_dir / needed} is missing: run `quantgate run` (or evaluate) first")
+    quantize_results = json.loads((run_dir / "quantize.json").read_text())["results"]
+    comparison = json.loads((run_dir / "compare.json").read_text())
+    return log_run(recipe, ws.root, run_dir, quantize_results=quantize_results, records=load_records(recipe, ws),
+                   comparison=comparison, uri=uri, log=log)
+
+
+def recipe_of_run(path: Path) -> tuple[Recipe, Workspace]:
+    """A run folder (workspace/runs/NAME-HASH) → its recipe and workspace."""
+    from .recipe import load_recipe
+
+    path = Path(path)
+    if not (path / "recipe.yaml").is_file():
+        raise QuantgateError(f"{path}: not a run folder (no recipe.yaml); runs live in WORKSPACE/runs/")
+    return load_recipe(path / "recipe.yaml"), Workspace(path.parents[1])

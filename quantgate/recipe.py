@@ -236,6 +236,14 @@ class TradeoffCardSpec(Spec):
     rollback_to: str | None = Field(None, description="candidate served on rollback (default: the baseline)")
 
 
+class TrackingSpec(Spec):
+    enabled: bool = True
+    uri: str | None = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else a sqlite store in the workspace")
+    experiment: str | None = Field(None, description="default: quantgate/<recipe name>")
+    registered_model: str | None = Field(None, description="registry name for passing candidates; default: the recipe name")
+    log_checkpoints: bool = Field(False, description="upload whole checkpoints as run artifacts (large)")
+
+
 class ServingSpec(Spec):
     default_budget_ms: int = Field(2000, gt=0)
     max_budget_ms: int = Field(30_000, gt=0)
@@ -252,6 +260,7 @@ class Recipe(Spec):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     card: TradeoffCardSpec = Field(default_factory=TradeoffCardSpec)
     serving: ServingSpec = Field(default_factory=ServingSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":

@@ -36,7 +36,8 @@ class GPTQModelQuantizer:
     needs_calibration = True
 
     def quantize(self, spec, ctx: QuantizeContext, out: Path) -> QuantizeOutcome:
-        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(4, os.cpu_count() or 1))))
+        # GPTQModel sizes its CPU pool from this; its model loader alone needs two workers
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, min(4, (os.cpu_count() or 1) // 2))))
         gptqmodel = require("gptqmodel", what=f"candidate '{spec.name}' ({spec.method} via GPTQModel)", extra="gptqmodel")
         from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
 

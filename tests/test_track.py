@@ -1,0 +1,123 @@
+"""MLflow tracking from finished records: a real sqlite store, and a real `mlflow server` on loopback."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from quantgate.errors import QuantgateError
+from quantgate.evaluate.compare import compare
+from quantgate.recipe import Recipe
+from quantgate.track import log_run, set_aliases
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def make_run(tmp_path):
+    recipe = Recipe.model_validate({
+        "name": "demo", "candidates": [
+            {"name": "base", "method": "baseline"},
+            {"name": "rtn4", "method": "rtn", "bits": 4, "group_size": 64},
+            {"name": "gptq4", "method": "gptq", "bits": 4, "group_size": 64}],
+        "card": {"gates": [{"metric": "perplexity", "min_recovery": 0.85}]},
+    })
+    ws = tmp_path / "ws"
+    run_dir = ws / "runs" / "demo-x"
+    (run_dir / "evaluate").mkdir(parents=True)
+    (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    metrics = {"base": (17.0, 1000.0, 3.0), "rtn4": (23.0, 800.0, 1.0), "gptq4": (18.0, 820.0, 1.2)}
+    quantize_results, records = [], []
+    for name, (ppl, e2e, usd) in metrics.items():
+        art = ws / "artifacts" / name
+        art.mkdir(parents=True)
+        (art / "candidate.json").write_text(json.dumps({"name": name, "calib_hash": "c" * 64}))
+        quantize_results.append({"name": name, "artifact": str(art), "record": {"calib_hash": "c" * 64,
+                                                                                 "versions": {"torch": "x"}}})
+        m = {"perplexity": ppl, "e2e_p50_ms": e2e * 0.8, "e2e_p95_ms": e2e, "e2e_p99_ms": e2e * 1.1,
+             "ttft_p50_ms": 100.0, "ttft_p95_ms": 150.0, "ttft_p99_ms": 160.0, "tpot_p50_ms": 20.0,
+             "tpot_p95_ms": 25.0, "tpot_p99_ms": 30.0, "usd_per_1m_output_tokens": usd}
+        rec = {"name": name, "method": recipe.candidate(name).method, "metrics": m,
+               "quality": {"regression": {"pass_rate": 1.0, "cases": []}}}
+        (run_dir / "evaluate" / f"{name}.json").write_text(json.dumps(rec))
+        records.append(rec)
+    comp = compare([{"name": r["name"], "method": r["method"], "metrics": r["metrics"]} for r in records],
+                   "base", recipe.card.gates).to_dict()
+    (run_dir / "compare.json").write_text(json.dumps(comp))
+    return recipe, ws, run_dir, quantize_results, records, comp
+
+
+def check_logged(uri, res, comp):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = client.get_run(res.parent_run_id)
+    assert parent.data.tags["quantgate.recipe_hash"] and parent.data.tags["quantgate.calib_hash"] == "c" * 64
+    assert parent.data.params["version.torch"] == "x"
+    arts = {a.path for a in client.list_artifacts(res.parent_run_id)} | {
+        a.path for a in client.list_artifacts(res.parent_run_id, "plots")}
+    assert {"recipe.yaml", "compare.json", "plots/pareto.png", "plots/latency.png"} <= arts
+    child = client.get_run(res.child_run_ids["gptq4"])
+    assert child.data.metrics["perplexity"] == 18.0 and child.data.metrics["gate/perplexity"] == 1.0
+    assert child.data.params["method"] == "gptq" and child.data.tags["mlflow.parentRunId"] == res.parent_run_id
+    assert client.get_run(res.child_run_ids["rtn4"]).data.metrics["gate/perplexity"] == 0.0
+    # registry: passing candidates only; the recommended one is the challenger
+    assert set(res.versions) == {"base", "gptq4"} and comp["recommended"] == "gptq4"
+    mv = client.get_model_version_by_alias("demo", "challenger")
+    assert str(mv.version) == res.versions["gptq4"] and mv.tags["quantgate.candidate"] == "gptq4"
+
+
+def test_logs_to_embedded_sqlite_store(tmp_path):
+    recipe, ws, run_dir, q, records, comp = make_run(tmp_path)
+    res = log_run(recipe, ws, run_dir, quantize_results=q, records=records, comparison=comp, log=lambda *_: None)
+    assert res.uri.startswith("sqlite:///") and (ws / "mlflow.db").is_file()
+    check_logged(res.uri, res, comp)
+    assert json.loads((run_dir / "tracking.json").read_text())["parent_run_id"] == res.parent_run_id
+    set_aliases(res.uri, "demo", {"champion": res.versions["gptq4"], "previous": res.versions["base"]})
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(res.uri).get_model_version_by_alias("demo", "champion").version == int(res.versions["gptq4"])
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_logs_to_a_real_mlflow_server_on_loopback(tmp_path):
+    recipe, ws, run_dir, q, records, comp = make_run(tmp_path)
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
+         "--artifacts-destination", str(tmp_path / "srv-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # readiness poll with a deadline: the server answers /health once it is up
+            try:
+                urllib.request.urlopen(uri + "/health", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    pytest.fail("mlflow server did not start")
+                time.sleep(0.5)
+        res = log_run(recipe, ws, run_dir, quantize_results=q, records=records, comparison=comp, uri=uri,
+                      log=lambda *_: None)
+        check_logged(uri, res, comp)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_server_down_keeps_results_and_says_how_to_log_later(tmp_path):
+    recipe, ws, run_dir, q, records, comp = make_run(tmp_path)
+    with pytest.raises(QuantgateError, match=r"not reachable .* quantgate track"):
+        log_run(recipe, ws, run_dir, quantize_results=q, records=records, comparison=comp,
+                uri=f"http://127.0.0.1:{_free_port()}", log=lambda *_: None)
+    assert (run_dir / "compare.json").is_file() and not (run_dir / "tracking.json").exists()
