@@ -224,6 +224,98 @@ def _compare_and_print(r, ws, records, quiet: bool = False):
     return comp
 
 
+ManifestOpt = typer.Option(None, "--manifest", "-m", help="Manifest file (default: WORKSPACE/manifest.json).")
+
+
+def _manifest_path(manifest: Optional[Path], workspace: Path) -> Path:
+    from .deploy import default_manifest
+    from .pipeline import Workspace
+
+    return manifest or default_manifest(Workspace(workspace))
+
+
+@app.command()
+def promote(
+    run_dir: Path = typer.Argument(..., help="A run folder: WORKSPACE/runs/NAME-HASH."),
+    candidate: str = typer.Option(..., "--candidate", "-c", help="The candidate to make active."),
+    manifest: Optional[Path] = ManifestOpt,
+    force: bool = typer.Option(False, "--force", help="Promote even though a gate fails (needs --reason)."),
+    reason: str = typer.Option("", "--reason", help="Why; recorded in the manifest's history."),
+    by: Optional[str] = typer.Option(None, "--by", help="Who (default: the current user)."),
+):
+    """Make a candidate the active deployment of the serving manifest — only through its gates."""
+    from .deploy import promote_candidate
+
+    path = manifest or (run_dir.parents[1] / "manifest.json")
+    m = promote_candidate(run_dir, candidate, path, force=force, reason=reason, by=by)
+    console.print(f"[green]✓[/] {path}: active = {m.active.key}"
+                  + (f"; rollback target = {m.previous[0].key}" if m.previous else "")
+                  + (f"; fallback = {m.serving.fallback.key}" if m.serving.fallback else ""))
+
+
+@app.command()
+def rollback(
+    manifest: Optional[Path] = ManifestOpt,
+    workspace: Path = WorkspaceOpt,
+    reason: str = typer.Option("", "--reason", help="Why; recorded in the manifest's history."),
+    by: Optional[str] = typer.Option(None, "--by", help="Who (default: the current user)."),
+):
+    """Restore the previous deployment (offline; verifies its checksums first)."""
+    from .deploy import rollback_manifest
+
+    path = _manifest_path(manifest, workspace)
+    m = rollback_manifest(path, reason=reason, by=by)
+    console.print(f"[green]✓[/] {path}: active = {m.active.key} (rolled back)")
+
+
+manifest_app = typer.Typer(help="Show, diff and validate serving manifests.", no_args_is_help=True)
+app.add_typer(manifest_app, name="manifest")
+
+
+@manifest_app.command("show")
+def manifest_show(manifest: Optional[Path] = typer.Argument(None), workspace: Path = WorkspaceOpt,
+                  json_out: bool = typer.Option(False, "--json", help="Print the whole document.")):
+    """What is active, what a rollback restores, and the recent history."""
+    from .serve.manifest import dump_manifest, load_manifest
+
+    path = _manifest_path(manifest, workspace)
+    m = load_manifest(path)
+    if json_out:
+        out.print_json(dump_manifest(m))
+        return
+    t = Table(title=str(path))
+    for col in ("role", "deployment", "method", "provider", "artifact"):
+        t.add_column(col, overflow="fold")
+    rows = [("active", m.active)] + [("previous", d) for d in m.previous]
+    if m.serving.fallback:
+        rows.append(("fallback", m.serving.fallback))
+    for role, d in rows:
+        t.add_row(role, d.key, d.method, d.provider.kind, d.artifact or "-")
+    out.print(t)
+    for e in m.history[-5:]:
+        out.print(f"  {e.when:%Y-%m-%d %H:%M:%S} {e.what}: {e.deployment} — {e.why} ({e.by})")
+
+
+@manifest_app.command("validate")
+def manifest_validate(manifest: Path = typer.Argument(...)):
+    """Check a manifest against the schema (exit 2 with the file and field on error)."""
+    from .serve.manifest import load_manifest
+
+    m = load_manifest(manifest)
+    console.print(f"[green]✓[/] {manifest} is valid: active {m.active.key}, {len(m.previous)} rollback target(s)")
+
+
+@manifest_app.command("diff")
+def manifest_diff(a: Path = typer.Argument(...), b: Path = typer.Argument(...)):
+    """What changed between two manifests."""
+    from .serve.manifest import load_manifest
+    from .serve.promote import diff
+
+    lines = diff(load_manifest(a), load_manifest(b))
+    for line in lines or ["(no differences)"]:
+        out.print(line, highlight=False)
+
+
 def results_table(results) -> Table:
     t = Table(title="candidates")
     for col in ("candidate", "method", "status", "format", "size MB", "wall s", "peak RSS MB", "artifact / error"):

@@ -48,7 +48,7 @@ class GPTQModelQuantizer:
         calib = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in ctx.calibration]
         ctx.progress.log(
             f"{spec.method.upper()} {spec.name} via GPTQModel {gptqmodel.__version__} on {device}: "
-            f"{len(calib)} windows × {len(calib[0])} tokens"
+            f"{len(calib)} windows × {len(ctx.calibration[0])} tokens"
         )
         model = GPTQModel.load(str(ctx.source), qc, device=device)
         backend = BACKEND.AWQ_TORCH if (spec.method == "awq" and device == "cpu") else BACKEND.AUTO

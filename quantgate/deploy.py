@@ -1,0 +1,171 @@
+"""From a finished run to the serving manifest: build deployments, lock, verify, move aliases.
+
+The decisions are quantgate.serve.promote's pure functions; this module is the I/O around them:
+reading the run folder, a file lock so concurrent promotes never interleave, atomic writes,
+checksum verification of what a rollback restores, and the MLflow registry aliases.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from filelock import FileLock
+
+from .errors import QuantgateError
+from .models import weights_sha256
+from .pipeline import Workspace, recipe_of_run
+from .serve.manifest import Deployment, LocalEngine, Manifest, ServingSpec, load_manifest, write_manifest
+from .serve.promote import promote, rollback
+
+# which checkpoint formats an engine serves (the go-live self-check's "engine supports the format")
+ENGINE_FORMATS = {
+    "local": {"dense", "gptq", "gptq_v2", "awq-gemm"},
+    "vllm": {"dense", "gptq", "awq-gemm", "compressed-tensors"},
+}
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise QuantgateError(f"{path} is missing: run `quantgate run` on the recipe first")
+    return json.loads(path.read_text())
+
+
+def edit_manifest(path: Path, change) -> Manifest:
+    """Read-modify-write under a file lock: concurrent editors queue, and each write is atomic."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock", timeout=60):
+        current = load_manifest(path) if path.is_file() else None
+        new = change(current)
+        write_manifest(path, new)
+    return new
+
+
+def deployment_for(run_dir: Path, name: str) -> Deployment:
+    """A candidate of a finished run as a local-provider deployment, with its checksum and registry version."""
+    recipe, ws = recipe_of_run(run_dir)
+    recipe.candidate(name)  # a clear error, with a suggestion, for a typo
+    results = {r["name"]: r for r in _read(run_dir / "quantize.json")["results"]}
+    res = results.get(name)
+    if not res or not res.get("artifact"):
+        raise QuantgateError(f"candidate '{name}' has no artifact in {run_dir} (it failed or was not run)")
+    rec = res["record"]
+    tracking = json.loads((run_dir / "tracking.json").read_text()) if (run_dir / "tracking.json").is_file() else {}
+    version = (tracking.get("versions") or {}).get(name)
+    params = {**rec.get("params", {}), "format": rec.get("format"), "recipe_hash": rec.get("recipe_hash"),
+              "calib_hash": rec.get("calib_hash")}
+    if version:
+        params["mlflow"] = {"uri": tracking["uri"], "model": tracking["registered_model"], "version": version,
+                            "run_id": tracking["child_run_ids"].get(name)}
+    return Deployment(
+        name=name, model_version=version or recipe.recipe_hash[:12], artifact=res["artifact"],
+        sha256=weights_sha256(Path(res["artifact"])), method=rec.get("method", ""), params=params,
+        provider=LocalEngine(kind="local"),
+    )
+
+
+def serving_for(run_dir: Path, active: str) -> ServingSpec:
+    recipe, _ = recipe_of_run(run_dir)
+    fallback_name = recipe.card.rollback_to or (recipe.baseline.name if recipe.baseline else None)
+    fallback = deployment_for(run_dir, fallback_name) if fallback_name and fallback_name != active else None
+    s = recipe.serving
+    return ServingSpec(default_budget_ms=s.default_budget_ms, max_budget_ms=s.max_budget_ms,
+                       max_concurrency=s.max_concurrency, fallback=fallback)
+
+
+def go_live_check(run_dir: Path, name: str, dep: Deployment, serving: ServingSpec) -> dict:
+    """The chapter's quantization go-live self-check, filled from the run's records."""
+    comp = _read(run_dir / "compare.json")
+    verdict = next(c for c in comp["candidates"] if c["name"] == name)
+    ev_file = run_dir / "evaluate" / f"{name}.json"
+    ev = json.loads(ev_file.read_text()) if ev_file.is_file() else {}
+    q = json.loads((Path(dep.artifact) / "candidate.json").read_text())
+    fmt = dep.params.get("format")
+    fb = serving.fallback
+    return {
+        "engine_supports_format": {"engine": dep.provider.kind, "format": fmt,
+                                   "ok": fmt in ENGINE_FORMATS.get(dep.provider.kind, set())},
+        "calibration": q.get("calibration"),
+        "rollback_target": {"name": fb.name if fb else None, "present": fb is not None,
+                            "verified": bool(fb and fb.sha256 and weights_sha256(Path(fb.artifact)) == fb.sha256)},
+        "regression": {k: v for k, v in ((ev.get("quality") or {}).get("regression") or {}).items() if k != "cases"},
+        "gates": verdict["gates"],
+        "recovery": verdict.get("recovery"),
+        "recommended": comp.get("recommended"),
+    }
+
+
+def promote_candidate(run_dir: Path, name: str, manifest_path: Path, *, force: bool = False, reason: str = "",
+                      by: str | None = None) -> Manifest:
+    comp = _read(run_dir / "compare.json")
+    verdict = next((c for c in comp["candidates"] if c["name"] == name), None)
+    if verdict is None:
+        raise QuantgateError(f"candidate '{name}' is not in {run_dir / 'compare.json'}")
+    failed = [g["reason"] for g in verdict["gates"] if not g["passed"]]
+    if verdict.get("error"):
+        failed.append(f"evaluation error: {verdict['error']}")
+    dep = deployment_for(run_dir, name)
+    serving = serving_for(run_dir, name)
+    evidence = {"run": str(run_dir), "go_live_check": go_live_check(run_dir, name, dep, serving)}
+    if "mlflow" in dep.params:
+        evidence["mlflow"] = dep.params["mlflow"]
+
+    def change(current):
+        keep = serving
+        if current is not None:  # guards tuned by hand in the live manifest survive a promotion
+            keep = serving.model_copy(update={k: getattr(current.serving, k) for k in
+                                              ("cache", "budgets", "api_keys", "ladder", "price", "queue")})
+        return promote(current, dep, now=datetime.now(timezone.utc), by=by or getpass.getuser(), reason=reason,
+                       failed_gates=failed, force=force, evidence=evidence, serving=keep)
+
+    new = edit_manifest(manifest_path, change)
+    move_aliases(new)
+    return new
+
+
+def rollback_manifest(manifest_path: Path, *, reason: str = "", by: str | None = None) -> Manifest:
+    if not manifest_path.is_file():
+        raise QuantgateError(f"{manifest_path}: no such manifest; promote a candidate first")
+
+    def change(current):
+        if current.previous:
+            verify(current.previous[0])
+        return rollback(current, now=datetime.now(timezone.utc), by=by or getpass.getuser(), reason=reason)
+
+    new = edit_manifest(manifest_path, change)
+    move_aliases(new)
+    return new
+
+
+def verify(dep: Deployment) -> None:
+    """Refuse to restore a deployment whose weights changed or vanished since it was promoted."""
+    if not dep.artifact or not dep.sha256:
+        return  # remote or mock deployments carry no local weights to check
+    folder = Path(dep.artifact)
+    if not folder.is_dir():
+        raise QuantgateError(f"rollback target '{dep.key}': {folder} no longer exists; restore it or edit the manifest")
+    got = weights_sha256(folder)
+    if got != dep.sha256:
+        raise QuantgateError(f"rollback target '{dep.key}': checksum mismatch in {folder} "
+                             f"(manifest {dep.sha256[:12]}…, on disk {got[:12]}…); refusing to serve changed weights")
+
+
+def move_aliases(m: Manifest) -> None:
+    """champion → the active deployment's registry version; previous → the next rollback target's."""
+    reg = m.active.params.get("mlflow")
+    if not reg:
+        return
+    from .track import set_aliases
+
+    prev = next((d.params["mlflow"]["version"] for d in m.previous
+                 if d.params.get("mlflow", {}).get("model") == reg["model"]), None)
+    try:
+        set_aliases(reg["uri"], reg["model"], {"champion": reg["version"], "previous": prev})
+    except Exception as exc:  # the manifest is the source of truth; a registry hiccup is reported, not fatal
+        print(f"warning: could not move MLflow aliases ({type(exc).__name__}: {exc})")
+
+
+def default_manifest(ws: Workspace) -> Path:
+    return ws.root / "manifest.json"

@@ -1,0 +1,71 @@
+"""Promote and rollback as pure functions of a manifest: no files, no clock, no registry.
+
+promote(manifest, deployment, ...) puts a new active deployment in place, keeps the old one as
+the first rollback target and appends to the history; it refuses a candidate that failed a gate
+unless forced with a reason. rollback(manifest, ...) restores the most recent previous
+deployment. The I/O around them (locking, checksums, MLflow aliases) lives in quantgate.deploy.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from ..errors import QuantgateError
+from .manifest import Deployment, HistoryEvent, Manifest, ServingSpec
+
+KEEP_PREVIOUS = 10
+
+
+class PromotionRefused(QuantgateError):
+    """A candidate failed a gate and --force was not given."""
+
+
+def promote(manifest: Manifest | None, new: Deployment, *, now: datetime, by: str, reason: str = "",
+            failed_gates: list[str] = (), force: bool = False, evidence: dict | None = None,
+            serving: ServingSpec | None = None) -> Manifest:
+    if failed_gates and not force:
+        raise PromotionRefused(
+            f"'{new.name}' fails {len(failed_gates)} gate(s):\n  " + "\n  ".join(failed_gates)
+            + "\npromote it anyway only with --force --reason \"...\" (recorded in the history)")
+    if failed_gates and force and not reason.strip():
+        raise PromotionRefused("--force needs --reason \"...\": the history records why a failing candidate went live")
+    what = "promote" + (" (forced past failing gates)" if failed_gates else "")
+    event = HistoryEvent(what=what, when=now, why=reason or "passed every gate", by=by, deployment=new.key)
+    if manifest is None:
+        return Manifest(active=new, serving=serving or ServingSpec(), evidence=evidence or {}, history=[event])
+    if manifest.active.key == new.key:
+        raise QuantgateError(f"'{new.key}' is already the active deployment")
+    previous = [manifest.active] + [d for d in manifest.previous if d.key != new.key]
+    return manifest.model_copy(update={
+        "active": new,
+        "previous": previous[:KEEP_PREVIOUS],
+        "evidence": evidence if evidence is not None else manifest.evidence,
+        "serving": serving or manifest.serving,
+        "history": [*manifest.history, event],
+    })
+
+
+def rollback(manifest: Manifest, *, now: datetime, by: str, reason: str = "") -> Manifest:
+    if not manifest.previous:
+        raise QuantgateError("nothing to roll back to: the manifest has no previous deployment")
+    target, rest = manifest.previous[0], manifest.previous[1:]
+    event = HistoryEvent(what="rollback", when=now, why=reason or "manual rollback", by=by,
+                         deployment=f"{manifest.active.key} -> {target.key}")
+    return manifest.model_copy(update={"active": target, "previous": rest, "history": [*manifest.history, event]})
+
+
+def diff(a: Manifest, b: Manifest) -> list[str]:
+    """Human-readable differences between two manifests (field path: old → new)."""
+    out: list[str] = []
+
+    def walk(x, y, path):
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{path}.{k}" if path else k)
+        elif x != y:
+            out.append(f"{path}: {x!r} → {y!r}")
+
+    walk(a.model_dump(mode="json", exclude={"history"}), b.model_dump(mode="json", exclude={"history"}), "")
+    if len(b.history) != len(a.history):
+        out += [f"history +: {e.what} {e.deployment} ({e.why})" for e in b.history[len(a.history):]]
+    return out
