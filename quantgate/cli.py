@@ -331,6 +331,21 @@ def results_table(results) -> Table:
     return t
 
 
+def _register_plugins() -> None:
+    """Commands that live beside their stage (load test, gateway) register themselves here."""
+    from .evaluate.loadtest_cli import register as register_loadtest
+
+    register_loadtest(app)
+    try:
+        from .serve.cli import register as register_serve
+    except ImportError:  # the gateway's optional dependencies are missing: the rest still works
+        return
+    register_serve(app)
+
+
+_register_plugins()
+
+
 def main() -> None:
     try:
         app()

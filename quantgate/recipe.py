@@ -151,7 +151,8 @@ QUANT_METHODS = ("rtn", "gptq", "awq")
 
 # ------------------------------------------------------------------------------ evaluation
 class PerplexitySpec(Spec):
-    corpus: str = "britannica"
+    corpus: str = Field("britannica", description="bundled corpus whose eval split is measured")
+    path: str | None = Field(None, description="or: local text (its eval split by the same rule)")
     seq_len: int = Field(512, ge=16)
     max_windows: int = Field(32, ge=1)
     batch_size: int = Field(4, ge=1)

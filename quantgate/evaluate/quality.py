@@ -24,7 +24,8 @@ class PerplexityResult:
 
 def perplexity_windows(tokenizer, spec: PerplexitySpec) -> list[list[int]]:
     """The first `max_windows` non-overlapping windows of the corpus's eval split (no sampling)."""
-    stream = token_stream(split_documents(SourceSpec(corpus=spec.corpus), "eval"), tokenizer)
+    src = SourceSpec(path=spec.path) if spec.path else SourceSpec(corpus=spec.corpus)
+    stream = token_stream(split_documents(src, "eval"), tokenizer)
     n = min(spec.max_windows, len(stream) // spec.seq_len)
     return [stream[i * spec.seq_len:(i + 1) * spec.seq_len] for i in range(n)]
 

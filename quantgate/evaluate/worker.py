@@ -68,18 +68,33 @@ def speed(engine, spec: EvaluationSpec, prompts_texts: list[str]) -> tuple[dict,
         section["offline"] = off.to_dict()
         flat.update(prefill_ms=off.prefill_ms, decode_ms_per_token=off.decode_ms_per_token)
     if spec.workload:
-        from .loadgen import build_prompts, run_load
+        from .loadgen import PromptSource
 
-        prompts = build_prompts(prompts_texts, spec.workload, count_tokens=_token_counter(engine))
-        report = asyncio.run(run_load(engine, spec.workload, prompts))
-        section["load"] = report.to_dict()
-        flat.update(load_metrics(report.to_dict()))
-        agg = section["load"]["aggregates"]
+        w = spec.workload
+        prompts = (PromptSource.from_jsonl(w.prompts_file, _token_counter(engine)) if w.prompts_file
+                   else PromptSource(prompts_texts, _token_counter(engine), origin=f"corpus {w.corpus} (eval split)"))
+        report = asyncio.run(_load(engine, w, prompts)).to_dict()
+        section["load"] = report
+        flat.update(load_metrics(report))
+        ok = [r for r in report["records"] if r["outcome"] == "ok"]
+        agg = report["aggregates"]
         flat.update(cost_metrics(spec.cost, requests_per_s=agg["request_throughput"],
                                  output_tokens_per_s=agg["output_token_throughput"],
-                                 mean_tokens_in=agg.get("mean_tokens_in", 0.0),
-                                 mean_tokens_out=agg.get("mean_tokens_out", 0.0)))
+                                 mean_tokens_in=sum(r["tokens_in"] or 0 for r in ok) / max(len(ok), 1),
+                                 mean_tokens_out=sum(r["tokens_out"] for r in ok) / max(len(ok), 1)))
     return section, flat
+
+
+async def _load(engine, workload, prompts):
+    from .loadgen import run_load
+
+    if getattr(engine, "model", None) is None:
+        await engine.start()  # an HTTP engine opens its connection pool here
+    try:
+        return await run_load(engine, workload, prompts)
+    finally:
+        if getattr(engine, "model", None) is None:
+            await engine.close()
 
 
 def _token_counter(engine):
@@ -93,9 +108,9 @@ def load_metrics(report: dict) -> dict:
     flat = {}
     for metric in ("ttft", "tpot", "itl", "e2e"):
         for q in ("p50", "p95", "p99"):
-            v = (agg.get(metric) or {}).get(q)
+            v = (agg.get(metric) or {}).get(q)  # summaries are already in milliseconds
             if v is not None:
-                flat[f"{metric}_{q}_ms"] = v * 1000
+                flat[f"{metric}_{q}_ms"] = v
     for k in ("request_throughput", "output_token_throughput", "goodput", "slo_attainment", "error_rate", "timeout_rate"):
         if agg.get(k) is not None:
             flat[{"request_throughput": "throughput_rps", "output_token_throughput": "output_tok_s",

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from ..errors import QuantgateError
+from ..models import copy_tokenizer
 from .base import QuantizeContext, QuantizeOutcome, layer_linears, skip_matcher
 
 PACKABLE_BITS = (2, 4, 8)  # bit widths that tile a 32-bit word exactly
@@ -160,6 +161,7 @@ class RTNQuantizer:
         config.update({"quantization_config": qcfg, "dtype": "float16"})
         config.pop("torch_dtype", None)
         (out / "config.json").write_text(json.dumps(config, indent=2))
+        copy_tokenizer(ctx.source, out)
         return QuantizeOutcome(format="gptq", quantized_modules=len(targets), backend_versions={})
 
 

@@ -50,7 +50,7 @@ class EngineSpecLike:
 # engine kind → ("module:Class", extra); heavy modules load only when the engine is chosen
 ENGINES: dict[str, tuple[str, str]] = {
     "transformers": ("quantgate.evaluate.engines.transformers_local:TransformersEngine", "models"),
-    "openai": ("quantgate.evaluate.engines.openai_http:OpenAIEngine", "eval"),
+    "openai": ("quantgate.evaluate.engines.openai_http:OpenAIEngine", "serve"),
 }
 
 

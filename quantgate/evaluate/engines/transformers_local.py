@@ -58,8 +58,12 @@ class TransformersEngine:
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, device_map=self.device).eval()
 
     def encode(self, messages: list[dict]):
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                  return_dict=True).to(self.model.device)
+        if getattr(self.tokenizer, "chat_template", None):
+            enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                     return_dict=True)
+        else:  # a base model without a chat template: plain concatenated text
+            enc = self.tokenizer("\n".join(m["content"] for m in messages), return_tensors="pt")
+        return enc.to(self.model.device)
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
         async with self._lock:

@@ -1,0 +1,240 @@
+"""`quantgate loadtest`: drive an OpenAI-compatible server with a workload and report latency.
+
+    quantgate loadtest --url http://127.0.0.1:8000 [--model NAME] [--workload W.yaml]
+                       [--requests N] [--concurrency C] [--json report.json]
+
+Wired into the main command group by `register(app)`. Heavy pieces (aiohttp, the corpus
+reader) load inside the command. Prompt text comes from `workload.prompts_file` if set, else
+from the eval split of the workload's bundled corpus; when that corpus has not been fetched,
+a short built-in English text is used instead and a warning says how to get the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import QuantgateError
+
+FALLBACK_TEXT = [
+    "The river rises in the hills to the north and runs south through farmland and small towns "
+    "before it reaches the sea. In spring the water is high and fast; by late summer it is slow "
+    "enough that children wade across the shallows near the old stone bridge.",
+    "A good map leaves things out. It shows the roads a traveller needs, the rivers that must be "
+    "crossed and the towns where food and rest can be found, and it trusts the reader to ask for "
+    "more detail where more detail matters.",
+    "The committee met on Tuesday to review the budget for the coming year. Most of the discussion "
+    "concerned the cost of repairs to the library roof, which had leaked through the winter and "
+    "damaged a number of older books in the reading room.",
+    "Bread is made from flour, water, salt and yeast. The dough is kneaded until it is smooth, left "
+    "to rise in a warm place, shaped, left to rise again and then baked in a hot oven until the "
+    "crust is brown and the loaf sounds hollow when tapped.",
+    "Explain, step by step and in plain language, how a lighthouse keeper in the nineteenth century "
+    "would have kept the lamp burning through a long winter night, and what could go wrong.",
+]
+
+
+# ------------------------------------------------------------------------- workload
+def load_workload(path: Path):
+    """A WorkloadSpec from YAML or JSON (a bare mapping, or one under a `workload:` key)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from .workload import WorkloadSpec
+
+    p = Path(path)
+    if not p.is_file():
+        raise QuantgateError(f"workload file {p} does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise QuantgateError(f"{p}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        raise QuantgateError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if isinstance(data, dict) and set(data) == {"workload"}:
+        data = data["workload"]
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise QuantgateError(f"{p}: a workload file holds a mapping of fields, not a {type(data).__name__}")
+    try:
+        return WorkloadSpec.model_validate(data)
+    except ValidationError as exc:
+        raise QuantgateError(f"{p}: invalid workload:\n" + _explain(exc, WorkloadSpec)) from None
+
+
+def _explain(exc, model) -> str:
+    lines = []
+    for e in exc.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden" and len(e["loc"]) == 1:
+            msg += f" (fields: {', '.join(model.model_fields)})"
+        lines.append(f"  field '{loc}': {msg}" if loc else f"  {msg}")
+    return "\n".join(lines)
+
+
+def apply_overrides(spec, **options):
+    """The workload with command-line options (name → value; None = not given) laid over it."""
+    from pydantic import ValidationError
+
+    from .workload import WorkloadSpec
+
+    over = {k: v for k, v in options.items() if v is not None}
+    if "duration_s" in over and "requests" not in over:
+        over["requests"] = None  # --duration alone means: send for that long
+    if not over:
+        return spec
+    try:
+        return WorkloadSpec.model_validate({**spec.model_dump(), **over})
+    except ValidationError as exc:
+        raise QuantgateError("the command-line options make an invalid workload:\n"
+                             + _explain(exc, WorkloadSpec)) from None
+
+
+def load_prompts(spec, workload_file: Path | None, warn=print):
+    """The PromptSource the workload asks for (see the module docstring)."""
+    from .loadgen import PromptSource
+
+    if spec.prompts_file:
+        p = Path(spec.prompts_file).expanduser()
+        if not p.is_absolute() and workload_file is not None and (Path(workload_file).parent / p).is_file():
+            p = Path(workload_file).parent / p  # relative paths are read beside the workload file first
+        return PromptSource.from_jsonl(p)
+    from ..data import CORPORA, split_documents
+    from ..recipe import SourceSpec
+
+    try:
+        docs = split_documents(SourceSpec(corpus=spec.corpus), "eval")
+    except QuantgateError as exc:
+        if spec.corpus not in CORPORA:
+            raise
+        warn(f"{exc}\nusing a short built-in English text for the prompts instead")
+        return PromptSource(FALLBACK_TEXT, origin="built-in text")
+    return PromptSource([d.text for d in docs], origin=f"corpus {spec.corpus} (eval split)")
+
+
+# ---------------------------------------------------------------------------- output
+def _ms(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def report_tables(report) -> list:
+    """Rich tables for a LoadReport: latency percentiles, throughput and rates, per kind."""
+    from rich.table import Table
+
+    a = report.aggregates
+    lat = Table(title=f"latency (ms) · {report.model or '?'} @ {report.target or report.engine}")
+    for col in ("metric", "n", "requests", "mean", "P50", "P95", "P99", "max"):
+        lat.add_column(col, justify="right" if col != "metric" else "left")
+    for name in ("ttft", "tpot", "itl", "e2e"):
+        s = getattr(a, name)
+        lat.add_row(name.upper(), str(s.n), str(s.requests), *(_ms(x) for x in (s.mean, s.p50, s.p95, s.p99, s.max)))
+
+    slo = report.workload.slo
+    slo_text = ", ".join(f"{k} ≤ {v:g}" for k, v in slo.model_dump().items() if v is not None) or "none set"
+    tp = Table(title="throughput")
+    tp.add_column("measure")
+    tp.add_column("value", justify="right")
+    rows = [
+        ("requests (ok / error / timeout)", f"{a.total} ({a.ok} / {a.errors} / {a.timeouts})"),
+        ("wall time", f"{a.wall_s:.2f} s"),
+        ("request throughput", f"{a.request_throughput:.2f} req/s"),
+        ("output token throughput", f"{a.output_token_throughput:.1f} tok/s"),
+        (f"goodput (SLO: {slo_text})", f"{a.goodput:.2f} req/s"),
+        ("SLO attainment", f"{a.slo_attainment:.1%}"),
+        ("error rate", f"{a.error_rate:.1%}"),
+        ("timeout rate", f"{a.timeout_rate:.1%}"),
+    ]
+    for r in rows:
+        tp.add_row(*r)
+
+    kinds = Table(title="per kind (ms: P50 / P99)")
+    for col in ("kind", "n", "ok", "TTFT", "TPOT", "E2E", "tok/s", "SLO met"):
+        kinds.add_column(col, justify="right" if col != "kind" else "left", no_wrap=True)
+    for k, g in a.per_kind.items():
+        kinds.add_row(k, str(g.total), str(g.ok), *(f"{_ms(s.p50)} / {_ms(s.p99)}" for s in (g.ttft, g.tpot, g.e2e)),
+                      f"{g.output_token_throughput:.1f}", f"{g.slo_attainment:.0%}")
+    return [lat, tp, kinds]
+
+
+def error_summary(records, limit: int = 5) -> list[tuple[int, str]]:
+    """The most frequent failure messages, most frequent first."""
+    from collections import Counter
+
+    c = Counter(r.error or r.outcome for r in records if r.outcome != "ok")
+    return [(n, msg) for msg, n in c.most_common(limit)]
+
+
+# --------------------------------------------------------------------------- command
+def register(app: typer.Typer) -> None:
+    @app.command("loadtest")
+    def loadtest(
+        url: str = typer.Option(..., "--url", help="Server base URL, e.g. http://127.0.0.1:8000 (OpenAI-compatible)."),
+        model: Optional[str] = typer.Option(None, "--model", help="Model to request (default: the server's first)."),
+        workload: Optional[Path] = typer.Option(None, "--workload", help="Workload spec (.yaml or .json)."),
+        requests: Optional[int] = typer.Option(None, "--requests", min=1, help="Measured requests."),
+        concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="In-flight cap."),
+        duration: Optional[float] = typer.Option(None, "--duration", help="Send for this many seconds instead."),
+        arrival: Optional[str] = typer.Option(None, "--arrival", help="concurrency | poisson | burst"),
+        rate: Optional[float] = typer.Option(None, "--rate", help="Requests/s for poisson and burst arrivals."),
+        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", show_envvar=False,
+                                              help="Bearer token, if the server wants one (env OPENAI_API_KEY)."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report (every request) here."),
+    ):
+        """Load-test an OpenAI-compatible server: TTFT, TPOT, ITL, E2E percentiles, throughput, goodput."""
+        import asyncio
+
+        from rich.console import Console
+
+        from ..util import atomic_write_json
+        from .workload import WorkloadSpec
+
+        err, out = Console(stderr=True), Console()
+        spec = load_workload(workload) if workload else WorkloadSpec()
+        spec = apply_overrides(spec, requests=requests, concurrency=concurrency, duration_s=duration,
+                               arrival=arrival, rate=rate)
+        prompts = load_prompts(spec, workload, warn=lambda m: err.print(f"[yellow]warning:[/] {m}", highlight=False))
+        report = asyncio.run(_run(url, model, api_key, spec, prompts, err))
+        for t in report_tables(report):
+            out.print(t)
+        for n, msg in error_summary(report.records):
+            err.print(f"[red]{n}×[/] {msg}", highlight=False)
+        if json_out is not None:
+            atomic_write_json(json_out, report.to_dict())
+            err.print(f"[green]✓[/] report written to {json_out}")
+        if report.aggregates.ok == 0:
+            first = next((r.error for r in report.records if r.error), "no detail")
+            raise QuantgateError(f"no request to {url} succeeded; first failure: {first}")
+
+
+async def _run(url, model, api_key, spec, prompts, console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .engines.openai_http import OpenAIEngine
+    from .loadgen import run_load
+
+    engine = OpenAIEngine(url, model, api_key=api_key, timeout=max(spec.timeout_s, 1.0))
+    await engine.start()
+    try:
+        if engine.model is None:
+            try:
+                models = await engine.list_models()
+            except QuantgateError as exc:
+                raise QuantgateError(f"could not ask {url} which model it serves ({exc}); pass --model") from None
+            if not models:
+                raise QuantgateError(f"{url}/v1/models lists no model; pass --model")
+            engine.model = models[0]
+            console.print(f"model: {engine.model} (from {url}/v1/models)")
+        with Progress(TextColumn("loadtest"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task("requests", total=spec.requests)
+            return await run_load(engine, spec, prompts, progress=lambda done, total: bar.update(task, completed=done))
+    finally:
+        await engine.close()
