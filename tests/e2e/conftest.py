@@ -1,0 +1,35 @@
+"""One real run of the shipped CPU recipe, shared by every e2e test: `quantgate run` as a user runs it.
+
+Set QUANTGATE_TEST_WORKSPACE to keep the workspace between sessions (the run resumes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quantgate.pipeline import Workspace
+from quantgate.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "recipes" / "smollm2-cpu.yaml"
+
+
+@pytest.fixture(scope="session")
+def smollm2_run(tmp_path_factory):
+    recipe = load_recipe(RECIPE)
+    root = Path(os.environ.get("QUANTGATE_TEST_WORKSPACE") or tmp_path_factory.mktemp("ws"))
+    proc = subprocess.run([sys.executable, "-m", "quantgate", "run", str(RECIPE), "-w", str(root), "--device", "cpu"],
+                          cwd=REPO, capture_output=True, text=True, timeout=3600)
+    sys.stdout.write(proc.stdout[-6000:])
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    ws = Workspace(root)
+    run_dir = ws.run_dir(recipe)
+    quantized = {r["name"]: r for r in json.loads((run_dir / "quantize.json").read_text())["results"]}
+    return {"recipe": recipe, "ws": ws, "run_dir": run_dir, "stdout": proc.stdout, "stderr": proc.stderr,
+            "quantized": quantized, "compare": json.loads((run_dir / "compare.json").read_text())}

@@ -1,0 +1,88 @@
+"""`quantgate run` on the real model → comparison, MLflow, promote, rollback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "quantgate", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, cwd=cwd)
+
+
+def test_report_ranks_gptq_and_awq_above_rtn_and_fills_every_figure(smollm2_run):
+    comp = smollm2_run["compare"]
+    m = {c["name"]: c["metrics"] for c in comp["candidates"]}
+    print("\nperplexity:", {k: round(v["perplexity"], 3) for k, v in m.items()})
+    assert m["gptq-w4g64"]["perplexity"] < m["rtn-w4g64"]["perplexity"]
+    assert m["awq-w4g64"]["perplexity"] < m["rtn-w4g64"]["perplexity"]
+    assert m["baseline-fp32"]["perplexity"] < m["rtn-w4g64"]["perplexity"]
+    for name, metrics in m.items():
+        for key in ("ttft_p95_ms", "tpot_p50_ms", "e2e_p95_ms", "output_tok_s", "weights_mb", "peak_rss_mb",
+                    "usd_per_1m_output_tokens", "usd_per_request", "regression_pass_rate", "error_rate"):
+            assert metrics.get(key) is not None, (name, key)
+    md = (smollm2_run["run_dir"] / "compare.md").read_text()
+    assert "Recommended" in md and "gptq-w4g64" in md
+
+
+def test_run_prints_where_to_look_and_the_promote_command(smollm2_run):
+    out = smollm2_run["stdout"] + smollm2_run["stderr"]
+    assert "MLflow" in out and "quantgate ui" in out
+    rec = smollm2_run["compare"]["recommended"]
+    if rec:
+        assert f"quantgate promote {smollm2_run['run_dir']} --candidate {rec}" in out
+
+
+def test_mlflow_has_runs_metrics_plots_and_registry(smollm2_run):
+    from mlflow.tracking import MlflowClient
+
+    tracking = json.loads((smollm2_run["run_dir"] / "tracking.json").read_text())
+    client = MlflowClient(tracking["uri"])
+    parent = client.get_run(tracking["parent_run_id"])
+    assert parent.data.tags["quantgate.recipe_hash"] == smollm2_run["recipe"].recipe_hash
+    plots = {a.path for a in client.list_artifacts(tracking["parent_run_id"], "plots")}
+    assert {"plots/pareto.png", "plots/latency.png"} <= plots
+    child = client.get_run(tracking["child_run_ids"]["gptq-w4g64"])
+    assert child.data.metrics["perplexity"] > 0 and "e2e_p95_ms" in child.data.metrics
+    passing = [c["name"] for c in smollm2_run["compare"]["candidates"] if c["passed"]]
+    assert set(tracking["versions"]) == set(passing)
+
+
+def test_promote_recommended_then_rollback_restores_previous(smollm2_run, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from quantgate.serve.manifest import load_manifest
+
+    run_dir = smollm2_run["run_dir"]
+    comp = smollm2_run["compare"]
+    rec = comp["recommended"]
+    assert rec, "the shipped recipe should have a candidate passing every gate"
+    manifest = tmp_path / "manifest.json"
+    base = smollm2_run["recipe"].baseline.name
+    assert cli("promote", run_dir, "--candidate", base, "--manifest", manifest).returncode == 0
+    proc = cli("promote", run_dir, "--candidate", rec, "--manifest", manifest)
+    assert proc.returncode == 0, proc.stderr
+    m = load_manifest(manifest)
+    assert m.active.name == rec and m.previous[0].name == base
+    assert m.evidence["go_live_check"]["engine_supports_format"]["ok"]
+    assert m.evidence["go_live_check"]["rollback_target"]["verified"]
+    tracking = json.loads((run_dir / "tracking.json").read_text())
+    client = MlflowClient(tracking["uri"])
+    model = tracking["registered_model"]
+    assert client.get_model_version_by_alias(model, "champion").version == int(tracking["versions"][rec])
+    # a failing candidate is refused, naming the gate
+    failing = [c for c in comp["candidates"] if not c["passed"]]
+    if failing:
+        bad = cli("promote", run_dir, "--candidate", failing[0]["name"], "--manifest", manifest)
+        assert bad.returncode == 2 and "gate" in bad.stderr
+    proc = cli("rollback", "--manifest", manifest, "--reason", "e2e test")
+    assert proc.returncode == 0, proc.stderr
+    back = load_manifest(manifest)
+    assert back.active.name == base and back.history[-1].what == "rollback"
+    assert client.get_model_version_by_alias(model, "champion").version == int(tracking["versions"][base])
