@@ -9,7 +9,6 @@ ratio is what to read; absolute tokens/s drift on a shared machine.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time

@@ -22,7 +22,7 @@ from typing import Iterable
 
 from .errors import QuantgateError
 from .recipe import CalibrationSpec, SourceSpec, stable_hash
-from .util import atomic_write_text, cache_dir
+from .util import atomic_write_text, cache_dir, iter_jsonl
 
 EVAL_SHARE = 4  # one document in four (by id hash) is held out for evaluation
 
@@ -159,20 +159,13 @@ def bundled_documents(name: str) -> list[Document]:
 
 def _jsonl_documents(path: Path, field_name: str, prefix: str) -> list[Document]:
     docs = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise QuantgateError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
-            if field_name not in row:
-                raise QuantgateError(
-                    f"{path}:{i}: no field '{field_name}' (fields: {', '.join(row)}); set the "
-                    "source's `field:` to the one that holds the text"
-                )
-            docs.append(Document(f"{prefix}:{i}", str(row[field_name])))
+    for i, row in iter_jsonl(path):
+        if field_name not in row:
+            raise QuantgateError(
+                f"{path}:{i}: no field '{field_name}' (fields: {', '.join(row)}); set the "
+                "source's `field:` to the one that holds the text"
+            )
+        docs.append(Document(f"{prefix}:{i}", str(row[field_name])))
     return docs
 
 

@@ -69,3 +69,20 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def iter_jsonl(path: Path):
+    """(line number, object) for each non-blank line; a bad line is an error naming file:line."""
+    from .errors import QuantgateError
+
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise QuantgateError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise QuantgateError(f"{path}:{i}: each line must be a JSON object, not {type(row).__name__}")
+            yield i, row

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from quantgate.errors import RecipeError
-from quantgate.recipe import GPTQSpec, Recipe, load_recipe
+from quantgate.recipe import GPTQSpec, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import random
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from ..errors import QuantgateError
+from ..util import iter_jsonl
 from .engines.base import Engine, GenerationRequest
 from .stats import Aggregates, RequestRecord, aggregate, tpot_of
 from .workload import LengthClass, WorkloadSpec
@@ -66,18 +66,10 @@ class PromptSource:
         if not p.is_file():
             raise QuantgateError(f"prompts file {p} does not exist; give a JSONL file with a '{field_name}' field")
         texts = []
-        with open(p, encoding="utf-8") as fh:
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise QuantgateError(f"{p}:{i}: not valid JSON ({exc.msg})") from None
-                if not isinstance(row, dict) or not isinstance(row.get(field_name), str):
-                    got = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-                    raise QuantgateError(f"{p}:{i}: each line needs a string field '{field_name}' (got: {got})")
-                texts.append(row[field_name])
+        for i, row in iter_jsonl(p):
+            if not isinstance(row.get(field_name), str):
+                raise QuantgateError(f"{p}:{i}: each line needs a string field '{field_name}' (got: {', '.join(row)})")
+            texts.append(row[field_name])
         return cls(texts, count_tokens, origin=str(p))
 
     def estimate_tokens(self, text: str) -> int:

@@ -7,7 +7,6 @@ is on by default for contains/not_contains/exact. Checking is pure; generation i
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import QuantgateError
+from ..util import iter_jsonl
 
 
 class Check(BaseModel):
@@ -42,13 +42,9 @@ def load_cases(path: str | Path) -> list[Case]:
     if not p.is_file():
         raise QuantgateError(f"evaluation.regression.path: '{p}' does not exist")
     cases, seen = [], set()
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
+    for i, row in iter_jsonl(p):
         try:
-            case = Case.model_validate(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise QuantgateError(f"{p}:{i}: not valid JSON ({exc.msg})") from None
+            case = Case.model_validate(row)
         except ValidationError as exc:
             e = exc.errors()[0]
             raise QuantgateError(f"{p}:{i}: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
