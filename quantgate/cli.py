@@ -22,8 +22,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-out = Console()
+# piped output (CI logs, files) gets wide tables instead of rich's 80-column default
+_WIDTH = None if sys.stdout.isatty() else 200
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+out = Console(width=_WIDTH)
 _DEBUG = {"on": False}
 
 WorkspaceOpt = typer.Option(

@@ -143,9 +143,14 @@ def evaluate(recipe: Recipe, ws: Workspace, *, only: list[str] | None = None, de
             records.append({"name": res.name, "method": res.method, "error": f"quantization failed: {res.error}"})
             continue
         key = eval_key(recipe, spec, res.record)
-        if not force and path.is_file() and json.loads(path.read_text()).get("eval_key") == key:
+        # results are cached by what they depend on, not by recipe: editing the card or the
+        # candidate list re-gates without re-measuring
+        cached = ws.root / "evaluations" / f"{key[:32]}.json"
+        if not force and cached.is_file():
             log(f"✓ {res.name}: already evaluated with these settings")
-            records.append(json.loads(path.read_text()))
+            rec = {**json.loads(cached.read_text()), "name": res.name}
+            atomic_write_json(path, rec)
+            records.append(rec)
             continue
         log(f"→ evaluating {res.name}")
         job = {
@@ -159,6 +164,7 @@ def evaluate(recipe: Recipe, ws: Workspace, *, only: list[str] | None = None, de
             rec = {"name": res.name, "method": res.method, "error": got["error"]}
         else:
             rec = got["record"]
+            atomic_write_json(cached, rec)
             atomic_write_json(path, rec)
         records.append(rec)
     return records

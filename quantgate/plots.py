@@ -42,9 +42,20 @@ def pareto_plot(rows: list[dict], out: Path, x: str = "e2e_p95_ms", y: str = "pe
     front = pareto_front([(p[0], p[1], p[2]) for p in pts])
     fp = sorted((p for p in pts if p[0] in front), key=lambda p: p[1])
     ax.plot([p[1] for p in fp], [p[2] for p in fp], "--", color="grey", zorder=2, label="Pareto front")
-    for name, px, py, _ in pts:
+    # near-identical points (e.g. GPTQ and AWQ at the same bits) get labels on alternating sides
+    offsets = [(12, 14), (12, -20), (-95, 14), (-95, -20)]
+    for i, (name, px, py, _) in enumerate(sorted(pts, key=lambda p: (p[1], p[2]))):
         ax.annotate(name + (" ★" if name == recommended else ""), (px, py), textcoords="offset points",
-                    xytext=(6, 6), fontsize=9, fontweight="bold" if name == recommended else "normal")
+                    xytext=offsets[i % len(offsets)], fontsize=9, arrowprops={"arrowstyle": "-", "color": "grey"},
+                    fontweight="bold" if name == recommended else "normal")
+    xs, ys = [p[1] for p in pts], [p[2] for p in pts]
+    from matplotlib.ticker import NullFormatter
+
+    for values, axis, setter in ((xs, ax.xaxis, ax.set_xscale), (ys, ax.yaxis, ax.set_yscale)):
+        if min(values) > 0 and max(values) / min(values) > 5:
+            setter("log")  # one very slow or very bad candidate must not squash the others into a corner
+            axis.set_minor_formatter(NullFormatter())
+    ax.margins(0.18)
     ax.set_xlabel(f"{x} (lower is better)")
     ax.set_ylabel(f"{y} (lower is better)")
     ax.set_title("quality vs latency (colour: cost)")

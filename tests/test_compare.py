@@ -77,3 +77,9 @@ def test_machine_and_token_pricing():
     m = cost_metrics(CostSpec(usd_per_1m_input_tokens=1.0, usd_per_1m_output_tokens=4.0), requests_per_s=1,
                      output_tokens_per_s=1, mean_tokens_in=1000, mean_tokens_out=500)
     assert m["usd_per_request"] == pytest.approx((1000 * 1 + 500 * 4) / 1e6)
+
+
+def test_rounding_does_not_fail_a_gate_on_the_boundary():
+    g = evaluate_gate(GateSpec(metric="regression_pass_rate", min_recovery=0.9),
+                      {"regression_pass_rate": 0.75}, {"regression_pass_rate": 10 / 12})
+    assert g.passed

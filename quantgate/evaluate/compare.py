@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from ..recipe import GateSpec
 
 # Metrics where smaller is better; everything else (accuracy, pass rates, throughput) is larger-better.
+EPS = 1e-9  # ratios like 0.75/0.8333 land a hair under 0.9: a gate should not fail on rounding
+
 LOWER_IS_BETTER_SUFFIXES = ("_ms", "_mb", "_bytes", "_rate", "perplexity", "usd_per_1m_output_tokens",
                             "usd_per_request", "nll")
 HIGHER_IS_BETTER = ("regression_pass_rate", "goodput_rps", "slo_attainment")
@@ -51,22 +53,22 @@ def evaluate_gate(gate: GateSpec, metrics: dict, baseline: dict) -> GateResult:
     if value is None:
         return GateResult(m, gate.rule, None, gate.threshold, False, f"{m} was not measured")
     if gate.min is not None:
-        ok = value >= gate.min
+        ok = value >= gate.min - EPS
         return GateResult(m, gate.rule, value, gate.min, ok, f"{m} {value:.4g} {'≥' if ok else '<'} {gate.min:.4g}")
     if gate.max is not None:
-        ok = value <= gate.max
+        ok = value <= gate.max + EPS
         return GateResult(m, gate.rule, value, gate.max, ok, f"{m} {value:.4g} {'≤' if ok else '>'} {gate.max:.4g}")
     if base is None:
         return GateResult(m, gate.rule, None, gate.threshold, False, f"{m} has no baseline value to compare with")
     if gate.min_recovery is not None:
         r = recovery(m, value, base)
-        ok = r is not None and r >= gate.min_recovery
+        ok = r is not None and r >= gate.min_recovery - EPS
         short = "" if ok or r is None else f", short by {gate.min_recovery - r:.3f}"
         return GateResult(m, gate.rule, r, gate.min_recovery, ok,
                           f"{m} recovery {r:.3f} ({value:.4g} vs baseline {base:.4g}) "
                           f"{'≥' if ok else '<'} {gate.min_recovery}{short}")
     ratio = value / base if base else float("inf")
-    ok = ratio <= gate.max_ratio
+    ok = ratio <= gate.max_ratio + EPS
     return GateResult(m, gate.rule, ratio, gate.max_ratio, ok,
                       f"{m} {value:.4g} is {ratio:.2f}× the baseline's {base:.4g} "
                       f"({'≤' if ok else '>'} {gate.max_ratio}×)")

@@ -28,7 +28,8 @@ class _QueueStreamer:
             self.prompt_seen = True
             return
         ids = value.reshape(-1).tolist()
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, Chunk(text=self.tok.decode(ids), tokens=len(ids)))
+        self.loop.call_soon_threadsafe(self.queue.put_nowait,
+                                    Chunk(text=self.tok.decode(ids, skip_special_tokens=True), tokens=len(ids)))
 
     def end(self):
         pass
