@@ -117,3 +117,14 @@ def test_concurrent_promotes_end_with_one_consistent_history(tmp_path):
     # the chain is consistent: the active one is the last promoted, previous is the one before
     assert m.active.key == promoted[-1] and m.previous[0].key == promoted[-2]
     json.loads(path.read_text())
+
+
+def test_rolling_back_onto_the_fallback_drops_the_fallback_and_stays_valid():
+    from quantgate.serve.manifest import ServingSpec
+
+    base = dep("base")
+    m1 = promote(None, base, now=NOW, by="a")
+    m2 = promote(m1, dep("gptq4"), now=NOW, by="a", serving=ServingSpec(fallback=base))
+    assert m2.serving.fallback.key == base.key
+    m3 = rollback(m2, now=NOW, by="a")
+    assert m3.active.key == base.key and m3.serving.fallback is None

@@ -36,13 +36,16 @@ def promote(manifest: Manifest | None, new: Deployment, *, now: datetime, by: st
     if manifest.active.key == new.key:
         raise QuantgateError(f"'{new.key}' is already the active deployment")
     previous = [manifest.active] + [d for d in manifest.previous if d.key != new.key]
-    return manifest.model_copy(update={
+    serving = serving or manifest.serving
+    if serving.fallback is not None and serving.fallback.key == new.key:
+        serving = serving.model_copy(update={"fallback": None})
+    return _validated(manifest.model_copy(update={
         "active": new,
         "previous": previous[:KEEP_PREVIOUS],
         "evidence": evidence if evidence is not None else manifest.evidence,
-        "serving": serving or manifest.serving,
+        "serving": serving,
         "history": [*manifest.history, event],
-    })
+    }))
 
 
 def rollback(manifest: Manifest, *, now: datetime, by: str, reason: str = "") -> Manifest:
@@ -51,7 +54,17 @@ def rollback(manifest: Manifest, *, now: datetime, by: str, reason: str = "") ->
     target, rest = manifest.previous[0], manifest.previous[1:]
     event = HistoryEvent(what="rollback", when=now, why=reason or "manual rollback", by=by,
                          deployment=f"{manifest.active.key} -> {target.key}")
-    return manifest.model_copy(update={"active": target, "previous": rest, "history": [*manifest.history, event]})
+    serving = manifest.serving
+    if serving.fallback is not None and serving.fallback.key == target.key:
+        # rolling back onto the fallback itself: there is nothing cheaper to fall back to now
+        serving = serving.model_copy(update={"fallback": None})
+    return _validated(manifest.model_copy(update={"active": target, "previous": rest, "serving": serving,
+                                                  "history": [*manifest.history, event]}))
+
+
+def _validated(m: Manifest) -> Manifest:
+    """model_copy skips validation; re-check the document's invariants before anyone writes it."""
+    return Manifest.model_validate(m.model_dump(by_alias=True))
 
 
 def diff(a: Manifest, b: Manifest) -> list[str]:
