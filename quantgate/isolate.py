@@ -21,8 +21,12 @@ from .errors import QuantgateError
 from .util import atomic_write_json
 
 
-def run_in_child(module: str, job: dict, workdir: Path) -> dict:
-    """Run `python -m module JOB RESULT`; return {"record": ...} or {"error": "..."}."""
+def run_in_child(module: str, job: dict, workdir: Path, cwd: Path | None = None) -> dict:
+    """Run `python -m module JOB RESULT`; return {"record": ...} or {"error": "..."}.
+
+    `cwd`: where the child runs; libraries that drop files where they run (GPTQModel writes
+    logs/) write them there. Paths in the job must then be absolute.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:12]
     job_file, result_file = workdir / f".job-{tag}.json", workdir / f".result-{tag}.json"
@@ -34,7 +38,8 @@ def run_in_child(module: str, job: dict, workdir: Path) -> dict:
     # on a loaded 2-core box. Passive waiting costs nothing measurable when cores are free.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
-        proc = subprocess.run([sys.executable, "-m", module, str(job_file), str(result_file)], env=env)
+        proc = subprocess.run([sys.executable, "-m", module, str(job_file.resolve()), str(result_file.resolve())],
+                              env=env, cwd=cwd)
     finally:
         job_file.unlink(missing_ok=True)
     if result_file.is_file():

@@ -71,7 +71,7 @@ def resolve(ref: str | ModelRef, *, revision: str | None = None, progress=print)
     """Return a local folder holding config.json, tokenizer files and safetensors weights."""
     r = ref if isinstance(ref, ModelRef) else parse_ref(ref, revision)
     if r.kind == "path":
-        p = Path(r.name).expanduser()
+        p = Path(r.name).expanduser().resolve()
         if not (p / "config.json").is_file():
             raise QuantgateError(
                 f"model.ref: '{p}' is not a model folder (no config.json there); give a folder "

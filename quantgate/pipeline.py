@@ -24,6 +24,10 @@ from .validate import check_recipe
 class Workspace:
     root: Path
 
+    def __post_init__(self):
+        # absolute: records, manifests and worker processes must not depend on the current folder
+        object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
+
     @property
     def artifacts(self) -> Path:
         return self.root / "artifacts"

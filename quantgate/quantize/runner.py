@@ -70,7 +70,7 @@ def run_candidate(spec, *, source: Path, calibration_file: Path | None, artifact
         "device": device,
         "meta": {**meta, "candidate_key": key},
     }
-    res = run_in_child("quantgate.quantize.worker", job, artifacts)
+    res = run_in_child("quantgate.quantize.worker", job, artifacts, cwd=artifacts)
     if res.get("error"):
         return CandidateResult(spec.name, spec.method, "failed", error=res["error"])
     return CandidateResult(spec.name, spec.method, "done", str(target), record=res["record"])
