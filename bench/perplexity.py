@@ -9,6 +9,7 @@ ratio is what to read; absolute tokens/s drift on a shared machine.
 from __future__ import annotations
 
 import argparse
+import os
 import math
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as quantgate's CLI does, before torch loads
 
 
 def one_at_a_time(model, windows):

@@ -349,6 +349,8 @@ _register_plugins()
 
 
 def main() -> None:
+    # before torch loads: spinning OpenMP waits collapse throughput on a shared or oversubscribed CPU
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         app()
     except QuantgateError as exc:
