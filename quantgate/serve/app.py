@@ -1,0 +1,262 @@
+"""The HTTP face of the gateway (aiohttp): /chat, /v1/chat/completions, /metrics, /healthz, /readyz.
+
+Thin on purpose: parse and validate the request, identify the tenant, hand a `ChatCall` to the
+`Gateway`, and write its answer (JSON, or SSE for streams). Every error is JSON in the OpenAI
+shape — {"error": {"type", "message", "param"}} — with `param` naming the field to fix; the
+trace id travels in `x-trace-id` both ways.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import time
+from json.encoder import encode_basestring as _enc  # the C string escaper json.dumps uses
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from .gateway import Answer, ChatCall, Gateway, GatewayError
+from .schemas import ChatCompletionRequest, ChatRequest, describe
+from .tenants import DEFAULT_TENANT
+
+log = logging.getLogger("quantgate.serve")
+perf = time.perf_counter
+_TRACE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
+_JSON = "application/json"
+
+
+def _internal(trace: str | None) -> GatewayError:
+    return GatewayError(500, "internal_error",
+                        f"internal error; the gateway log has the details under trace id {trace}")
+
+
+def _dumps(obj) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class Handlers:
+    def __init__(self, gw: Gateway):
+        self.gw = gw
+        # Generated trace ids: a random per-process prefix and a counter (unique, and no syscall
+        # per request the way os.urandom would be).
+        self._trace_prefix = os.urandom(4).hex()
+        self._trace_n = itertools.count(1)
+        self._known_keys: tuple[dict, dict[str, str]] = ({}, {})  # (key table it is for, raw key → tenant)
+
+    # ------------------------------------------------------------- helpers
+    def _trace(self, request: web.Request) -> str:
+        t = request.headers.get("x-trace-id")
+        if t is None:
+            return f"{self._trace_prefix}{next(self._trace_n):08x}"
+        if not _TRACE.fullmatch(t):
+            raise GatewayError(400, "invalid_request_error",
+                               "x-trace-id: use 1 to 128 letters, digits or . _ : -", "x-trace-id")
+        return t
+
+    async def _body(self, request: web.Request) -> bytes:
+        limit = self.gw.rt.serving.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise GatewayError(413, "invalid_request_error", f"body: {request.content_length} bytes is more than "
+                               f"this gateway accepts ({limit})", "body")
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raw = None
+        if raw is None or len(raw) > limit:  # a chunked body has no Content-Length to check up front
+            raise GatewayError(413, "invalid_request_error", f"body: more than this gateway accepts ({limit} bytes)",
+                               "body")
+        return raw
+
+    async def _parse(self, request: web.Request, model):
+        """The body as `model`, or a 400 naming the first field that is wrong."""
+        raw = await self._body(request)
+        try:
+            return model.model_validate_json(raw)
+        except ValidationError as exc:
+            field, msg = describe(exc)
+            raise GatewayError(400, "invalid_request_error", msg, field) from None
+
+    def _tenant(self, request: web.Request, asked: str | None) -> str:
+        keys = self.gw.rt.keys
+        if not keys:
+            t = asked or request.headers.get("x-tenant") or DEFAULT_TENANT
+            if not _TENANT.fullmatch(t):
+                raise GatewayError(400, "invalid_request_error", "x-tenant: letters, digits and . _ : @ + -",
+                                   "x-tenant")
+            return t
+        auth = request.headers.get("authorization", "")
+        key = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key")
+        if not key:
+            raise GatewayError(401, "authentication_error",
+                               "authorization: this gateway needs an API key (Authorization: Bearer KEY, or x-api-key)",
+                               "authorization")
+        table, known = self._known_keys
+        if table is not keys:  # a reload brought new keys: forget what was learnt from the old ones
+            table, known = self._known_keys = (keys, {})
+        tenant = known.get(key)
+        if tenant is None:
+            tenant = keys.get(hashlib.sha256(key.encode()).hexdigest())
+            if tenant is None:
+                raise GatewayError(401, "authentication_error", "authorization: unknown API key", "authorization")
+            known[key] = tenant  # only valid keys are remembered, so this stays as small as the key list
+        if asked and asked != tenant:
+            raise GatewayError(403, "permission_error", f"tenant: this API key belongs to tenant {tenant!r}", "tenant")
+        return tenant
+
+    def _budget(self, request: web.Request, body_value: int | None) -> int | None:
+        if body_value is not None:
+            return body_value
+        h = request.headers.get("x-budget-ms")
+        if h is None:
+            return None
+        if not h.isdigit() or int(h) <= 0:
+            raise GatewayError(400, "invalid_request_error", "x-budget-ms: a positive whole number of milliseconds",
+                               "x-budget-ms")
+        return int(h)
+
+    def _error(self, route: str, trace: str | None, e: GatewayError, t0: float) -> web.Response:
+        m = self.gw.metrics
+        if e.status < 429 or e.status == 413:
+            reason = "auth" if e.status in (401, 403) else "bad_request"
+            m.rejected.labels(reason).inc()
+            m.unrouted().request(route, reason, perf() - t0)
+        elif e.status == 429:
+            m.unrouted().request(route, "rejected_429", perf() - t0)
+        elif e.type == "internal_error":  # 502 and 504 were counted by the gateway, with their deployment
+            m.unrouted().request(route, "internal_error", perf() - t0)
+        err = {"type": e.type, "message": str(e), "param": e.param, "code": e.status, **e.extra}
+        headers = dict(e.headers)
+        if trace:
+            headers["x-trace-id"] = trace
+        return web.Response(status=e.status, body=_dumps({"error": err, "trace_id": trace}),
+                            content_type=_JSON, headers=headers)
+
+    @staticmethod
+    def _headers(trace: str, a: Answer) -> dict[str, str]:
+        return {"x-trace-id": trace, "x-quantgate-deployment": a.deployment.name,
+                "x-quantgate-model-version": a.deployment.model_version,
+                "x-quantgate-cache": "hit" if a.cached else "miss", "x-quantgate-degrade-level": a.level.label}
+
+    # ------------------------------------------------------------- /chat
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        t0, trace = perf(), None
+        try:
+            trace = self._trace(request)
+            req = await self._parse(request, ChatRequest)
+            call = ChatCall("chat", trace, self._tenant(request, req.tenant), req.user_id,
+                            [{"role": "user", "content": req.prompt}], t0, req.budget_ms, req.max_tokens,
+                            req.temperature)
+            a = await self.gw.chat(call)
+        except GatewayError as e:
+            return self._error("chat", trace, e, t0)
+        except Exception:  # a bug: answer like every other error, keep serving, log the traceback
+            log.exception("internal error (trace %s)", trace)
+            return self._error("chat", trace, _internal(trace), t0)
+        body = a.info_json(trace)[:-1] + ',"text":' + _enc(a.text) + "}"
+        return web.Response(body=body.encode(), content_type=_JSON, headers=self._headers(trace, a))
+
+    # ------------------------------------------------------------- /v1/chat/completions
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        t0, trace = perf(), None
+        try:
+            trace = self._trace(request)
+            req = await self._parse(request, ChatCompletionRequest)
+            call = ChatCall("openai", trace, self._tenant(request, req.tenant), req.user,
+                            [{"role": m.role, "content": m.text()} for m in req.messages], t0,
+                            self._budget(request, req.budget_ms), req.max_completion_tokens or req.max_tokens,
+                            req.temperature, req.top_p, req.stop_list(), req.seed)
+            if req.stream:
+                return await self._stream(request, call, req, t0)
+            a = await self.gw.chat(call)
+        except GatewayError as e:
+            return self._error("openai", trace, e, t0)
+        except Exception:
+            log.exception("internal error (trace %s)", trace)
+            return self._error("openai", trace, _internal(trace), t0)
+        body = (  # by hand, like Answer.info_json: this is the hot path
+            f'{{"id":"chatcmpl-{trace}","object":"chat.completion","created":{int(time.time())},'
+            f'"model":{_enc(a.deployment.name)},"choices":[{{"index":0,"message":{{"role":"assistant",'
+            f'"content":{_enc(a.text)}}},"finish_reason":{_enc(a.finish_reason)}}}],'
+            f'"usage":{{"prompt_tokens":{a.tokens_in},"completion_tokens":{a.tokens_out},'
+            f'"total_tokens":{a.tokens_in + a.tokens_out}}},"quantgate":{a.info_json(trace)}}}'
+        )
+        return web.Response(body=body.encode(), content_type=_JSON, headers=self._headers(trace, a))
+
+    async def _stream(self, request: web.Request, call: ChatCall, req: ChatCompletionRequest,
+                      t0: float) -> web.StreamResponse:
+        events = self.gw.chat_stream(call)
+        try:
+            _, dep = await events.__anext__()  # errors before the first piece still get a status code
+        except BaseException:
+            await events.aclose()
+            raise
+        trace = call.trace_id
+        resp = web.StreamResponse(headers={
+            "content-type": "text/event-stream", "cache-control": "no-cache", "x-trace-id": trace,
+            "x-quantgate-deployment": dep.name, "x-quantgate-model-version": dep.model_version})
+        base = {"id": f"chatcmpl-{trace}", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": dep.name}
+
+        def chunk(delta: dict, finish=None, **more) -> bytes:
+            return b"data: " + _dumps({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                                       **more}) + b"\n\n"
+
+        try:
+            await resp.prepare(request)
+            await resp.write(chunk({"role": "assistant", "content": ""}))
+            async for kind, val in events:
+                if kind == "delta":
+                    await resp.write(chunk({"content": val}))
+                elif kind == "end":
+                    await resp.write(chunk({}, val.finish_reason, quantgate=val.info(trace)))
+                    if req.stream_options and req.stream_options.include_usage:
+                        usage = {"prompt_tokens": val.tokens_in, "completion_tokens": val.tokens_out,
+                                 "total_tokens": val.tokens_in + val.tokens_out}
+                        await resp.write(b"data: " + _dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
+                elif kind == "error":
+                    err = {"error": {"type": "upstream_error", "message": val}}
+                    await resp.write(b"data: " + _dumps(err) + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+        finally:
+            await events.aclose()
+        return resp
+
+    # ------------------------------------------------------------- operations
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.gw.metrics.render(), headers={"content-type": self.gw.metrics.content_type})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(body=b'{"status":"alive"}', content_type=_JSON)
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        ok, detail = await self.gw.readiness()
+        detail["status"] = "ready" if ok else "not ready"
+        return web.Response(status=200 if ok else 503, body=_dumps(detail), content_type=_JSON)
+
+    async def models(self, request: web.Request) -> web.Response:
+        rt = self.gw.rt
+        deps = [rt.active] + ([rt.fallback] if rt.fallback else [])
+        return web.Response(body=_dumps({"object": "list", "data": [
+            {"id": d.name, "object": "model", "owned_by": "quantgate", "model_version": d.model_version}
+            for d in deps]}), content_type=_JSON)
+
+
+def make_app(gw: Gateway) -> web.Application:
+    """The aiohttp application; the gateway must be started (its manifest loaded) first."""
+    # aiohttp's own limit is a backstop for chunked bodies; the manifest's limit is checked per
+    # request, so a reload that lowers it applies at once.
+    app = web.Application(client_max_size=max(gw.rt.serving.max_body_bytes, 1 << 20) * 4)
+    h = Handlers(gw)
+    app.router.add_post("/chat", h.chat)
+    app.router.add_post("/v1/chat/completions", h.completions)
+    app.router.add_get("/v1/models", h.models)
+    app.router.add_get("/metrics", h.metrics)
+    app.router.add_get("/healthz", h.healthz)
+    app.router.add_get("/readyz", h.readyz)
+    return app

@@ -1,0 +1,116 @@
+"""Response cache for repeated requests: TTL and size bound, keyed by request and deployment.
+
+The key is a hash of the normalised request (messages with whitespace collapsed, the sampling
+parameters that change the answer) and the deployment's identity (name, model version, checksum),
+so a promote or rollback never serves an answer the other model gave. Only complete answers are
+stored; degraded or truncated ones are not (a later request with more budget deserves better).
+
+Memory (LRU + TTL, clock injected) by default; Redis when several replicas should share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from typing import Any, Callable
+
+def normalise_text(s: str) -> str:
+    return " ".join(s.split())
+
+
+def cache_key(deployment_key: str, messages: list[dict[str, str]], max_tokens: int,
+              temperature: float | None = None, top_p: float | None = None,
+              stop: list[str] | None = None) -> str:
+    # repr of a tuple of str/int/float/None is unambiguous (quoted, escaped) and cheaper than JSON
+    body = repr((deployment_key, tuple((m["role"], normalise_text(m["content"])) for m in messages),
+                 max_tokens, temperature, top_p, tuple(stop) if stop else None))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+class MemoryCache:
+    """LRU with a per-entry expiry; `now` is injectable so expiry is testable without waiting."""
+
+    def __init__(self, ttl_s: float, max_entries: int, clock: Callable[[], float] = time.monotonic):
+        self.ttl_s, self.max_entries, self.clock = ttl_s, max_entries, clock
+        self._d: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def get_now(self, key: str, now: float | None = None) -> Any | None:
+        item = self._d.get(key)
+        if item is None:
+            return None
+        now = self.clock() if now is None else now
+        if item[0] <= now:
+            del self._d[key]
+            return None
+        self._d.move_to_end(key)
+        return item[1]
+
+    def put_now(self, key: str, value: Any, now: float | None = None) -> None:
+        now = self.clock() if now is None else now
+        self._d[key] = (now + self.ttl_s, value)
+        self._d.move_to_end(key)
+        while len(self._d) > self.max_entries:
+            self._d.popitem(last=False)
+
+    async def get(self, key: str) -> Any | None:
+        return self.get_now(key)
+
+    async def put(self, key: str, value: Any) -> None:
+        self.put_now(key, value)
+
+    def put_soon(self, key: str, value: Any) -> None:
+        """Store without making the answer wait (in memory that is simply now)."""
+        self.put_now(key, value)
+
+    async def close(self) -> None:
+        self._d.clear()
+
+
+class RedisCache:
+    """Shared cache for several replicas; values are JSON, expiry is Redis's own (SET EX)."""
+
+    def __init__(self, url: str, ttl_s: float, prefix: str = "quantgate:cache:"):
+        from ..errors import require
+
+        aioredis = require("redis.asyncio", what="the redis cache backend", extra="serve")
+        self._r = aioredis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self.ttl_ms = max(1, int(ttl_s * 1000))
+        self.prefix = prefix
+        self._pending: set[asyncio.Task] = set()
+
+    async def get(self, key: str) -> Any | None:
+        try:
+            raw = await self._r.get(self.prefix + key)
+        except Exception:
+            return None  # a cache that is down is a miss, never a failed request
+        return None if raw is None else json.loads(raw)
+
+    async def put(self, key: str, value: Any) -> None:
+        try:
+            await self._r.set(self.prefix + key, json.dumps(value), px=self.ttl_ms)
+        except Exception:
+            pass
+
+    def put_soon(self, key: str, value: Any) -> None:
+        """Store in the background: the answer does not wait for Redis."""
+        task = asyncio.get_running_loop().create_task(self.put(key, value))
+        self._pending.add(task)  # keep a reference until done, or the task may be collected
+        task.add_done_callback(self._pending.discard)
+
+    async def close(self) -> None:
+        await self._r.aclose()
+
+
+def make_cache(spec) -> MemoryCache | RedisCache | None:
+    """From a manifest CacheSpec; None when caching is off."""
+    if not spec.enabled:
+        return None
+    if spec.backend == "redis":
+        return RedisCache(spec.url, spec.ttl_s)
+    return MemoryCache(spec.ttl_s, spec.max_entries)

@@ -1,0 +1,380 @@
+"""The guard pipeline, independent of HTTP: tenant budget → cache → admission → plan → attempts.
+
+`Gateway.chat()` answers one request (or raises `GatewayError` with the status, type, message and
+field a client should see); `Gateway.chat_stream()` does the same as a stream of pieces. Both APIs
+(/chat and /v1/chat/completions) go through here, so every guard applies to both.
+
+The decisions themselves live in pure modules (tenants, cache, admission, budget, ladder); this
+module does the I/O around them: the clock, provider calls under the request's deadline, metrics,
+logs, and the manifest reloads that swap the runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from pathlib import Path
+from typing import AsyncIterator
+
+from .admission import Admit, ConcurrencyGate, effective_limit, retry_after_s
+from .budget import Estimator, plan_request, trim_context
+from .cache import cache_key, make_cache
+from .ladder import Ladder, Level, Sample
+from .manifest import Deployment, Manifest, ManifestError
+from .metrics import GatewayMetrics
+from .providers import GenRequest, GenResult, ProviderError
+from .providers.base import within
+from .records import Answer, ChatCall, GatewayError, RequestState
+from .runtime import ManifestFile, ProviderPool, Runtime
+from .streaming import stream_attempts
+from .tenants import Ledger
+
+log = logging.getLogger("quantgate.serve")
+perf = time.perf_counter
+
+__all__ = ["Gateway", "ChatCall", "Answer", "GatewayError"]
+
+
+class Gateway:
+    def __init__(self, manifest_path: str | Path, *, reload_interval_s: float | None = None,
+                 wall=time.time, clock=time.monotonic):
+        self.file = ManifestFile(manifest_path)
+        self.reload_interval_s = reload_interval_s
+        self.wall, self.clock = wall, clock
+        self.metrics = GatewayMetrics()
+        self.pool = ProviderPool()
+        self.estimator = Estimator()
+        self.rt: Runtime | None = None
+        self.gate = ConcurrencyGate(1)
+        self.ledger: Ledger | None = None
+        self.cache = None
+        self.ladder: Ladder | None = None
+        self.last_reload_error: str | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._reloading = asyncio.Lock()  # one reload at a time, so the newest file always wins
+        self.metrics.in_flight.set_function(lambda: self.gate.in_flight)
+        self.metrics.queued.set_function(lambda: self.gate.queued)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        m, digest = self.file.load()
+        self.rt = await Runtime.build(m, digest, self.pool, str(self.file.path))
+        self._configure(m, None)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._watch()), loop.create_task(self._tick())]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.cache is not None:
+            await self.cache.close()
+        await self.pool.close()
+
+    def _configure(self, m: Manifest, old: Runtime | None) -> None:
+        s = m.serving
+        if old is None or old.active.key != m.active.key or self.ladder is None:
+            self.ladder = Ladder(s.ladder, self.clock())  # signals about another model do not carry over
+        else:
+            self.ladder.spec = s.ladder
+        self.metrics.degrade_level.set(int(self.ladder.level))
+        self._set_limit()
+        if self.ledger is None:
+            self.ledger = Ledger(s.budgets)
+        else:
+            self.ledger.configure(s.budgets)  # usage so far is kept across reloads
+        if old is None or old.serving.cache != s.cache:
+            if self.cache is not None:
+                asyncio.get_running_loop().create_task(self.cache.close())
+            self.cache = make_cache(s.cache)
+        self.metrics.set_active(m.active, old.active if old is not None else None)
+
+    def _set_limit(self) -> None:
+        s = self.rt.serving
+        rung = self.ladder.actions()
+        self.gate.configure(effective_limit(s.max_concurrency, rung.concurrency_factor if rung else 1.0),
+                            s.queue.size)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.reload_interval_s or self.rt.serving.reload_interval_s)
+            await self.reload_if_changed()
+
+    async def reload_if_changed(self) -> bool:
+        """Swap in the manifest file's new content if it changed and is valid; True if swapped."""
+        async with self._reloading:
+            return await self._reload()
+
+    async def _reload(self) -> bool:
+        try:
+            new = self.file.changed()
+            if new is None:
+                return False
+            m, digest = new
+            rt = await Runtime.build(m, digest, self.pool, str(self.file.path))
+        except ManifestError as exc:
+            self.last_reload_error = str(exc)
+            self.metrics.reloads.labels("invalid").inc()
+            log.error("manifest reload refused, still serving %s: %s", self.rt.active.key, exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - a provider that fails to start must not stop the server
+            self.last_reload_error = f"{type(exc).__name__}: {exc}"
+            self.metrics.reloads.labels("failed").inc()
+            log.error("manifest reload failed, still serving %s: %s", self.rt.active.key, self.last_reload_error)
+            return False
+        old, self.rt = self.rt, rt
+        self._configure(m, old)
+        old.retire()  # closed once its in-flight requests are done
+        self.last_reload_error = None
+        self.metrics.reloads.labels("ok").inc()
+        log.warning("manifest reloaded: active %s (was %s), fallback %s", rt.active.key, old.active.key,
+                    rt.fallback.key if rt.fallback else "none")
+        return True
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.ladder.spec.eval_interval_s)
+            self._apply(self.ladder.evaluate(self.clock()))
+
+    def _apply(self, transitions) -> None:
+        for t in transitions:
+            self.metrics.transitions.labels(t.frm.label, t.to.label).inc()
+            log.warning("degrade ladder %s → %s: %s", t.frm.label, t.to.label, t.reason)
+        if transitions:
+            self.metrics.degrade_level.set(int(self.ladder.level))
+            self._set_limit()
+
+    async def readiness(self) -> tuple[bool, dict]:
+        rt = self.rt
+        out: dict = {"manifest": str(self.file.path), "digest": rt.digest[:16],
+                     "active": rt.active.key, "degrade_level": self.ladder.level.label}
+        ok, why = await rt.providers["active"].ready()
+        out["active_ready"] = why
+        if rt.fallback is not None:
+            out["fallback"] = rt.fallback.key
+            out["fallback_ready"] = (await rt.providers["fallback"].ready())[1]
+        if self.last_reload_error:
+            out["reload_error"] = self.last_reload_error
+        return ok, out
+
+    # ------------------------------------------------------------------ requests
+    async def chat(self, call: ChatCall) -> Answer:
+        rt = self.rt
+        rt.acquire()
+        try:
+            ctx, hit = await self._prologue(rt, call)
+            if hit is not None:
+                return hit
+            try:
+                return await self._attempts(rt, call, ctx)
+            finally:
+                self.gate.release()
+        finally:
+            rt.release()
+
+    async def _prologue(self, rt: Runtime, call: ChatCall) -> tuple[RequestState, Answer | None]:
+        s = rt.serving
+        budget_ms = call.budget_ms or s.default_budget_ms
+        if budget_ms > s.max_budget_ms:
+            raise GatewayError(400, "invalid_request_error",
+                               f"budget_ms: {budget_ms} is more than this gateway allows ({s.max_budget_ms})",
+                               "budget_ms")
+        max_tokens = call.max_tokens or s.default_max_tokens
+        if max_tokens > s.max_tokens_limit:
+            raise GatewayError(400, "invalid_request_error",
+                               f"max_tokens: {max_tokens} is more than this gateway allows ({s.max_tokens_limit})",
+                               "max_tokens")
+        now = self.wall()
+        over = self.ledger.check(call.tenant, call.user_id, now)
+        if over is not None:
+            self.metrics.rejected.labels("budget").inc()
+            self.metrics.throttled.labels("budget").inc()
+            raise GatewayError(429, "budget_exceeded", over.message(now), None,
+                               {"Retry-After": str(max(1, math.ceil(over.reset_at - now)))},
+                               {"account": over.account, "reset_at": over.reset_iso})
+        lookup = rt.fallback if (self.ladder.level == Level.BREAKER and rt.fallback) else rt.active
+        ctx = RequestState(budget_ms, call.t0 + budget_ms / 1000, max_tokens, None, lookup)
+        if self.cache is not None:
+            ctx.key = cache_key(lookup.key, call.messages, max_tokens, call.temperature, call.top_p, call.stop)
+            hit = await self.cache.get(ctx.key)
+            series = self.metrics.for_deployment(lookup)
+            if hit is not None:
+                series.cache_hit.inc()
+                a = Answer(hit["text"], lookup, True, self.ladder.level, ["cache"], [], hit["tokens_in"],
+                           hit["tokens_out"], 0.0, hit["finish_reason"], budget_ms, total_ms=(perf() - call.t0) * 1000)
+                series.request(call.route, "cached", perf() - call.t0)
+                return ctx, a
+            series.cache_miss.inc()
+        verdict = self.gate.try_acquire()
+        if verdict is Admit.QUEUE:
+            wait = min(s.queue.max_wait_ms / 1000, ctx.deadline - perf() - s.min_attempt_ms / 1000)
+            verdict = Admit.NOW if await self.gate.wait(wait) else Admit.REJECT
+        if verdict is Admit.REJECT:
+            est = self.estimator.get(rt.active.key)
+            typical = est.predict_ms(max_tokens) if est else 1000.0
+            self.metrics.rejected.labels("concurrency").inc()
+            self.metrics.throttled.labels("concurrency").inc()
+            raise GatewayError(
+                429, "overloaded", f"too many requests in flight ({self.gate.in_flight}/{self.gate.limit}); "
+                "retry after the time in Retry-After", None,
+                {"Retry-After": str(retry_after_s(self.gate.in_flight, self.gate.queued, self.gate.limit, typical))})
+        ctx.t_admit = perf()
+        return ctx, None
+
+    def _plan(self, rt: Runtime, ctx: RequestState) -> None:
+        s = rt.serving
+        ctx.route = self.ladder.route()
+        ctx.plan = plan_request(
+            remaining_ms=(ctx.deadline - perf()) * 1000, route=ctx.route, max_tokens=ctx.max_tokens,
+            has_fallback=rt.fallback is not None, rung=self.ladder.actions(),
+            est_active=self.estimator.get(rt.active.key),
+            est_fallback=self.estimator.get(rt.fallback.key) if rt.fallback else None,
+            min_attempt_ms=s.min_attempt_ms, fallback_reserve_ms=s.fallback_reserve_ms)
+
+    def _request(self, rt: Runtime, call: ChatCall, att) -> tuple[Deployment, GenRequest, bool]:
+        dep = rt.deployment(att.target)
+        msgs, trimmed = call.messages, False
+        if att.context_chars is not None and len(call.messages[-1]["content"]) > att.context_chars:
+            msgs = [*call.messages[:-1], {"role": call.messages[-1]["role"],
+                                          "content": trim_context(call.messages[-1]["content"], att.context_chars)}]
+            trimmed = True
+        n = min(att.max_tokens, dep.max_tokens) if dep.max_tokens else att.max_tokens
+        return dep, GenRequest(msgs, n, call.temperature, call.top_p, call.stop, call.seed), trimmed
+
+    def _failed(self, rt: Runtime, ctx: RequestState, target: str, kind: str, t_a: float, why: str) -> None:
+        dep = rt.deployment(target)
+        series = self.metrics.for_deployment(dep)
+        series.error(kind)
+        series.upstream(kind, perf() - t_a)
+        if target == "active":
+            self.ladder.observe(Sample(self.clock(), (perf() - t_a) * 1000, False))
+        ctx.path.append(f"{target}:{kind}")
+        log.info("%s failed on %s (%s): %s", ctx.route, dep.key, kind, why)
+
+    def _succeeded(self, rt: Runtime, call: ChatCall, ctx: RequestState, att, res: GenResult, trimmed: bool,
+                   t_a: float, cut: bool = False) -> Answer:
+        dep = rt.deployment(att.target)
+        s = rt.serving
+        cost = (dep.price or s.price).cost(res.tokens_in, res.tokens_out)
+        self.ledger.charge(call.tenant, call.user_id, res.tokens_in + res.tokens_out, cost, self.wall())
+        self.estimator.observe(dep.key, res.ttft_ms, res.generation_ms, res.tokens_out)
+        t_end = perf()
+        if att.target == "active":
+            self.ladder.observe(Sample(self.clock(), (t_end - t_a) * 1000, True, cost))
+        series = self.metrics.for_deployment(dep)
+        series.upstream("ok", t_end - t_a)
+        series.tokens_in.inc(res.tokens_in)
+        series.tokens_out.inc(res.tokens_out)
+        series.cost.inc(cost)
+        reasons = list(ctx.plan.reasons) + (["ladder: context trimmed"] if trimmed else [])
+        ctx.path.append(f"{att.target}:truncated" if cut else att.target)
+        full = dep is ctx.lookup and att.max_tokens >= ctx.max_tokens and not trimmed and not cut
+        if not full or len(ctx.path) > 1:
+            series.degraded(">".join(ctx.path) + ("+reduced" if not full else ""))
+        elif ctx.key is not None and self.cache is not None:
+            self.cache.put_soon(ctx.key, {"text": res.text, "tokens_in": res.tokens_in, "tokens_out": res.tokens_out,
+                                          "finish_reason": res.finish_reason})
+        total = t_end - call.t0
+        series.request(call.route, "ok" if len(ctx.path) == 1 and not reasons else "degraded", total)
+        return Answer(res.text, dep, False, self.ladder.level, ctx.path, reasons, res.tokens_in, res.tokens_out,
+                      cost, res.finish_reason, ctx.budget_ms, queue_ms=(ctx.t_admit - call.t0) * 1000,
+                      upstream_ms=(t_a - ctx.t_admit) * 1000 + res.ttft_ms, generation_ms=res.generation_ms,
+                      total_ms=total * 1000)
+
+    def _give_up(self, rt: Runtime, call: ChatCall, ctx: RequestState, last_kind: str | None, why: str) -> GatewayError:
+        total = perf() - call.t0
+        series = self.metrics.for_deployment(rt.active)
+        if last_kind in (None, "timeout"):
+            self.metrics.budget_exhausted.labels(call.route).inc()
+            series.request(call.route, "budget_exhausted", total)
+            return GatewayError(504, "budget_exhausted",
+                                f"no answer within budget_ms={ctx.budget_ms} "
+                                f"(tried: {' > '.join(ctx.path) or 'nothing'}; "
+                                f"{why}); retry with a larger budget_ms or later", "budget_ms",
+                                extra={"path": ctx.path})
+        series.request(call.route, "error", total)
+        return GatewayError(502, "upstream_error", f"every deployment failed ({' > '.join(ctx.path)}): {why}",
+                            extra={"path": ctx.path})
+
+    def _window(self, rt: Runtime, ctx: RequestState, att, last: bool) -> float | None:
+        """Seconds this attempt may take; None when too little budget is left to start it."""
+        left = ctx.deadline - perf()
+        if left * 1000 < rt.serving.min_attempt_ms:
+            return None
+        return left if last else min(left, att.timeout_ms / 1000)
+
+    def _probe_done(self, ctx: RequestState, ok: bool) -> None:
+        """Report a half-open breaker's probe; a probe that never reached the active deployment
+        (budget gone first) only frees the probe slot, it is no evidence either way."""
+        if ctx.route != "probe":
+            return
+        if "active" in ctx.tried:
+            self._apply(self.ladder.probe_done(ok, self.clock()))
+        else:
+            self.ladder.probe_abandoned()
+
+    def _each_attempt(self, rt: Runtime, call: ChatCall, ctx: RequestState):
+        """The plan's attempts that still have budget: (attempt, window_s, deployment, request, trimmed)."""
+        n = len(ctx.plan.attempts)
+        for i, att in enumerate(ctx.plan.attempts):
+            window = self._window(rt, ctx, att, i == n - 1)
+            if window is None:
+                return
+            dep, req, trimmed = self._request(rt, call, att)
+            ctx.tried.append(att.target)
+            yield att, window, dep, req, trimmed
+
+    async def _attempts(self, rt: Runtime, call: ChatCall, ctx: RequestState) -> Answer:
+        ok, last_kind = False, None
+        try:
+            self._plan(rt, ctx)
+            why = "; ".join(ctx.plan.reasons) or "budget too small"
+            for att, window, dep, req, trimmed in self._each_attempt(rt, call, ctx):
+                prov = rt.providers[att.target]
+                t_a = perf()
+                try:
+                    if prov.honours_timeout:
+                        req.timeout_s = window
+                        res = await prov.generate(req)
+                    else:
+                        res = await within(prov.generate(req), window)
+                except asyncio.TimeoutError:
+                    last_kind, why = "timeout", f"{dep.name} took longer than {window * 1000:.0f} ms"
+                except ProviderError as exc:
+                    last_kind, why = exc.kind, str(exc)
+                except Exception as exc:  # noqa: BLE001 - a provider bug is an upstream error, not a crash
+                    last_kind, why = "error", f"{type(exc).__name__}: {exc}"
+                else:
+                    ok = att.target == "active"
+                    return self._succeeded(rt, call, ctx, att, res, trimmed, t_a)
+                self._failed(rt, ctx, att.target, last_kind, t_a, why)
+            raise self._give_up(rt, call, ctx, last_kind, why)
+        finally:
+            self._probe_done(ctx, ok)
+
+    # ------------------------------------------------------------------ streaming
+    async def chat_stream(self, call: ChatCall) -> AsyncIterator[tuple[str, object]]:
+        """Yields ('start', Deployment), then ('delta', str)…, then ('end', Answer).
+
+        Errors before the first piece raise GatewayError (the HTTP layer can still send a status);
+        once a piece is out, the deployment is fixed: a deadline cuts the answer short
+        (finish_reason 'length'), an upstream failure ends it with ('error', message).
+        """
+        rt = self.rt
+        rt.acquire()
+        try:
+            ctx, hit = await self._prologue(rt, call)
+            if hit is not None:
+                yield "start", hit.deployment
+                yield "delta", hit.text
+                yield "end", hit
+                return
+            try:
+                async for ev in stream_attempts(self, rt, call, ctx):
+                    yield ev
+            finally:
+                self.gate.release()
+        finally:
+            rt.release()

@@ -1,0 +1,205 @@
+"""The degrade ladder: normal → light → moderate → heavy → breaker, driven by live signals.
+
+A pure state machine: the gateway feeds it one `Sample` per answered request to the active
+deployment and calls `evaluate(now)` on a timer; it never reads a clock itself, so every
+transition can be tested with made-up times.
+
+The chapter's card, as rules:
+- light     (P95 latency rising)          shorter context, fewer output tokens
+- moderate  (cost / timeouts near limit)  fewer tokens still
+- heavy     (errors / queueing rising)    rate limiting (smaller concurrency), essentials only
+- breaker   (a key metric out of bounds)  switch to the fallback deployment; recover on its own
+
+Going up is immediate (a level's trigger is any signal over its threshold). Going down is one
+rung at a time, only after `hold_s` at the current rung and only when every signal is below
+`hysteresis` × the current rung's thresholds, so the ladder does not flap around a threshold.
+The breaker opens, waits `breaker_cooldown_s`, then lets one probe request at a time through to
+the active deployment; `probe_successes` good probes close it (to heavy, stepping down from
+there), one bad probe re-opens it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from enum import IntEnum
+
+from .manifest import LadderSpec, LevelSpec
+
+
+class Level(IntEnum):
+    NORMAL = 0
+    LIGHT = 1
+    MODERATE = 2
+    HEAVY = 3
+    BREAKER = 4
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+# What each rung tells the user (the card's last column).
+NOTICES = {
+    Level.NORMAL: None,
+    Level.LIGHT: "answering with the conclusion and next steps first",
+    Level.MODERATE: "using a faster, cheaper path to finish",
+    Level.HEAVY: "busy right now: answers are shortened and some requests are turned away",
+    Level.BREAKER: "switched to the stable fallback model",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    t: float            # seconds, on the caller's clock
+    latency_ms: float
+    ok: bool            # False for an error or a timeout
+    cost_usd: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Signals:
+    n: int
+    p95_ms: float
+    error_rate: float
+    cost_usd_per_min: float
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    t: float
+    frm: Level
+    to: Level
+    reason: str
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); 0.0 for no values."""
+    if not values:
+        return 0.0
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))
+    return s[k]
+
+
+def compute_signals(samples: "deque[Sample] | list[Sample]", now: float, window_s: float) -> Signals:
+    recent = [s for s in samples if s.t > now - window_s]
+    if not recent:
+        return Signals(0, 0.0, 0.0, 0.0)
+    errors = sum(1 for s in recent if not s.ok)
+    cost = sum(s.cost_usd for s in recent)
+    return Signals(
+        n=len(recent),
+        p95_ms=percentile([s.latency_ms for s in recent], 95),
+        error_rate=errors / len(recent),
+        cost_usd_per_min=cost * 60.0 / window_s,
+    )
+
+
+def over(sig: Signals, lv: LevelSpec, scale: float = 1.0) -> list[str]:
+    """Which of this rung's thresholds (× scale) the signals reach; empty = none."""
+    hits = []
+    if lv.p95_ms is not None and sig.p95_ms >= lv.p95_ms * scale:
+        hits.append(f"p95 {sig.p95_ms:.0f} ms ≥ {lv.p95_ms * scale:.0f}")
+    if lv.error_rate is not None and sig.error_rate >= lv.error_rate * scale:
+        hits.append(f"error rate {sig.error_rate:.2f} ≥ {lv.error_rate * scale:.2f}")
+    if lv.cost_usd_per_min is not None and sig.cost_usd_per_min >= lv.cost_usd_per_min * scale:
+        hits.append(f"cost {sig.cost_usd_per_min:.4f} $/min ≥ {lv.cost_usd_per_min * scale:.4f}")
+    return hits
+
+
+def level_spec(spec: LadderSpec, level: Level) -> LevelSpec | None:
+    return (None, spec.light, spec.moderate, spec.heavy, spec.breaker)[level]
+
+
+def target_level(sig: Signals, spec: LadderSpec) -> tuple[Level, str]:
+    """The highest rung whose trigger fires, with why; NORMAL while the window is too thin."""
+    if sig.n < spec.min_samples:
+        return Level.NORMAL, f"{sig.n} samples < min_samples {spec.min_samples}"
+    for level in (Level.BREAKER, Level.HEAVY, Level.MODERATE, Level.LIGHT):
+        hits = over(sig, level_spec(spec, level))
+        if hits:
+            return level, "; ".join(hits)
+    return Level.NORMAL, "all signals under the light thresholds"
+
+
+class Ladder:
+    """The state machine. Not thread-safe: the gateway calls it from its event loop only."""
+
+    def __init__(self, spec: LadderSpec, now: float = 0.0, max_samples: int = 10_000):
+        self.spec = spec
+        self.level = Level.NORMAL
+        self.since = now
+        self.samples: deque[Sample] = deque(maxlen=max_samples)
+        self.half_open = False
+        self.probe_in_flight = False
+        self.probe_ok = 0
+        self.last_signals = Signals(0, 0.0, 0.0, 0.0)
+
+    # ---------------------------------------------------------------- inputs
+    def observe(self, sample: Sample) -> None:
+        self.samples.append(sample)
+
+    def evaluate(self, now: float) -> list[Transition]:
+        """Recompute signals and move the ladder; returns the transitions made (for logs/metrics)."""
+        if not self.spec.enabled:
+            return []
+        while self.samples and self.samples[0].t <= now - self.spec.window_s:
+            self.samples.popleft()
+        sig = compute_signals(self.samples, now, self.spec.window_s)
+        self.last_signals = sig
+        if self.level == Level.BREAKER:
+            if not self.half_open and now - self.since >= self.spec.breaker_cooldown_s:
+                self.half_open = True
+                self.probe_ok = 0
+                return [Transition(now, Level.BREAKER, Level.BREAKER, "cool-down over: half-open, probing active")]
+            return []
+        target, why = target_level(sig, self.spec)
+        if target > self.level:
+            return [self._move(now, target, why)]
+        if target < self.level and now - self.since >= self.spec.hold_s:
+            still = over(sig, level_spec(self.spec, self.level), self.spec.hysteresis) if sig.n else []
+            if not still:
+                return [self._move(now, Level(self.level - 1), f"calm below hysteresis ({why})")]
+        return []
+
+    # ------------------------------------------------------------- routing
+    def route(self) -> str:
+        """'active' or 'fallback' for the next request; a half-open breaker lets one probe through."""
+        if self.level != Level.BREAKER:
+            return "active"
+        if self.half_open and not self.probe_in_flight:
+            self.probe_in_flight = True
+            return "probe"
+        return "fallback"
+
+    def probe_done(self, ok: bool, now: float) -> list[Transition]:
+        """Outcome of a 'probe' request (always call it, also on cancellation: ok=False)."""
+        self.probe_in_flight = False
+        if self.level != Level.BREAKER or not self.half_open:
+            return []
+        if not ok:
+            self.half_open = False
+            self.since = now
+            return [Transition(now, Level.BREAKER, Level.BREAKER, "probe failed: breaker re-opened")]
+        self.probe_ok += 1
+        if self.probe_ok >= self.spec.probe_successes:
+            self.samples.clear()  # old failures must not re-trip the breaker at once
+            return [self._move(now, Level.HEAVY, f"{self.probe_ok} probes succeeded: breaker closed")]
+        return []
+
+    def probe_abandoned(self) -> None:
+        """A 'probe' request that never reached the active deployment: free the slot, judge nothing."""
+        self.probe_in_flight = False
+
+    def actions(self) -> LevelSpec | None:
+        """What the current rung does to a request (None at normal)."""
+        return level_spec(self.spec, self.level) if self.level not in (Level.NORMAL, Level.BREAKER) else None
+
+    def _move(self, now: float, to: Level, why: str) -> Transition:
+        t = Transition(now, self.level, to, why)
+        self.level, self.since = to, now
+        self.half_open = False
+        self.probe_in_flight = False
+        return t

@@ -1,0 +1,361 @@
+"""The serving manifest: what the gateway serves, with which guards, and how it got there.
+
+One schema-versioned JSON (or YAML) document: the `active` deployment, the `serving` settings
+(budgets, concurrency, cache, tenant budgets, degrade ladder, prices, the `fallback` deployment),
+the `evidence` that earned the promotion, the `previous` deployments and an append-only `history`.
+Promote and rollback (the tracking issue) are edits of this document; the gateway re-reads it
+when the file changes, so they take effect without a restart.
+
+Every model forbids unknown keys: a typo in a manifest is an error naming the field, never a
+silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import QuantgateError
+from ..util import atomic_write_text
+
+SCHEMA_VERSION = 1
+
+
+class ManifestError(QuantgateError):
+    """A manifest that cannot be read or does not validate; the message names the file and field."""
+
+
+class Spec(BaseModel):
+    """Base for everything a person writes: unknown keys are errors; values never change in place."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+# ------------------------------------------------------------------------------ providers
+class MockEngine(Spec):
+    """The chapter's mock mode: deterministic text, configurable delay, pace and error rate."""
+
+    kind: Literal["mock"] = "mock"
+    delay_ms: float = Field(20.0, ge=0, description="time before the first token")
+    jitter_ms: float = Field(0.0, ge=0, description="uniform extra delay in [0, jitter_ms), seeded")
+    error_rate: float = Field(0.0, ge=0, le=1, description="fraction of requests that fail, seeded")
+    seed: int = 0
+    tokens_per_s: float = Field(0.0, ge=0, description="generation pace; 0 = all tokens at once")
+    reply_tokens: int = Field(32, ge=1, description="reply length before max_tokens caps it")
+
+
+class OpenAIEngine(Spec):
+    """Any OpenAI-compatible upstream: vLLM, SGLang, TensorRT-LLM, TGI, llama.cpp's server."""
+
+    kind: Literal["openai"]
+    base_url: str = Field(..., description="e.g. http://127.0.0.1:8000/v1")
+    model: str
+    api_key_env: str | None = Field(None, description="name of the env var holding the upstream key")
+    timeout_s: float = Field(60.0, gt=0)
+    max_connections: int = Field(512, ge=1)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:8000/v1")
+        return v.rstrip("/")
+
+
+class LocalEngine(Spec):
+    """In-process transformers on the deployment's checkpoint (CPU or CUDA)."""
+
+    kind: Literal["local"]
+    model: str | None = Field(None, description="checkpoint folder; default: the deployment's artifact")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_new_tokens: int = Field(128, ge=1)
+
+
+class CommandEngine(Spec):
+    """A CLI called as a subprocess (the chapter's gemini CLI): stdout is the answer."""
+
+    kind: Literal["command"]
+    argv: list[str] = Field(..., min_length=1, description="argv template; '{prompt}' is replaced")
+    timeout_s: float = Field(60.0, gt=0)
+    stdin: bool = Field(False, description="send the prompt on stdin instead of through '{prompt}'")
+
+    @model_validator(mode="after")
+    def _prompt_goes_somewhere(self) -> "CommandEngine":
+        if not self.stdin and not any("{prompt}" in a for a in self.argv):
+            raise ValueError("argv must contain '{prompt}' somewhere, or set stdin: true")
+        return self
+
+
+EngineSpec = Annotated[Union[MockEngine, OpenAIEngine, LocalEngine, CommandEngine], Field(discriminator="kind")]
+PROVIDER_KINDS = ("mock", "openai", "local", "command")
+
+
+class PriceSpec(Spec):
+    """USD per million tokens, for cost accounting (budgets, the cost-rate signal, metrics)."""
+
+    input_per_1m: float = Field(0.0, ge=0)
+    output_per_1m: float = Field(0.0, ge=0)
+
+    def cost(self, tokens_in: int, tokens_out: int) -> float:
+        return (tokens_in * self.input_per_1m + tokens_out * self.output_per_1m) / 1e6
+
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$"
+
+
+class Deployment(Spec):
+    """One servable thing: a model artifact behind a provider, with how it was made."""
+
+    name: str = Field(..., pattern=_NAME, max_length=128)
+    model_version: str = Field("1", min_length=1, max_length=64)
+    artifact: str | None = Field(None, description="checkpoint path or URI")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    method: str = "baseline"
+    params: dict[str, Any] = Field(default_factory=dict)
+    provider: EngineSpec = Field(default_factory=MockEngine)
+    price: PriceSpec | None = Field(None, description="overrides serving.price for this deployment")
+    max_tokens: int | None = Field(None, ge=1, description="cap on output tokens for this deployment")
+
+    @model_validator(mode="after")
+    def _local_needs_artifact(self) -> "Deployment":
+        # Only the local provider loads the artifact itself, so only there is it required;
+        # remote engines, CLIs and the mock serve whatever they serve.
+        if self.provider.kind == "local" and not (self.artifact or self.provider.model):
+            raise ValueError("a 'local' deployment needs 'artifact' (or provider.model): the checkpoint folder")
+        return self
+
+    @property  # not cached: model_copy(update=...) would carry a stale cached value along
+    def key(self) -> str:
+        """Identity used for cache keys and metric labels: changes when the model changes."""
+        return f"{self.name}@{self.model_version}" + (f"#{self.sha256[:12]}" if self.sha256 else "")
+
+
+# -------------------------------------------------------------------------------- serving
+class QueueSpec(Spec):
+    size: int = Field(0, ge=0, description="requests allowed to wait for a slot; 0 = reject at once")
+    max_wait_ms: float = Field(100.0, ge=0)
+
+
+class CacheSpec(Spec):
+    enabled: bool = True
+    ttl_s: float = Field(300.0, gt=0)
+    max_entries: int = Field(10_000, ge=1)
+    backend: Literal["memory", "redis"] = "memory"
+    url: str | None = Field(None, description="redis://host:port/db when backend is redis")
+
+    @model_validator(mode="after")
+    def _redis_url(self) -> "CacheSpec":
+        if self.backend == "redis" and not self.url:
+            raise ValueError("backend 'redis' needs 'url', e.g. redis://127.0.0.1:6379/0")
+        return self
+
+
+class BudgetSpec(Spec):
+    """A spending limit per period: tokens and/or USD; a period starts at a multiple of period_s."""
+
+    tokens: int | None = Field(None, ge=0)
+    usd: float | None = Field(None, ge=0)
+    period_s: int = Field(86_400, ge=1)
+
+    @model_validator(mode="after")
+    def _something(self) -> "BudgetSpec":
+        if self.tokens is None and self.usd is None:
+            raise ValueError("give 'tokens', 'usd' or both")
+        return self
+
+
+class BudgetsSpec(Spec):
+    tenants: dict[str, BudgetSpec] = Field(default_factory=dict, description="'*' applies to every other tenant")
+    per_user: BudgetSpec | None = Field(None, description="applies to each user_id separately")
+    global_: BudgetSpec | None = Field(None, alias="global")
+
+
+class ApiKeyRef(Spec):
+    """A tenant's key, never stored raw: its sha256, or the env var that holds it."""
+
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    env: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "ApiKeyRef":
+        if (self.sha256 is None) == (self.env is None):
+            raise ValueError("give exactly one of 'sha256' (hex digest of the key) or 'env' (variable name)")
+        return self
+
+
+class LevelSpec(Spec):
+    """One rung of the degrade ladder: when it triggers (any signal over) and what it does."""
+
+    p95_ms: float | None = Field(None, gt=0)
+    error_rate: float | None = Field(None, gt=0, le=1, description="errors + timeouts over requests")
+    cost_usd_per_min: float | None = Field(None, gt=0)
+    max_tokens_factor: float = Field(1.0, gt=0, le=1)
+    context_chars: int | None = Field(None, ge=1, description="keep only the last N prompt characters")
+    concurrency_factor: float = Field(1.0, gt=0, le=1, description="shrinks max_concurrency (rate limiting)")
+
+
+class LadderSpec(Spec):
+    """The degrade ladder (light → moderate → heavy → breaker) over a sliding window."""
+
+    enabled: bool = True
+    window_s: float = Field(30.0, gt=0)
+    min_samples: int = Field(20, ge=1)
+    eval_interval_s: float = Field(0.5, gt=0)
+    light: LevelSpec = LevelSpec(p95_ms=2000, max_tokens_factor=0.75, context_chars=8000)
+    moderate: LevelSpec = LevelSpec(p95_ms=4000, error_rate=0.05, max_tokens_factor=0.5, context_chars=4000)
+    heavy: LevelSpec = LevelSpec(p95_ms=8000, error_rate=0.15, max_tokens_factor=0.25, context_chars=2000,
+                                 concurrency_factor=0.5)
+    breaker: LevelSpec = LevelSpec(error_rate=0.5)
+    hysteresis: float = Field(0.8, gt=0, lt=1, description="step down only when every signal < threshold × this")
+    hold_s: float = Field(10.0, ge=0, description="minimum time at a level before stepping down")
+    breaker_cooldown_s: float = Field(30.0, gt=0)
+    probe_successes: int = Field(3, ge=1, description="successful probes that close the breaker")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "LadderSpec":
+        levels = [("light", self.light), ("moderate", self.moderate), ("heavy", self.heavy), ("breaker", self.breaker)]
+        for sig in ("p95_ms", "error_rate", "cost_usd_per_min"):
+            prev = None
+            for name, lv in levels:
+                v = getattr(lv, sig)
+                if v is None:
+                    continue
+                if prev is not None and v < prev[1]:
+                    raise ValueError(f"{name}.{sig}={v} is below {prev[0]}.{sig}={prev[1]}: "
+                                     "thresholds must not decrease up the ladder")
+                prev = (name, v)
+        return self
+
+
+class ServingSpec(Spec):
+    default_budget_ms: int = Field(1200, ge=1)
+    max_budget_ms: int = Field(60_000, ge=1)
+    min_attempt_ms: int = Field(20, ge=1, description="no attempt starts with less budget left than this")
+    fallback_reserve_ms: int = Field(200, ge=0, description="budget kept for the fallback until it is measured")
+    max_concurrency: int = Field(64, ge=1)
+    queue: QueueSpec = QueueSpec()
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    default_max_tokens: int = Field(256, ge=1)
+    max_tokens_limit: int = Field(4096, ge=1)
+    cache: CacheSpec = CacheSpec()
+    budgets: BudgetsSpec = BudgetsSpec()
+    api_keys: dict[str, list[ApiKeyRef]] = Field(default_factory=dict, description="tenant → keys")
+    ladder: LadderSpec = LadderSpec()
+    price: PriceSpec = PriceSpec()
+    fallback: Deployment | None = None
+    reload_interval_s: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _budgets(self) -> "ServingSpec":
+        if self.default_budget_ms > self.max_budget_ms:
+            raise ValueError(f"default_budget_ms={self.default_budget_ms} exceeds max_budget_ms={self.max_budget_ms}")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(f"default_max_tokens={self.default_max_tokens} exceeds max_tokens_limit="
+                             f"{self.max_tokens_limit}")
+        return self
+
+
+class HistoryEvent(Spec):
+    what: str = Field(..., min_length=1, description="promote, rollback, edit, ...")
+    when: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    why: str = ""
+    by: str = ""
+    deployment: str | None = None
+
+
+class Manifest(Spec):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    active: Deployment
+    serving: ServingSpec = ServingSpec()
+    evidence: dict[str, Any] = Field(default_factory=dict)
+    previous: list[Deployment] = Field(default_factory=list)
+    history: list[HistoryEvent] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _distinct_fallback(self) -> "Manifest":
+        fb = self.serving.fallback
+        if fb is not None and fb.key == self.active.key:
+            raise ValueError(f"serving.fallback is the active deployment itself ({fb.key}): "
+                             "name a different model or version, or remove the fallback")
+        return self
+
+
+# ----------------------------------------------------------------------------------- I/O
+def parse_manifest(data: bytes | str, source: str | Path = "<manifest>") -> Manifest:
+    """Bytes → Manifest, or ManifestError naming `source` and the field."""
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    suffix = Path(str(source)).suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            obj = yaml.safe_load(text)
+        else:
+            obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{source}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
+    except Exception as exc:  # yaml.YAMLError, without importing yaml for JSON files
+        raise ManifestError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ManifestError(f"{source}: a manifest is a mapping with at least 'active'")
+    if obj.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+        raise ManifestError(f"{source}: schema_version: {obj.get('schema_version')!r} is not supported "
+                            f"(this quantgate reads version {SCHEMA_VERSION})")
+    try:
+        return Manifest.model_validate(obj)
+    except ValidationError as exc:
+        raise ManifestError(format_errors(exc, source)) from None
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no such manifest file "
+                            "(examples/manifest.mock.json is one to start from)") from None
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_manifest(data, path)
+
+
+def dump_manifest(m: Manifest) -> str:
+    return m.model_dump_json(indent=2, by_alias=True, exclude_none=True) + "\n"
+
+
+def write_manifest(path: str | Path, m: Manifest) -> None:
+    """Atomic: readers (the gateway's reloader included) see the old or the new file, never a torn one."""
+    atomic_write_text(Path(path), dump_manifest(m))
+
+
+def manifest_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+_UNION_TAGS = set(PROVIDER_KINDS)
+
+
+def format_errors(exc: ValidationError, source: str | Path) -> str:
+    """pydantic's errors as 'file: field.path: message' lines, one per problem."""
+    lines = []
+    for err in exc.errors():
+        # pydantic puts the union tag into the location (active.provider.mock.delay_ms): drop it
+        loc = [p for i, p in enumerate(err["loc"])
+               if not (isinstance(p, str) and p in _UNION_TAGS and i > 0 and err["loc"][i - 1] == "provider")]
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown field '{loc[-1]}'"
+        elif err["type"] == "union_tag_invalid":
+            msg = f"unknown provider kind {err.get('ctx', {}).get('tag')!r}; kinds: {', '.join(PROVIDER_KINDS)}"
+        elif err["type"] == "union_tag_not_found":
+            msg = f"missing 'kind'; kinds: {', '.join(PROVIDER_KINDS)}"
+        lines.append(f"{source}: {field}: {msg}")
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""In-process transformers on the manifest's checkpoint, CPU or CUDA.
+
+torch and transformers are imported when this provider starts, never before, so a gateway in
+front of a remote engine does not pay for them. Generation runs on one worker thread (a model
+generates one request at a time; queueing is the gateway's job), and checks a stop flag between
+tokens: when the request's deadline cancels the call, the thread stops at the next token instead
+of finishing a generation nobody will read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator
+
+from .base import GenRequest, GenResult, Provider, ProviderError, StreamStats
+
+
+class LocalProvider(Provider):
+    kind = "local"
+
+    def __init__(self, deployment):
+        super().__init__(deployment)
+        self.path = self.spec.model or deployment.artifact
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"local-{deployment.name}")
+        self.model = self.tok = self.torch = None
+        self.device = "cpu"
+
+    async def start(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
+
+    def _load(self) -> None:
+        from ...errors import require
+
+        torch = require("torch", what="the local provider", extra="models")
+        transformers = require("transformers", what="the local provider", extra="models")
+        dev = self.spec.device
+        if dev == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = "auto" if self.spec.dtype == "auto" else getattr(torch, self.spec.dtype)
+        try:
+            self.tok = transformers.AutoTokenizer.from_pretrained(self.path)
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(dev).eval()
+        except OSError as exc:
+            raise ProviderError("unavailable", f"cannot load checkpoint {self.path}: {exc}") from None
+        self.torch, self.device = torch, dev
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.model = None
+
+    async def ready(self) -> tuple[bool, str]:
+        return (self.model is not None, f"{self.path} on {self.device}" if self.model is not None else "not loaded")
+
+    def _encode(self, req: GenRequest):
+        if getattr(self.tok, "chat_template", None):
+            text = self.tok.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = req.prompt()
+        return self.tok(text, return_tensors="pt").to(self.device)
+
+    def _run(self, req: GenRequest, stop: threading.Event, streamer=None):
+        import transformers
+
+        class _Stop(transformers.StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):
+                return stop.is_set()
+
+        enc = self._encode(req)
+        n = min(req.max_tokens, self.spec.max_new_tokens)
+        sample = bool(req.temperature)
+        kw = dict(max_new_tokens=n, do_sample=sample, streamer=streamer,
+                  stopping_criteria=transformers.StoppingCriteriaList([_Stop()]),
+                  pad_token_id=self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id)
+        if sample:
+            kw["temperature"] = req.temperature
+            if req.top_p is not None:
+                kw["top_p"] = req.top_p
+        with self.torch.inference_mode():
+            out = self.model.generate(**enc, **kw)
+        new = out[0, enc["input_ids"].shape[1]:]
+        return enc["input_ids"].shape[1], new, n
+
+    async def generate(self, req: GenRequest) -> GenResult:
+        stop = threading.Event()
+        t0 = time.perf_counter()
+        try:
+            n_in, new, cap = await asyncio.get_running_loop().run_in_executor(self._pool, self._run, req, stop, None)
+        finally:
+            stop.set()  # a cancelled call stops the thread at its next token
+        text = self.tok.decode(new, skip_special_tokens=True)
+        return GenResult(text=text, tokens_in=int(n_in), tokens_out=int(new.shape[0]),
+                         finish_reason="length" if new.shape[0] >= cap else "stop",
+                         ttft_ms=0.0, generation_ms=(time.perf_counter() - t0) * 1000)
+
+    async def stream(self, req: GenRequest, stats: StreamStats) -> AsyncIterator[str]:
+        import transformers
+
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+        streamer = transformers.TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
+
+        def pump():  # on a helper thread: move pieces from the streamer to the event loop
+            for piece in streamer:
+                loop.call_soon_threadsafe(q.put_nowait, piece)
+
+        done = loop.run_in_executor(self._pool, self._run, req, stop, streamer)
+        pumper = threading.Thread(target=pump, daemon=True)
+        pumper.start()
+        try:
+            while True:
+                getter = asyncio.ensure_future(q.get())
+                finished, _ = await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in finished:
+                    piece = getter.result()
+                    if stats.t_first is None:
+                        stats.t_first = time.perf_counter()
+                    yield piece
+                    continue
+                getter.cancel()
+                n_in, new, cap = done.result()
+                await loop.run_in_executor(None, pumper.join)
+                while not q.empty():
+                    yield q.get_nowait()
+                stats.tokens_in, stats.tokens_out = int(n_in), int(new.shape[0])
+                stats.finish_reason = "length" if new.shape[0] >= cap else "stop"
+                return
+        finally:
+            stop.set()

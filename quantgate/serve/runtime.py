@@ -1,0 +1,178 @@
+"""What one loaded manifest becomes at run time, and how a changed file replaces it.
+
+A `Runtime` is a manifest plus started providers for its active and fallback deployments. The
+gateway holds one current runtime; every request takes a reference to it when it starts and
+keeps using that runtime until it ends, so a promote or rollback switches new requests over at
+once while in-flight ones finish on the deployment they started on. A replaced runtime is
+closed when its last request is done.
+
+Providers are pooled by deployment: a reload that changes only serving settings (or makes the
+old fallback active) reuses the started provider instead of reconnecting or reloading weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from .manifest import Deployment, Manifest, ManifestError, manifest_digest, parse_manifest
+from .providers import Provider, make_provider
+
+log = logging.getLogger("quantgate.serve")
+
+
+def _identity(d: Deployment) -> str:
+    return d.model_dump_json()  # equal deployments (every field) share one provider
+
+
+class ProviderPool:
+    """Started providers with reference counts; closed when no runtime uses them."""
+
+    def __init__(self):
+        self._p: dict[str, list] = {}  # identity → [provider, refs]
+
+    async def get(self, d: Deployment) -> Provider:
+        k = _identity(d)
+        if k in self._p:
+            self._p[k][1] += 1
+            return self._p[k][0]
+        p = make_provider(d)
+        await p.start()
+        if k in self._p:  # another reload started the same one meanwhile: keep theirs
+            await p.close()
+            self._p[k][1] += 1
+            return self._p[k][0]
+        self._p[k] = [p, 1]
+        return p
+
+    async def put(self, d: Deployment) -> None:
+        k = _identity(d)
+        entry = self._p.get(k)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self._p[k]
+            await entry[0].close()
+
+    async def close(self) -> None:
+        entries, self._p = list(self._p.values()), {}
+        for p, _ in entries:
+            await p.close()
+
+
+def key_table(m: Manifest, source: str) -> dict[str, str]:
+    """sha256(key) → tenant, from hashes in the manifest or keys read from env vars now."""
+    table: dict[str, str] = {}
+    for tenant, refs in m.serving.api_keys.items():
+        for i, ref in enumerate(refs):
+            if ref.sha256:
+                table[ref.sha256] = tenant
+                continue
+            raw = os.environ.get(ref.env)
+            if not raw:
+                raise ManifestError(f"{source}: serving.api_keys.{tenant}.{i}.env: environment variable "
+                                    f"{ref.env} is not set (it should hold tenant {tenant!r}'s API key)")
+            table[hashlib.sha256(raw.encode()).hexdigest()] = tenant
+    return table
+
+
+class Runtime:
+    def __init__(self, manifest: Manifest, digest: str, keys: dict[str, str]):
+        self.manifest, self.digest, self.keys = manifest, digest, keys
+        self.serving = manifest.serving
+        self.active: Deployment = manifest.active
+        self.fallback: Deployment | None = manifest.serving.fallback
+        self.providers: dict[str, Provider] = {}
+        self.users = 0
+        self.retired = False
+        self._pool: ProviderPool | None = None
+        self._closing: asyncio.Task | None = None
+
+    @classmethod
+    async def build(cls, manifest: Manifest, digest: str, pool: ProviderPool, source: str) -> "Runtime":
+        rt = cls(manifest, digest, key_table(manifest, source))
+        rt._pool = pool
+        roles = [("active", rt.active)] + ([("fallback", rt.fallback)] if rt.fallback else [])
+        try:
+            for role, d in roles:
+                rt.providers[role] = await pool.get(d)
+        except BaseException:
+            for role, d in roles:
+                if role in rt.providers:
+                    await pool.put(d)
+            raise
+        return rt
+
+    def deployment(self, role: str) -> Deployment:
+        return self.active if role == "active" else self.fallback
+
+    def acquire(self) -> None:
+        self.users += 1
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.retired and self.users == 0:
+            self._schedule_close()
+
+    def retire(self) -> None:
+        self.retired = True
+        if self.users == 0:
+            self._schedule_close()
+
+    def _schedule_close(self) -> None:
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self.close())
+
+    async def close(self) -> None:
+        for role, d in (("active", self.active), ("fallback", self.fallback)):
+            if role in self.providers:
+                await self._pool.put(d)
+        self.providers = {}
+
+
+class ManifestFile:
+    """Change detection for the manifest file: stat first (cheap), hash only when stat changed."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._stat: tuple | None = None
+        self.digest: str | None = None
+
+    def _sig(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def load(self) -> tuple[Manifest, str]:
+        """Read and validate now (raises ManifestError); remembers what was read."""
+        sig = self._sig()
+        data = self.path.read_bytes() if sig else None
+        if data is None:
+            raise ManifestError(f"{self.path}: no such manifest file")
+        m = parse_manifest(data, self.path)
+        self._stat, self.digest = sig, manifest_digest(data)
+        return m, self.digest
+
+    def changed(self) -> tuple[Manifest, str] | None:
+        """A new valid manifest when the file's content changed; None when it did not.
+
+        Raises ManifestError when it changed into something invalid (the caller keeps serving
+        the old one); the bad content is remembered so the error is reported once, not per poll.
+        """
+        sig = self._sig()
+        if sig is None or sig == self._stat:
+            return None
+        data = self.path.read_bytes()
+        digest = manifest_digest(data)
+        self._stat = sig
+        if digest == self.digest:
+            return None  # touched or rewritten with the same bytes
+        self.digest = digest
+        return parse_manifest(data, self.path), digest
+

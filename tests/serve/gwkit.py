@@ -1,0 +1,114 @@
+"""Helpers shared by the gateway tests (imported by name; pytest puts this folder on sys.path)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+
+from aiohttp import web
+
+from quantgate.serve.server import listen_socket
+from quantgate.serve.upstream_stub import Stub, make_stub_app
+from quantgate.util import atomic_write_text
+
+
+def mock(name: str, version: str = "1", **engine) -> dict:
+    return {"name": name, "model_version": version, "provider": {"kind": "mock", "delay_ms": 0, **engine}}
+
+
+def base_manifest(**serving) -> dict:
+    """A quiet manifest: mock active + mock fallback, ladder effectively off unless asked."""
+    s = {"default_budget_ms": 2000, "max_budget_ms": 10000, "max_concurrency": 32,
+         "reload_interval_s": 0.05, "fallback": mock("fallback", reply_tokens=4)}
+    s.update(serving)
+    return {"schema_version": 1, "active": mock("primary", reply_tokens=8), "serving": s}
+
+
+def write(path: Path, manifest: dict) -> Path:
+    atomic_write_text(path, json.dumps(manifest))
+    return path
+
+
+class StubThread:
+    """The stub upstream on its own loop in a thread (like the gateway), on a random port."""
+
+    def __init__(self):
+        self.stub = Stub()
+        self._ready = threading.Event()
+        self.loop = None
+        self.port = None
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        self.loop = asyncio.new_event_loop()
+        self.loop.run_until_complete(self._main())
+
+    async def _main(self):
+        runner = web.AppRunner(make_stub_app(self.stub), access_log=None, handler_cancellation=True,
+                               shutdown_timeout=0.5)
+        await runner.setup()
+        sock = listen_socket("127.0.0.1", 0)
+        self.port = sock.getsockname()[1]
+        await web.SockSite(runner, sock).start()
+        self._stop = asyncio.Event()
+        self._ready.set()
+        await self._stop.wait()
+        await runner.cleanup()
+
+    def start(self):
+        self._t.start()
+        assert self._ready.wait(10)
+        return self
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._t.join(10)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+# ------------------------------------------------------------------------------ HTTP
+def metric(text: str, name: str, **labels) -> float:
+    """A sample's value from Prometheus text (0.0 when absent), matching the given labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def chat_body(prompt: str = "hello", user_id: str = "u1", **more) -> dict:
+    return {"user_id": user_id, "prompt": prompt, **more}
+
+
+def oai_body(content: str = "hello", **more) -> dict:
+    return {"model": "any", "messages": [{"role": "user", "content": content}], **more}
+
+
+async def until(predicate, timeout_s: float = 10.0, what: str = "condition"):
+    """Poll a cheap predicate (a counter, a gauge) until it holds; fail loudly after timeout_s."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def parse_sse(raw: bytes) -> list:
+    """SSE body → list of decoded JSON events, with the final '[DONE]' kept as the string."""
+    out = []
+    for block in raw.decode().split("\n\n"):
+        block = block.strip()
+        if not block.startswith("data:"):
+            continue
+        data = block[5:].strip()
+        out.append(data if data == "[DONE]" else json.loads(data))
+    return out
