@@ -78,7 +78,7 @@ class RedisCache:
     def __init__(self, url: str, ttl_s: float, prefix: str = "quantgate:cache:"):
         from ..errors import require
 
-        aioredis = require("redis.asyncio", what="the redis cache backend", extra="serve")
+        aioredis = require("redis.asyncio", what="the redis cache backend", extra="redis")
         self._r = aioredis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self.prefix = prefix
