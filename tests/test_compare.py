@@ -21,6 +21,7 @@ GATES = [GateSpec(metric="perplexity", min_recovery=0.85), GateSpec(metric="e2e_
 def test_direction_and_recovery():
     assert lower_is_better("perplexity") and lower_is_better("e2e_p95_ms") and lower_is_better("error_rate")
     assert not lower_is_better("regression_pass_rate") and not lower_is_better("lm_eval/qg_lastword/acc")
+    assert lower_is_better("lm_eval/qg_lastword/perplexity")
     assert recovery("perplexity", 20.0, 17.0) == pytest.approx(0.85)
     assert recovery("lm_eval/x/acc", 0.45, 0.5) == pytest.approx(0.9)
 

@@ -100,7 +100,8 @@ def test_not_yaml_and_missing_file(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(p for p in (REPO / "recipes").glob("*.yaml") if not p.name.endswith(".engines.yaml")),
+                         ids=lambda p: p.name)
 def test_shipped_recipes_parse_and_round_trip(path, tmp_path):
     r = load_recipe(path)
     again = load_recipe(write(tmp_path, r.to_yaml()))

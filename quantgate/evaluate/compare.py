@@ -20,9 +20,10 @@ HIGHER_IS_BETTER = ("regression_pass_rate", "goodput_rps", "slo_attainment")
 
 
 def lower_is_better(metric: str) -> bool:
-    if metric in HIGHER_IS_BETTER or metric.startswith("lm_eval/"):
+    leaf = metric.rsplit("/", 1)[-1]  # lm_eval/<task>/<metric>: the metric's own name decides
+    if leaf in HIGHER_IS_BETTER:
         return False
-    return metric.endswith(LOWER_IS_BETTER_SUFFIXES)
+    return leaf.endswith(LOWER_IS_BETTER_SUFFIXES) or leaf in ("bits_per_byte", "bpb")
 
 
 def recovery(metric: str, value: float, baseline: float) -> float | None:

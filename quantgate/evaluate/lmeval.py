@@ -113,5 +113,5 @@ def run_tasks(model, tokenizer, spec, task_dir: Path | None = None) -> dict[str,
     scores: dict[str, dict[str, float]] = {}
     for task, metrics in out["results"].items():
         scores[task] = {k.split(",")[0]: float(v) for k, v in metrics.items()
-                        if isinstance(v, (int, float)) and "stderr" not in k and k != "alias"}
+                        if isinstance(v, (int, float)) and "stderr" not in k and k.split(",")[0] not in ("alias", "sample_len")}
     return scores
