@@ -338,6 +338,9 @@ def _register_plugins() -> None:
     from .evaluate.loadtest_cli import register as register_loadtest
 
     register_loadtest(app)
+    from .engines_cli import register as register_engines
+
+    register_engines(app)
     try:
         from .serve.cli import register as register_serve
     except ImportError:  # the gateway's optional dependencies are missing: the rest still works

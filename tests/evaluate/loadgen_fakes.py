@@ -9,6 +9,7 @@ absolute deadlines measured from the handler's entry (first token at +ttft, toke
 from __future__ import annotations
 
 import asyncio
+import uuid
 import json
 import threading
 
@@ -64,7 +65,8 @@ class FakeOpenAI:
         entry = loop.time()
         body = await request.json()
         self.bodies.append(body)
-        self.request_ids.append(request.headers.get("X-Request-Id", ""))
+        self.request_ids.append(request.headers.get("X-Quantgate-Request", ""))
+        uuid.UUID(request.headers["X-Request-Id"])  # llama.cpp's server accepts only UUIDs here
         if self.mode == "500":
             return web.json_response({"error": {"message": "boom: model crashed", "code": 500}}, status=500)
         if self.mode == "json":  # a server that ignores `stream`

@@ -68,7 +68,7 @@ def test_reports_the_injected_ttft_tpot_and_e2e():
         assert r.ttft_s >= 0.050 - 0.001  # never before the server sent it
         assert r.tpot_s == pytest.approx((r.e2e_s - r.ttft_s) / 3)
     # the warm-up went first and is reported apart
-    ids = [x.rsplit("-", 1)[-1] for x in srv.request_ids]  # X-Request-Id: qg-<run tag>-<id>
+    ids = [x.rsplit("-", 1)[-1] for x in srv.request_ids]  # X-Quantgate-Request: qg-<run tag>-<id>
     assert len(srv.bodies) == 9 and ids[0] == "w000000" and len(rep.warmup) == 1
     assert sorted(ids[1:]) == [r.id for r in rep.records]
     assert len({x.rsplit("-", 1)[0] for x in srv.request_ids}) == 1 and srv.request_ids[0].startswith("qg-")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
+import uuid
 from typing import AsyncIterator
 
 from ...errors import QuantgateError
@@ -175,8 +175,10 @@ class OpenAIEngine:
         self.extra_body = dict(extra_body or {})
         self.max_connections = max_connections
         self._session = None
-        # X-Request-Id must not collide with another client's (vLLM rejects a running id twice)
-        self._tag = f"qg-{secrets.token_hex(4)}-"
+        # X-Request-Id: unique per request (vLLM rejects a running id twice) and a UUID, which
+        # llama-cpp-python's server insists on (anything else is an HTTP 400); our own id travels
+        # in X-Quantgate-Request so server logs can be matched to the load report
+        self._tag = f"qg-{uuid.uuid4().hex[:8]}-"
 
     async def start(self) -> None:
         import aiohttp
@@ -223,7 +225,8 @@ class OpenAIEngine:
     async def stream(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
         if self.model is None:
             raise QuantgateError("OpenAIEngine: no model name; pass model= (or --model)")
-        async with self._request("POST", self.url, json=self.body(req), headers={"X-Request-Id": self._tag + req.id}) as resp:
+        async with self._request("POST", self.url, json=self.body(req), headers={"X-Request-Id": str(uuid.uuid4()),
+                                                                                "X-Quantgate-Request": self._tag + req.id}) as resp:
             await self._check(resp)
             try:
                 if "text/event-stream" not in resp.headers.get("Content-Type", ""):

@@ -1,0 +1,17 @@
+"""Engine selection: launch serving engines, check which checkpoint formats each one loads,
+measure every candidate × engine pair under the recipe's workload, and write the card.
+
+    spec.py       what the user asks (EngineSelectionSpec): engines and their interpreters, goal, sweep
+    commands.py   pure: the format-compatibility table, an engine's command line for an artifact
+    logs.py       pure: the kernel an engine reports, and why a start failed, from its own log
+    sweep.py      pure: the concurrency sweep's plan and knee, the failure modes a pair showed
+    card.py       pure: the engine-selection card (dict + Markdown) and the manifest deployment
+    launch.py     I/O: start a server on loopback, wait until it answers, watch memory, stop it
+    artifacts.py  I/O: the candidates' folders, extra GGUFs (bundled, converted from a candidate)
+    available.py  I/O: which engines this machine has (`quantgate engines --list`)
+    matrix.py     I/O: the whole matrix for one recipe, written to <run>/engines/
+    inproc.py     child process: the in-process transformers engine, measured like the servers
+
+Engines never load into quantgate's process (except the in-process transformers engine, in a
+child): each runs in its own interpreter, with the torch it pins.
+"""

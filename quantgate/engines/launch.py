@@ -1,0 +1,296 @@
+"""Start an engine's server as a subprocess on loopback, wait until it answers, watch its memory,
+and stop it cleanly.
+
+Generic on purpose: it knows a command line, a health path and a deadline, nothing about any
+engine, so a test drives it with a tiny local server script. The server runs in its own session
+(process group), so stopping it reaches the workers it forked (vLLM's engine core): SIGTERM to
+the group, SIGKILL after a grace period. Its output goes to a log file whose last lines travel
+with any failure: a failed start is reported in the engine's own words, never swallowed.
+
+Memory is read from /proc (no psutil): the summed VmRSS of every process in the server's
+session, sampled while it runs, and the summed VmHWM (each process's own peak) as an upper
+bound; GPU memory from nvidia-smi where there is one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import QuantgateError
+from .commands import LOOPBACK, Command
+
+TAIL_LINES = 40
+
+
+class EngineStartError(QuantgateError):
+    """A server that exited or never answered; `record` holds what was measured, the message
+    ends with the engine's own last log lines."""
+
+    def __init__(self, message: str, record: LaunchRecord):
+        tail = "\n".join(f"    {x}" for x in record.log_tail[-15:]) or "    (the engine wrote nothing)"
+        super().__init__(f"{message}\n  the engine's last log lines ({record.log_path}):\n{tail}")
+        self.record = record
+
+
+@dataclass
+class LaunchRecord:
+    name: str
+    argv: list[str]
+    env: dict[str, str]  # only what the launcher set on top of the inherited environment
+    port: int
+    log_path: str
+    pid: int | None = None
+    ready: bool = False
+    startup_s: float | None = None  # spawn → first healthy answer
+    exit_code: int | None = None  # set when the process ended on its own (a failed start)
+    peak_rss_mb: float | None = None  # max over samples of the session's summed VmRSS
+    peak_hwm_mb: float | None = None  # sum of each process's own VmHWM (upper bound)
+    peak_gpu_mb: float | None = None
+    processes: int = 0  # distinct processes seen in the session
+    metrics_endpoint: bool | None = None  # GET /metrics answered (Prometheus) after readiness
+    stopped_by: str | None = None  # sigterm | sigkill | exited
+    shutdown_s: float | None = None
+    log_tail: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["base_url"] = self.base_url
+        return d
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def tail_of(path: str | Path, n: int = TAIL_LINES, max_bytes: int = 256 * 1024) -> list[str]:
+    """The last `n` lines of a log file (reads at most its last `max_bytes`)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    lines = [x.rstrip() for x in data.replace("\r", "\n").split("\n")]
+    return [x for x in lines if x.strip()][-n:]
+
+
+# ------------------------------------------------------------------------------ /proc reading
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) "
+        if len(fields) > 3 and int(fields[3]) == sid:  # state ppid pgrp session
+            pids.append(int(entry))
+    return pids
+
+
+def _status_kb(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _gpu_mb(pids: set[int]) -> float | None:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    total = 0.0
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0].isdigit() and int(parts[0]) in pids:
+            with contextlib.suppress(ValueError):
+                total += float(parts[1])
+    return total
+
+
+class _MemoryWatch(threading.Thread):
+    """Samples the session's memory until stopped; keeps the peaks."""
+
+    def __init__(self, sid: int, interval_s: float = 0.5, gpu_every: int = 4):
+        super().__init__(daemon=True)
+        self.sid, self.interval_s, self.gpu_every = sid, interval_s, gpu_every
+        self.peak_rss_kb = 0
+        self.hwm_kb: dict[int, int] = {}
+        self.peak_gpu_mb: float | None = None
+        self._halt = threading.Event()
+
+    def sample(self, with_gpu: bool = False) -> None:
+        pids = _session_pids(self.sid)
+        rss = 0
+        for pid in pids:
+            rss += _status_kb(pid, "VmRSS")
+            hwm = _status_kb(pid, "VmHWM")
+            if hwm:
+                self.hwm_kb[pid] = max(self.hwm_kb.get(pid, 0), hwm)
+        self.peak_rss_kb = max(self.peak_rss_kb, rss)
+        if with_gpu:
+            g = _gpu_mb(set(pids))
+            if g is not None:
+                self.peak_gpu_mb = max(self.peak_gpu_mb or 0.0, g)
+
+    def run(self) -> None:
+        i = 0
+        while not self._halt.wait(self.interval_s):
+            self.sample(with_gpu=i % self.gpu_every == 0)
+            i += 1
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
+        with contextlib.suppress(Exception):
+            self.sample(with_gpu=True)
+
+
+# ----------------------------------------------------------------------------- the server
+def http_ok(url: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return 200 <= resp.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+class ServerProcess:
+    """One engine server. `start()` returns once it answers its health path or raises
+    EngineStartError; `stop()` is idempotent; use it as a context manager."""
+
+    def __init__(self, name: str, command: Command, *, port: int, log_path: str | Path,
+                 startup_timeout_s: float = 900.0, poll_s: float = 0.5, grace_s: float = 20.0,
+                 clock=time.monotonic):
+        self.command, self.startup_timeout_s, self.poll_s, self.grace_s = command, startup_timeout_s, poll_s, grace_s
+        self.clock = clock
+        self.record = LaunchRecord(name=name, argv=list(command.argv), env=dict(command.env), port=port,
+                                   log_path=str(log_path))
+        self._proc: subprocess.Popen | None = None
+        self._watch: _MemoryWatch | None = None
+        self._log = None
+
+    @property
+    def base_url(self) -> str:
+        return self.record.base_url
+
+    def start(self) -> ServerProcess:
+        rec = self.record
+        Path(rec.log_path).parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(rec.log_path, "wb")
+        t0 = self.clock()
+        try:
+            self._proc = subprocess.Popen(self.command.argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, env={**os.environ, **self.command.env},
+                                          start_new_session=True)
+        except OSError as exc:
+            rec.error = f"cannot start {self.command.argv[0]}: {exc.strerror or exc}"
+            self._close_log()
+            raise EngineStartError(rec.error, rec) from None
+        rec.pid = self._proc.pid
+        self._watch = _MemoryWatch(self._proc.pid)
+        self._watch.start()
+        url = f"{self.base_url}{self.command.health_path}"
+        deadline = t0 + self.startup_timeout_s
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                rec.exit_code = code
+                self.stop()  # its workers may outlive it
+                rec.error = f"{rec.name} exited with code {code} before it answered {self.command.health_path}"
+                raise EngineStartError(rec.error, rec)
+            if http_ok(url):
+                rec.ready, rec.startup_s = True, round(self.clock() - t0, 3)
+                rec.metrics_endpoint = http_ok(f"{self.base_url}/metrics")
+                return self
+            if self.clock() >= deadline:
+                self.stop()
+                rec.error = (f"{rec.name} did not answer {url} within {self.startup_timeout_s:g} s "
+                             "(raise startup_timeout_s if it is still warming up)")
+                raise EngineStartError(rec.error, rec)
+            time.sleep(self.poll_s)  # a bounded readiness poll, not synchronisation
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self) -> LaunchRecord:
+        """SIGTERM to the whole session, SIGKILL after `grace_s`; records how it ended."""
+        if self._proc is None or self.record.stopped_by is not None:
+            return self.record
+        t0 = self.clock()
+        how = "exited"
+        if self._proc.poll() is None:
+            how = "sigterm"
+            self._signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=self.grace_s)
+            except subprocess.TimeoutExpired:
+                how = "sigkill"
+                self._signal(signal.SIGKILL)
+                self._proc.wait(timeout=30)
+        # workers that outlived the leader still belong to the session
+        stragglers = [p for p in _session_pids(self._proc.pid) if p != self._proc.pid]
+        if stragglers:
+            self._signal(signal.SIGKILL)
+        self._finish(how, self.clock() - t0)
+        return self.record
+
+    def _signal(self, sig) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, sig)
+
+    def _finish(self, how: str, took: float) -> None:
+        rec = self.record
+        if self._watch is not None:
+            self._watch.stop()
+            rec.peak_rss_mb = round(self._watch.peak_rss_kb / 1024, 1) or None
+            rec.peak_hwm_mb = round(sum(self._watch.hwm_kb.values()) / 1024, 1) or None
+            rec.peak_gpu_mb = self._watch.peak_gpu_mb
+            rec.processes = len(self._watch.hwm_kb)
+        rec.stopped_by, rec.shutdown_s = how, round(took, 3)
+        if rec.exit_code is None and self._proc is not None and how == "exited":
+            rec.exit_code = self._proc.returncode
+        self._close_log()
+        rec.log_tail = tail_of(rec.log_path)
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,182 @@
+"""What an engine-selection run asks for: which engines (and where their interpreters live), the
+goal, the concurrency sweep, and GGUF files measured beside the recipe's candidates.
+
+It is the `engine_selection:` section of a recipe, or a separate YAML file with the same fields
+(`quantgate engines RECIPE --config FILE`). Engines run in their own Python environments, never
+in quantgate's: `python` names that interpreter, else `$QUANTGATE_<KIND>_PYTHON`, else
+`$QUANTGATE_ENGINES_HOME/<kind>-venv/bin/python` (default home: ~/.cache/quantgate/engines).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import QuantgateError
+from ..evaluate.workload import WorkloadSpec
+
+EngineKind = Literal["vllm", "llamacpp", "openai", "transformers"]
+LAUNCHED = ("vllm", "llamacpp")  # kinds this module starts as servers
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LaunchSpec(_Spec):
+    """One engine the matrix measures."""
+
+    kind: EngineKind
+    python: str | None = Field(None, description="the engine's own interpreter (vllm, llamacpp)")
+    base_url: str | None = Field(None, description="openai: an already-running server")
+    model: str | None = Field(None, description="openai: the model name that server serves")
+    serves: str | None = Field(None, description="openai: the candidate (or extra) that server serves")
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: str = Field("auto", description="vllm --dtype (auto, bfloat16, float16, float32)")
+    threads: int | None = Field(None, ge=1, description="llamacpp --n_threads; transformers torch threads")
+    max_model_len: int = Field(2048, ge=64, description="context the server reserves (vllm/llamacpp)")
+    kv_cache_gb: float | None = Field(None, gt=0, description="vllm on CPU: VLLM_CPU_KVCACHE_SPACE")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    args: list[str] = Field(default_factory=list, description="extra engine arguments, appended")
+    env: dict[str, str] = Field(default_factory=dict)
+    extra_body: dict = Field(default_factory=dict, description="extra fields in every request body")
+    startup_timeout_s: float = Field(900.0, gt=0, description="deadline for the server to answer")
+    port: int | None = Field(None, ge=1, le=65535, description="serving port written to the manifest")
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> LaunchSpec:
+        if self.kind == "openai" and not self.base_url:
+            raise ValueError("an 'openai' engine is a running server: give base_url (and model, serves)")
+        if self.kind != "openai" and (self.base_url or self.serves):
+            raise ValueError(f"base_url/serves are for kind 'openai' only; a '{self.kind}' engine is launched")
+        return self
+
+
+class ExtraArtifactSpec(_Spec):
+    """A checkpoint measured beside the candidates: a GGUF file, the bundled model's own GGUF, a
+    GGUF converted from a candidate's folder with llama.cpp's convert_hf_to_gguf.py, or a
+    checkpoint folder made elsewhere (a quantgate artifact with candidate.json, or any folder
+    with config.json)."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=80)
+    gguf: str | None = Field(None, description="a .gguf path, or 'bundled:NAME' for the bundled model's GGUF")
+    convert_from: str | None = Field(None, description="candidate whose folder is converted to GGUF")
+    folder: str | None = Field(None, description="a checkpoint folder (safetensors + config.json)")
+    outtype: Literal["f32", "f16", "bf16", "q8_0"] = "q8_0"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ExtraArtifactSpec:
+        if sum(x is not None for x in (self.gguf, self.convert_from, self.folder)) != 1:
+            raise ValueError(f"extra '{self.name}' needs exactly one of 'gguf', 'convert_from' or 'folder'")
+        return self
+
+
+class SweepSpec(_Spec):
+    """Concurrency levels tried in order, each a short closed-loop run of the same mix; the knee
+    is the highest level whose requests still meet the SLOs."""
+
+    levels: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
+    requests_per_level: int | None = Field(None, ge=1, description="default: 3 × level, at least 6")
+    min_attainment: float = Field(0.95, gt=0, le=1, description="share of requests that must meet the SLOs")
+    stop_after_miss: bool = Field(True, description="stop at the first level that misses")
+
+    @model_validator(mode="after")
+    def _increasing(self) -> SweepSpec:
+        if any(b <= a for a, b in zip(self.levels, self.levels[1:])) or self.levels[0] < 1:
+            raise ValueError("sweep.levels must be positive and strictly increasing, e.g. [1, 2, 4, 8]")
+        return self
+
+
+class EngineSelectionSpec(_Spec):
+    goal: Literal["latency", "throughput"] = Field(
+        "latency", description="latency: lowest P95 TTFT/E2E within the SLOs; throughput: most goodput at the knee")
+    engines: dict[str, LaunchSpec] = Field(default_factory=lambda: {"transformers": LaunchSpec(kind="transformers")},
+                                           min_length=1)
+    candidates: list[str] | None = Field(None, description="which candidates (default: all)")
+    extra: list[ExtraArtifactSpec] = Field(default_factory=list)
+    workload: WorkloadSpec | None = Field(None, description="default: evaluation.workload")
+    sweep: SweepSpec | None = Field(default_factory=SweepSpec)
+    probe_unsupported: bool = Field(
+        True, description="start launched engines (vllm, llamacpp) on pairs the table marks unsupported anyway, "
+                          "to record the engine's own message (they fail fast)")
+    serve_port: int = Field(8000, ge=1, le=65535, description="port the recommended engine serves on")
+    gguf_converter: str | None = Field(
+        None, description="llama.cpp's convert_hf_to_gguf.py (default: $QUANTGATE_GGUF_CONVERTER, else "
+                          "$QUANTGATE_ENGINES_HOME/llama.cpp/); it runs in the llama.cpp engine's interpreter")
+
+
+# ------------------------------------------------------------------------------- loading
+def load_selection(path: str | Path) -> EngineSelectionSpec:
+    """An EngineSelectionSpec from YAML: the mapping itself or one under `engine_selection:`."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise QuantgateError(f"{p}: no such engine-selection file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise QuantgateError(f"{p}{f':{mark.line + 1}' if mark else ''}: not valid YAML") from None
+    if isinstance(data, dict) and "engine_selection" in data:
+        data = data["engine_selection"] or {}
+    if not isinstance(data, dict):
+        raise QuantgateError(f"{p}: an engine-selection file is a mapping (goal, engines, sweep, ...)")
+    try:
+        return EngineSelectionSpec.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg'].removeprefix('Value error, ')}"
+                 for e in exc.errors()]
+        raise QuantgateError(f"{p}: invalid engine selection:\n" + "\n".join(lines)) from None
+
+
+def selection_for(recipe, path: str | Path | None = None) -> EngineSelectionSpec:
+    """The selection to run: the file given, else the recipe's `engine_selection` section (once
+    recipe.py has it), else the recipe's own evaluation engines with the default goal and sweep."""
+    if path is not None:
+        return load_selection(path)
+    own = getattr(recipe, "engine_selection", None)
+    if own is not None:
+        return own if isinstance(own, EngineSelectionSpec) else EngineSelectionSpec.model_validate(own)
+    engines = {}
+    for name, e in recipe.evaluation.engines.items():
+        if e.kind == "openai":
+            engines[name] = LaunchSpec(kind="openai", base_url=e.base_url or "", model=e.model, threads=e.threads)
+        else:
+            engines[name] = LaunchSpec(kind="transformers", threads=e.threads)
+    return EngineSelectionSpec(engines=engines)
+
+
+# ------------------------------------------------------------------------ interpreters
+def engines_home() -> Path:
+    env = os.environ.get("QUANTGATE_ENGINES_HOME")
+    if env:
+        return Path(env).expanduser()
+    root = Path(os.environ.get("QUANTGATE_CACHE") or Path.home() / ".cache" / "quantgate")
+    return root / "engines"
+
+
+def engine_python(kind: str, spec: LaunchSpec | None = None) -> tuple[Path, str]:
+    """(the interpreter to start `kind` with, where that choice came from). Not checked here."""
+    if spec is not None and spec.python:
+        return Path(spec.python).expanduser(), "the engine's `python` setting"
+    var = f"QUANTGATE_{kind.upper()}_PYTHON"
+    if os.environ.get(var):
+        return Path(os.environ[var]).expanduser(), f"${var}"
+    return engines_home() / f"{kind}-venv" / "bin" / "python", "the default location ($QUANTGATE_ENGINES_HOME)"
+
+
+def gguf_converter(selection: EngineSelectionSpec) -> tuple[str, str] | None:
+    """(interpreter, convert_hf_to_gguf.py) for conversions, or None when no converter is set."""
+    script = selection.gguf_converter or os.environ.get("QUANTGATE_GGUF_CONVERTER")
+    if not script:
+        default = engines_home() / "llama.cpp" / "convert_hf_to_gguf.py"  # the sdist's vendor/llama.cpp
+        if not default.is_file():
+            return None
+        script = str(default)
+    llama = next((e for e in selection.engines.values() if e.kind == "llamacpp"), None)
+    python, _ = engine_python("llamacpp", llama)
+    return str(python), str(Path(script).expanduser())
