@@ -9,9 +9,9 @@ absolute deadlines measured from the handler's entry (first token at +ttft, toke
 from __future__ import annotations
 
 import asyncio
-import uuid
 import json
 import threading
+import uuid
 
 from aiohttp import web
 
