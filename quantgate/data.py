@@ -170,16 +170,19 @@ def _jsonl_documents(path: Path, field_name: str, prefix: str) -> list[Document]
 
 
 def local_documents(path: str, field_name: str = "text") -> list[Document]:
+    """Documents of a local file or folder. Ids are relative to the given path, so the calib/eval
+    split of a document is the same wherever the folder lives."""
     p = Path(path).expanduser()
     if not p.exists():
         raise QuantgateError(f"calibration source path '{p}' does not exist")
-    files = sorted(p.rglob("*")) if p.is_dir() else [p]
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
     docs: list[Document] = []
     for f in files:
+        rel = f.relative_to(p).as_posix() if p.is_dir() else f.name
         if f.suffix == ".jsonl":
-            docs += _jsonl_documents(f, field_name, prefix=str(f))
-        elif f.suffix in (".txt", ".md", ".rst") or (f.is_file() and not p.is_dir()):
-            docs += _chunks(str(f), f.read_text(encoding="utf-8", errors="replace"))
+            docs += _jsonl_documents(f, field_name, prefix=rel)
+        elif f.suffix in (".txt", ".md", ".rst") or not p.is_dir():
+            docs += _chunks(rel, f.read_text(encoding="utf-8", errors="replace"))
     if not docs:
         raise QuantgateError(f"calibration source path '{p}' holds no .txt, .md, .rst or .jsonl text")
     return docs

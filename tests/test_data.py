@@ -68,3 +68,12 @@ def test_unfetched_bundled_corpus_says_how_to_fetch():
 
     with pytest.raises(QuantgateError, match="run `quantgate fetch`"):
         bundled_documents("gutenberg")
+
+
+def test_split_of_local_files_does_not_depend_on_where_the_folder_lives(tmp_path, corpus_file):
+    import shutil
+
+    moved = shutil.copytree(corpus_file, tmp_path / "elsewhere" / "deeper")
+    a = [(d.id, d.split) for d in local_documents(str(corpus_file))]
+    b = [(d.id, d.split) for d in local_documents(str(moved))]
+    assert a == b and {s for _, s in a} == {"calib", "eval"}

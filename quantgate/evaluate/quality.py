@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from ..data import split_documents, token_stream
+from ..errors import QuantgateError
 from ..recipe import PerplexitySpec, SourceSpec, stable_hash
 
 
@@ -27,6 +28,10 @@ def perplexity_windows(tokenizer, spec: PerplexitySpec) -> list[list[int]]:
     src = SourceSpec(path=spec.path) if spec.path else SourceSpec(corpus=spec.corpus)
     stream = token_stream(split_documents(src, "eval"), tokenizer)
     n = min(spec.max_windows, len(stream) // spec.seq_len)
+    if n == 0:
+        raise QuantgateError(
+            f"evaluation.perplexity: the eval split of {src.label} has {len(stream)} tokens, fewer than one "
+            f"window of {spec.seq_len}; lower seq_len or give more held-out text")
     return [stream[i * spec.seq_len:(i + 1) * spec.seq_len] for i in range(n)]
 
 
