@@ -7,7 +7,7 @@ the engine, holds the clock (TTFT, inter-token gaps, E2E), so every engine is ti
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
 from ...errors import MissingExtraError, QuantgateError
@@ -32,6 +32,8 @@ class Chunk:
 
 
 class Engine(Protocol):
+    """The caller starts the engine before use and closes it after (the load generator does neither)."""
+
     name: str
 
     async def start(self) -> None: ...
@@ -39,12 +41,6 @@ class Engine(Protocol):
     def stream(self, req: GenerationRequest) -> AsyncIterator[Chunk]: ...
 
     async def close(self) -> None: ...
-
-
-@dataclass
-class EngineSpecLike:
-    kind: str
-    args: dict = field(default_factory=dict)
 
 
 # engine kind → ("module:Class", extra); heavy modules load only when the engine is chosen
