@@ -65,7 +65,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from quantgate.evaluate.quality import load_model, perplexity, perplexity_windows
-    from quantgate.pipeline import Workspace, prepare
+    from quantgate.pipeline import prepare
+    from quantgate.workspace import Workspace
     from quantgate.quantize.runner import artifact_dir, candidate_key
     from quantgate.recipe import load_recipe
     from quantgate.util import atomic_write_json

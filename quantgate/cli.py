@@ -83,7 +83,8 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="Redo candidates whose artifact already exists."),
 ):
     """Produce the recipe's candidates (baseline, RTN, GPTQ, AWQ) as standard checkpoints."""
-    from .pipeline import Workspace, quantize as run_quantize
+    from .pipeline import quantize as run_quantize
+    from .workspace import Workspace
     from .recipe import load_recipe
 
     r = load_recipe(recipe)
@@ -113,7 +114,8 @@ def evaluate(
     force: bool = typer.Option(False, "--force", help="Re-evaluate even if a result exists."),
 ):
     """Measure each candidate (quality, speed under load, memory, cost); quantizes first if needed."""
-    from .pipeline import Workspace, evaluate as run_evaluate
+    from .pipeline import evaluate as run_evaluate
+    from .workspace import Workspace
     from .recipe import load_recipe
 
     r = load_recipe(recipe)
@@ -130,7 +132,8 @@ def compare(
     """Compare evaluated candidates with the baseline and apply the trade-off card's gates."""
     import json
 
-    from .pipeline import Workspace, load_records
+    from .pipeline import load_records
+    from .workspace import Workspace
     from .recipe import load_recipe
 
     r = load_recipe(recipe)
@@ -148,7 +151,8 @@ def run(
     no_track: bool = typer.Option(False, "--no-track", help="Do not log to MLflow."),
 ):
     """quantize → evaluate → compare → MLflow in one go; resumable (finished work is reused)."""
-    from .pipeline import Workspace, evaluate as run_evaluate
+    from .pipeline import evaluate as run_evaluate
+    from .workspace import Workspace
     from .recipe import load_recipe
 
     r = load_recipe(recipe)
@@ -186,9 +190,9 @@ def track(
     uri: Optional[str] = typer.Option(None, "--uri", help="MLflow tracking URI (default: recipe, env, or workspace sqlite)."),
 ):
     """Log a finished run to MLflow (e.g. after the tracking server was down)."""
-    from .pipeline import recipe_of_run
+    from .workspace import open_run
 
-    r, ws = recipe_of_run(run_dir)
+    r, ws, _ = open_run(run_dir)
     if _track(r, ws, uri) is None:
         raise typer.Exit(1)
 
@@ -202,12 +206,14 @@ def ui(
     """Start the MLflow UI on the workspace's embedded store."""
     import subprocess
 
-    from .track import artifact_root, default_uri
+    from .workspace import Workspace
 
-    if not (workspace / "mlflow.db").is_file():
-        raise QuantgateError(f"{workspace}: no MLflow store yet (mlflow.db); run `quantgate run RECIPE -w {workspace}` first")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", default_uri(workspace),
-           "--default-artifact-root", artifact_root(workspace), "--host", host, "--port", str(port)]
+    ws = Workspace(workspace)
+    if not ws.mlflow_db.is_file():
+        raise QuantgateError(f"{workspace}: no MLflow store yet ({ws.mlflow_db.name}); "
+                             f"run `quantgate run RECIPE -w {workspace}` first")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", ws.mlflow_uri,
+           "--default-artifact-root", ws.mlflow_artifacts.as_uri(), "--host", host, "--port", str(port)]
     console.print(f"MLflow UI on http://{host}:{port}  (Ctrl-C to stop)")
     raise typer.Exit(subprocess.call(cmd))
 
@@ -221,8 +227,8 @@ def _compare_and_print(r, ws, records, quiet: bool = False):
         out.print(comparison_table(comp))
         for line in failed_gate_lines(comp):
             console.print(f"[red]✗[/] {line}", highlight=False)
-        run_dir = ws.run_dir(r)
-        console.print(f"report: {run_dir / 'compare.md'}  ·  JSON: {run_dir / 'compare.json'}")
+        run = ws.run(r)
+        console.print(f"report: {run.compare_report}  ·  JSON: {run.compare_file}")
     return comp
 
 
@@ -230,10 +236,9 @@ ManifestOpt = typer.Option(None, "--manifest", "-m", help="Manifest file (defaul
 
 
 def _manifest_path(manifest: Optional[Path], workspace: Path) -> Path:
-    from .deploy import default_manifest
-    from .pipeline import Workspace
+    from .workspace import Workspace
 
-    return manifest or default_manifest(Workspace(workspace))
+    return manifest or Workspace(workspace).manifest
 
 
 @app.command()
@@ -248,7 +253,9 @@ def promote(
     """Make a candidate the active deployment of the serving manifest — only through its gates."""
     from .deploy import promote_candidate
 
-    path = manifest or (run_dir.parents[1] / "manifest.json")
+    from .workspace import RunFolder
+
+    path = manifest or RunFolder(run_dir).workspace.manifest
     m = promote_candidate(run_dir, candidate, path, force=force, reason=reason, by=by)
     console.print(f"[green]✓[/] {path}: active = {m.active.key}"
                   + (f"; rollback target = {m.previous[0].key}" if m.previous else "")

@@ -8,7 +8,6 @@ checksum verification of what a rollback restores, and the MLflow registry alias
 from __future__ import annotations
 
 import getpass
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,21 +15,15 @@ from filelock import FileLock
 
 from .errors import QuantgateError
 from .models import weights_sha256
-from .pipeline import Workspace, recipe_of_run
 from .serve.manifest import Deployment, LocalEngine, Manifest, ServingSpec, load_manifest, write_manifest
 from .serve.promote import promote, rollback
+from .workspace import Workspace, candidate_record, open_run
 
 # which checkpoint formats an engine serves (the go-live self-check's "engine supports the format")
 ENGINE_FORMATS = {
     "local": {"dense", "gptq", "gptq_v2", "awq-gemm"},
     "vllm": {"dense", "gptq", "awq-gemm", "compressed-tensors"},
 }
-
-
-def _read(path: Path) -> dict:
-    if not path.is_file():
-        raise QuantgateError(f"{path} is missing: run `quantgate run` on the recipe first")
-    return json.loads(path.read_text())
 
 
 def edit_manifest(path: Path, change) -> Manifest:
@@ -45,14 +38,13 @@ def edit_manifest(path: Path, change) -> Manifest:
 
 def deployment_for(run_dir: Path, name: str) -> Deployment:
     """A candidate of a finished run as a local-provider deployment, with its checksum and registry version."""
-    recipe, ws = recipe_of_run(run_dir)
+    recipe, _, run = open_run(run_dir)
     recipe.candidate(name)  # a clear error, with a suggestion, for a typo
-    results = {r["name"]: r for r in _read(run_dir / "quantize.json")["results"]}
-    res = results.get(name)
-    if not res or not res.get("artifact"):
+    res = next((r for r in run.quantize_results() if r.name == name), None)
+    if res is None or not res.artifact:
         raise QuantgateError(f"candidate '{name}' has no artifact in {run_dir} (it failed or was not run)")
-    rec = res["record"]
-    tracking = json.loads((run_dir / "tracking.json").read_text()) if (run_dir / "tracking.json").is_file() else {}
+    rec = res.record
+    tracking = run.tracking()
     version = (tracking.get("versions") or {}).get(name)
     params = {**rec.get("params", {}), "format": rec.get("format"), "recipe_hash": rec.get("recipe_hash"),
               "calib_hash": rec.get("calib_hash")}
@@ -60,14 +52,14 @@ def deployment_for(run_dir: Path, name: str) -> Deployment:
         params["mlflow"] = {"uri": tracking["uri"], "model": tracking["registered_model"], "version": version,
                             "run_id": tracking["child_run_ids"].get(name)}
     return Deployment(
-        name=name, model_version=version or recipe.recipe_hash[:12], artifact=res["artifact"],
-        sha256=weights_sha256(Path(res["artifact"])), method=rec.get("method", ""), params=params,
+        name=name, model_version=version or recipe.recipe_hash[:12], artifact=res.artifact,
+        sha256=weights_sha256(Path(res.artifact)), method=rec.get("method", ""), params=params,
         provider=LocalEngine(kind="local"),
     )
 
 
 def serving_for(run_dir: Path, active: str) -> ServingSpec:
-    recipe, _ = recipe_of_run(run_dir)
+    recipe, _, _ = open_run(run_dir)
     fallback_name = recipe.card.rollback_to or (recipe.baseline.name if recipe.baseline else None)
     fallback = deployment_for(run_dir, fallback_name) if fallback_name and fallback_name != active else None
     s = recipe.serving
@@ -77,11 +69,11 @@ def serving_for(run_dir: Path, active: str) -> ServingSpec:
 
 def go_live_check(run_dir: Path, name: str, dep: Deployment, serving: ServingSpec) -> dict:
     """The chapter's quantization go-live self-check, filled from the run's records."""
-    comp = _read(run_dir / "compare.json")
+    _, _, run = open_run(run_dir)
+    comp = run.comparison()
     verdict = next(c for c in comp["candidates"] if c["name"] == name)
-    ev_file = run_dir / "evaluate" / f"{name}.json"
-    ev = json.loads(ev_file.read_text()) if ev_file.is_file() else {}
-    q = json.loads((Path(dep.artifact) / "candidate.json").read_text())
+    ev = run.evaluation(name) or {}
+    q = candidate_record(dep.artifact) or {}
     fmt = dep.params.get("format")
     fb = serving.fallback
     return {
@@ -99,10 +91,11 @@ def go_live_check(run_dir: Path, name: str, dep: Deployment, serving: ServingSpe
 
 def promote_candidate(run_dir: Path, name: str, manifest_path: Path, *, force: bool = False, reason: str = "",
                       by: str | None = None) -> Manifest:
-    comp = _read(run_dir / "compare.json")
+    _, _, run = open_run(run_dir)
+    comp = run.comparison()
     verdict = next((c for c in comp["candidates"] if c["name"] == name), None)
     if verdict is None:
-        raise QuantgateError(f"candidate '{name}' is not in {run_dir / 'compare.json'}")
+        raise QuantgateError(f"candidate '{name}' is not in {run.compare_file}")
     failed = [g["reason"] for g in verdict["gates"] if not g["passed"]]
     if verdict.get("error"):
         failed.append(f"evaluation error: {verdict['error']}")
@@ -166,6 +159,3 @@ def move_aliases(m: Manifest) -> None:
     except Exception as exc:  # the manifest is the source of truth; a registry hiccup is reported, not fatal
         print(f"warning: could not move MLflow aliases ({type(exc).__name__}: {exc})")
 
-
-def default_manifest(ws: Workspace) -> Path:
-    return ws.root / "manifest.json"

@@ -70,8 +70,8 @@ def register(app: typer.Typer) -> None:
         if recipe is None:
             raise QuantgateError("give a recipe (quantgate engines RECIPE) or --list")
         from .engines.matrix import run_matrix
-        from .pipeline import Workspace
         from .recipe import load_recipe
+        from .workspace import Workspace
 
         r = load_recipe(recipe)
         f = selection_file(recipe, config)
@@ -89,12 +89,12 @@ def register(app: typer.Typer) -> None:
         card = run_matrix(r, ws, sel, engines=engine, candidates=only, force=force,
                           command=f"quantgate engines {recipe}" + (f" --config {f}" if f else ""),
                           log=lambda m: err.print(m, highlight=False, markup=False))
-        folder = ws.run_dir(r) / "engines"
+        run = ws.run(r)
         rec = card["recommendation"]
         out.print(f"recommended: [bold]{rec.get('recommended') or 'none'}[/] — {rec.get('why')}", highlight=False)
         if rec.get("runner_up"):
             out.print(f"runner-up: {rec['runner_up']}", highlight=False)
-        err.print(f"[green]✓[/] card: {folder / 'card.md'} (and card.json)")
+        err.print(f"[green]✓[/] card: {run.engine_card_report} (and {run.engine_card.name})")
         if not any(p.get("measured") for p in card["pairs"]):
             raise QuantgateError("no candidate × engine pair could be measured; the card lists why "
-                                 f"({folder / 'card.md'}); `quantgate engines --list` shows what is installed")
+                                 f"({run.engine_card_report}); `quantgate engines --list` shows what is installed")

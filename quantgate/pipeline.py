@@ -7,33 +7,17 @@ can be resumed, inspected and logged after the fact.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
 from .data import build_calibration
 from .errors import QuantgateError
 from .models import model_identity, resolve
-from .quantize.runner import CandidateResult, needs_calibration, run_candidate
+from .quantize.runner import needs_calibration, run_candidate
 from .recipe import Recipe
-from .util import atomic_write_json, atomic_write_text
+from .util import atomic_write_json
 from .validate import check_recipe
-
-
-@dataclass(frozen=True)
-class Workspace:
-    root: Path
-
-    def __post_init__(self):
-        # absolute: records, manifests and worker processes must not depend on the current folder
-        object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
-
-    @property
-    def artifacts(self) -> Path:
-        return self.root / "artifacts"
-
-    def run_dir(self, recipe: Recipe) -> Path:
-        return self.root / "runs" / f"{recipe.name}-{recipe.recipe_hash[:12]}"
+from .workspace import CandidateResult, Workspace, read_json
 
 
 def select(recipe: Recipe, only: list[str] | None):
@@ -47,9 +31,8 @@ def prepare(recipe: Recipe, ws: Workspace, log=print) -> tuple[Path, dict, Path 
     problems = check_recipe(recipe)
     if problems:
         raise QuantgateError("the recipe cannot run on this model:\n" + "\n".join(problems))
-    run_dir = ws.run_dir(recipe)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
+    run = ws.run(recipe)
+    run.write_recipe(recipe)
     source = resolve(recipe.model.ref, revision=recipe.model.revision, progress=log)
     meta = {
         "recipe": recipe.name,
@@ -59,7 +42,7 @@ def prepare(recipe: Recipe, ws: Workspace, log=print) -> tuple[Path, dict, Path 
     }
     calib_file = None
     if any(needs_calibration(c) for c in recipe.candidates):
-        calib_file = run_dir / "calibration.json"
+        calib_file = run.calibration_file
         if calib_file.is_file():
             calib = json.loads(calib_file.read_text())
         else:
@@ -81,7 +64,7 @@ def quantize(recipe: Recipe, ws: Workspace, *, only: list[str] | None = None, de
     chosen = select(recipe, only)
     source, meta, calib_file = prepare(recipe, ws, log)
     results: list[CandidateResult] = []
-    report = ws.run_dir(recipe) / "quantize.json"
+    run = ws.run(recipe)
     for spec in chosen:
         log(f"→ {spec.name} ({spec.method})")
         res = run_candidate(
@@ -90,8 +73,7 @@ def quantize(recipe: Recipe, ws: Workspace, *, only: list[str] | None = None, de
         )
         results.append(res)
         # written after every candidate: an interrupted run keeps what it finished
-        atomic_write_json(report, {"recipe": recipe.name, "recipe_hash": recipe.recipe_hash,
-                                   "results": [r.to_dict() for r in results]})
+        run.write_quantize(recipe, results)
         if on_result:
             on_result(res)
     return results
@@ -137,23 +119,22 @@ def evaluate(recipe: Recipe, ws: Workspace, *, only: list[str] | None = None, de
     from .isolate import run_in_child
 
     results = quantize(recipe, ws, only=only, device=device, log=log)
-    out_dir = ws.run_dir(recipe) / "evaluate"
+    run = ws.run(recipe)
     texts = prompt_texts(recipe)
     records = []
     for res in results:
         spec = recipe.candidate(res.name)
-        path = out_dir / f"{res.name}.json"
         if res.status == "failed":
             records.append({"name": res.name, "method": res.method, "error": f"quantization failed: {res.error}"})
             continue
         key = eval_key(recipe, spec, res.record)
         # results are cached by what they depend on, not by recipe: editing the card or the
         # candidate list re-gates without re-measuring
-        cached = ws.root / "evaluations" / f"{key[:32]}.json"
-        if not force and cached.is_file():
+        cached = ws.evaluation_cache(key)
+        if not force and (hit := read_json(cached)) is not None:
             log(f"✓ {res.name}: already evaluated with these settings")
-            rec = {**json.loads(cached.read_text()), "name": res.name}
-            atomic_write_json(path, rec)
+            rec = {**hit, "name": res.name}
+            run.write_evaluation(res.name, rec)
             records.append(rec)
             continue
         log(f"→ evaluating {res.name}")
@@ -163,13 +144,13 @@ def evaluate(recipe: Recipe, ws: Workspace, *, only: list[str] | None = None, de
             "engine": recipe.evaluation.engines[spec.engine].model_dump(mode="json"),
             "device": device, "eval_key": key, "prompt_texts": texts,
         }
-        got = run_in_child("quantgate.evaluate.worker", job, out_dir)
+        got = run_in_child("quantgate.evaluate.worker", job, run.evaluate_dir)
         if got.get("error"):
             rec = {"name": res.name, "method": res.method, "error": got["error"]}
         else:
             rec = got["record"]
             atomic_write_json(cached, rec)
-            atomic_write_json(path, rec)
+            run.write_evaluation(res.name, rec)
         records.append(rec)
     return records
 
@@ -187,21 +168,14 @@ def compare_run(recipe: Recipe, ws: Workspace, records: list[dict]):
     if not any(r["name"] == baseline.name and not r["error"] for r in rows):
         raise QuantgateError(f"the baseline '{baseline.name}' has no evaluation; rerun `quantgate evaluate`")
     comp = compare(rows, baseline.name, recipe.card.gates)
-    run_dir = ws.run_dir(recipe)
-    atomic_write_json(run_dir / "compare.json", {"recipe": recipe.name, "recipe_hash": recipe.recipe_hash,
-                                                 **comp.to_dict()})
-    atomic_write_text(run_dir / "compare.md", comparison_markdown(recipe, comp, records))
+    ws.run(recipe).write_comparison(recipe, comp.to_dict(), comparison_markdown(recipe, comp, records))
     return comp
 
 
 def load_records(recipe: Recipe, ws: Workspace) -> list[dict]:
-    d = ws.run_dir(recipe) / "evaluate"
-    records = []
-    for c in recipe.candidates:
-        p = d / f"{c.name}.json"
-        records.append(json.loads(p.read_text()) if p.is_file()
-                       else {"name": c.name, "method": c.method, "error": "not evaluated"})
-    return records
+    run = ws.run(recipe)
+    return [run.evaluation(c.name) or {"name": c.name, "method": c.method, "error": "not evaluated"}
+            for c in recipe.candidates]
 
 
 # --------------------------------------------------------------------------------- track
@@ -209,21 +183,9 @@ def track(recipe: Recipe, ws: Workspace, *, uri: str | None = None, log=print):
     """Log the finished run (quantize.json, evaluate/*.json, compare.json) to MLflow."""
     from .track import log_run
 
-    run_dir = ws.run_dir(recipe)
-    for needed in ("quantize.json", "compare.json"):
-        if not (run_dir / needed).is_file():
-            raise QuantgateError(f"{run_dir / needed} is missing: run `quantgate run` (or evaluate) first")
-    quantize_results = json.loads((run_dir / "quantize.json").read_text())["results"]
-    comparison = json.loads((run_dir / "compare.json").read_text())
-    return log_run(recipe, ws.root, run_dir, quantize_results=quantize_results, records=load_records(recipe, ws),
+    run = ws.run(recipe)
+    quantize_results = [r.to_dict() for r in run.quantize_results()]
+    comparison = run.comparison()
+    return log_run(recipe, ws.root, run.path, quantize_results=quantize_results, records=load_records(recipe, ws),
                    comparison=comparison, uri=uri, log=log)
 
-
-def recipe_of_run(path: Path) -> tuple[Recipe, Workspace]:
-    """A run folder (workspace/runs/NAME-HASH) → its recipe and workspace."""
-    from .recipe import load_recipe
-
-    path = Path(path)
-    if not (path / "recipe.yaml").is_file():
-        raise QuantgateError(f"{path}: not a run folder (no recipe.yaml); runs live in WORKSPACE/runs/")
-    return load_recipe(path / "recipe.yaml"), Workspace(path.parents[1])

@@ -19,13 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import QuantgateError, require
-from .util import atomic_write_json
-
-TRACKING_FILE = "tracking.json"
+from .workspace import CANDIDATE_RECORD, RunFolder, Workspace
 
 
 def default_uri(workspace: Path) -> str:
-    return f"sqlite:///{(Path(workspace) / 'mlflow.db').resolve()}"
+    return Workspace(workspace).mlflow_uri
 
 
 def tracking_uri(recipe, workspace: Path) -> str:
@@ -47,7 +45,7 @@ def check_reachable(uri: str, run_dir: Path, timeout: float = 3.0) -> None:
 
 
 def artifact_root(workspace: Path) -> str:
-    return (Path(workspace) / "mlartifacts").resolve().as_uri()
+    return Workspace(workspace).mlflow_artifacts.as_uri()
 
 
 @dataclass
@@ -103,6 +101,7 @@ def log_run(recipe, workspace: Path, run_dir: Path, *, quantize_results: list[di
     from . import plots
 
     uri = uri or tracking_uri(recipe, workspace)
+    run = RunFolder(Path(run_dir))
     check_reachable(uri, run_dir)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
@@ -132,11 +131,11 @@ def log_run(recipe, workspace: Path, run_dir: Path, *, quantize_results: list[di
         params = flatten(recipe.model_dump(mode="json", exclude={"candidates"}))
         params.update({f"version.{k}": v for k, v in versions.items()})
         mlflow.log_params({_mlflow_key(k)[:250]: str(v)[:6000] for k, v in list(params.items())[:400]})
-        for f in ("recipe.yaml", "compare.md", "compare.json", "quantize.json"):
-            if (run_dir / f).is_file():
-                mlflow.log_artifact(str(run_dir / f))
+        for f in (run.recipe_file, run.compare_report, run.compare_file, run.quantize_file):
+            if f.is_file():
+                mlflow.log_artifact(str(f))
         rows = [{"name": r["name"], "metrics": r.get("metrics", {})} for r in records if not r.get("error")]
-        plot_dir = run_dir / "plots"
+        plot_dir = run.plots
         plot_dir.mkdir(exist_ok=True)
         for made in (plots.pareto_plot(rows, plot_dir / "pareto.png", recommended=comparison.get("recommended")),
                      plots.latency_plot(rows, plot_dir / "latency.png")):
@@ -160,16 +159,16 @@ def log_run(recipe, workspace: Path, run_dir: Path, *, quantize_results: list[di
                 if rec.get("error"):
                     mlflow.set_tag("quantgate.error", rec["error"][:5000])
                 art = (by_q.get(name) or {}).get("artifact")
-                if art and (Path(art) / "candidate.json").is_file():
-                    mlflow.log_artifact(str(Path(art) / "candidate.json"))
+                if art and (Path(art) / CANDIDATE_RECORD).is_file():
+                    mlflow.log_artifact(str(Path(art) / CANDIDATE_RECORD))
                     # the registry version points at this run's `checkpoint` folder: the whole
                     # checkpoint when log_checkpoints is on, else its record (the weights stay put)
                     if recipe.tracking.log_checkpoints:
                         mlflow.log_artifacts(art, artifact_path="checkpoint")
                     else:
-                        mlflow.log_artifact(str(Path(art) / "candidate.json"), artifact_path="checkpoint")
+                        mlflow.log_artifact(str(Path(art) / CANDIDATE_RECORD), artifact_path="checkpoint")
                     mlflow.set_tag("quantgate.artifact_uri", Path(art).resolve().as_uri())
-                eval_file = run_dir / "evaluate" / f"{name}.json"
+                eval_file = run.evaluation_file(name)
                 if eval_file.is_file():
                     mlflow.log_artifact(str(eval_file), artifact_path="evaluation")
                 reg = (rec.get("quality") or {}).get("regression")
@@ -178,7 +177,7 @@ def log_run(recipe, workspace: Path, run_dir: Path, *, quantize_results: list[di
     result.registered_model = recipe.tracking.registered_model or recipe.name
     result.versions = register_passing(client, result, comparison, by_q, recipe.recipe_hash)
     result.ui_hint = (f"quantgate ui -w {workspace}" if uri.startswith("sqlite") else uri) + f"  → experiment '{exp_name}'"
-    atomic_write_json(run_dir / TRACKING_FILE, result.to_dict())
+    run.write_tracking(result.to_dict())
     return result
 
 

@@ -4,8 +4,9 @@ import json
 
 import yaml
 
-from quantgate.pipeline import Workspace, compare_run, evaluate, load_records
+from quantgate.pipeline import compare_run, evaluate, load_records
 from quantgate.recipe import load_recipe
+from quantgate.workspace import Workspace
 
 
 def test_evaluate_and_compare_tiny_recipe(tmp_path, tiny_model, corpus_file):

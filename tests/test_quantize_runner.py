@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from quantgate.errors import QuantgateError
-from quantgate.pipeline import Workspace, quantize
+from quantgate.pipeline import quantize
+from quantgate.workspace import Workspace
 from quantgate.quantize.rtn import fake_quantize, unpack_gptq
 from quantgate.recipe import load_recipe
 from quantgate.util import atomic_dir

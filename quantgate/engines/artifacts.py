@@ -19,14 +19,12 @@ from pathlib import Path
 from ..errors import QuantgateError
 from ..recipe import stable_hash
 from ..util import atomic_dir, atomic_write_json
+from ..workspace import CANDIDATE_RECORD, candidate_record, read_json
 from .commands import Artifact, artifact_of_candidate
 
 
 def _read_json(p: Path) -> dict:
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_json(p) or {}
 
 
 def candidate_artifacts(recipe, ws, names: list[str] | None = None) -> tuple[list[Artifact], dict[str, str]]:
@@ -38,17 +36,16 @@ def candidate_artifacts(recipe, ws, names: list[str] | None = None) -> tuple[lis
         raise QuantgateError(f"recipe '{recipe.name}' has no candidate(s) {', '.join(sorted(unknown))}; "
                              f"candidates: {', '.join(c.name for c in recipe.candidates)}")
     found: dict[str, Path] = {}
-    qj = _read_json(ws.run_dir(recipe) / "quantize.json")
-    for r in qj.get("results", []):
-        if r.get("artifact") and r.get("status") != "failed" and (Path(r["artifact"]) / "candidate.json").is_file():
-            found[r["name"]] = Path(r["artifact"])
+    for r in ws.run(recipe).quantize_results(required=False):
+        if r.artifact and r.status != "failed" and candidate_record(r.artifact) is not None:
+            found[r.name] = Path(r.artifact)
     if ws.artifacts.is_dir():
         for c in wanted:
             if c.name in found:
                 continue
             params = c.model_dump(mode="json", exclude={"name", "engine"})
             best = None
-            for rec_file in ws.artifacts.glob("*/candidate.json"):
+            for rec_file in ws.artifacts.glob(f"*/{CANDIDATE_RECORD}"):
                 rec = _read_json(rec_file)
                 p = {k: v for k, v in (rec.get("params") or {}).items() if k not in ("name", "engine")}
                 if p == params and (rec.get("model") or {}).get("ref") == recipe.model.ref:
@@ -62,7 +59,7 @@ def candidate_artifacts(recipe, ws, names: list[str] | None = None) -> tuple[lis
             missing[c.name] = "not quantized in this workspace yet (run `quantgate quantize RECIPE`)"
             continue
         folder = found[c.name]
-        arts.append(artifact_of_candidate(c.name, folder, _read_json(folder / "candidate.json"),
+        arts.append(artifact_of_candidate(c.name, folder, candidate_record(folder) or {},
                                           _read_json(folder / "config.json")))
     return arts, missing
 
@@ -114,7 +111,7 @@ def extra_artifacts(selection, recipe, ws, by_name: dict[str, Artifact], *, conv
                 folder = Path(x.folder).expanduser()
                 if not (folder / "config.json").is_file():
                     raise QuantgateError(f"extra '{x.name}': {folder} is not a checkpoint folder (no config.json)")
-                rec = _read_json(folder / "candidate.json") or {"format": _format_of(_read_json(folder / "config.json"))}
+                rec = candidate_record(folder) or {"format": _format_of(_read_json(folder / "config.json"))}
                 art = artifact_of_candidate(x.name, folder, rec, _read_json(folder / "config.json"))
                 out.append(Artifact(**{**art.to_dict(), "origin": "extra"}))
                 continue
@@ -197,7 +194,7 @@ def convert_to_gguf(src: Artifact, outtype: str, artifacts_dir: Path, converter:
     python, script = converter
     if not Path(script).is_file():
         raise QuantgateError(f"the GGUF converter {script} does not exist")
-    rec = _read_json(Path(src.path) / "candidate.json")
+    rec = candidate_record(src.path) or {}
     key = stable_hash({"source": rec.get("candidate_key") or rec.get("checksums") or src.path, "outtype": outtype,
                        "staging": 1})
     target = artifacts_dir / f"gguf-{src.name}-{outtype}-{key[:12]}"

@@ -19,7 +19,8 @@ from pathlib import Path
 from ..errors import QuantgateError
 from ..evaluate.workload import WorkloadSpec
 from ..recipe import stable_hash
-from ..util import atomic_write_json, atomic_write_text
+from ..util import atomic_write_json
+from ..workspace import RunFolder, read_json
 from . import sweep as sw
 from .card import build_card, render_markdown
 from .commands import Artifact, command_for, expected
@@ -165,7 +166,7 @@ def run_pair(name: str, spec: LaunchSpec, art: Artifact, ctx: dict, log=print) -
         pair["kernel"] = f"{sup.kernel} (table; not in the log)"
     if measured:
         pair.update(measured=True, metrics=measured["metrics"], sweep=measured["sweep"], knee=measured["knee"])
-        atomic_write_json(ctx["out"] / "reports" / f"{slug}.json", measured["report"])
+        atomic_write_json(ctx["run"].engine_report_file(slug), measured["report"])
     pair["failure_modes"] = sw.failure_modes(
         (measured or {}).get("points", []),
         main={**measured["metrics"], "first_error": measured["first_error"]} if measured else None,
@@ -182,7 +183,7 @@ def _launched(name: str, spec: LaunchSpec, art: Artifact, ctx: dict, slug: str, 
     port = free_port()
     cmd = command_for(spec.kind, str(python), art, spec, port)
     serve = command_for(spec.kind, str(python), art, spec, spec.port or ctx["selection"].serve_port)
-    server = ServerProcess(slug, cmd, port=port, log_path=ctx["out"] / "logs" / f"{slug}.log",
+    server = ServerProcess(slug, cmd, port=port, log_path=ctx["run"].engine_log_file(slug),
                            startup_timeout_s=spec.startup_timeout_s)
     out = {"serve_command": {**serve.to_dict(), "port": spec.port or ctx["selection"].serve_port},
            "served_model": art.name}
@@ -230,7 +231,7 @@ def _inprocess(spec: LaunchSpec, art: Artifact, ctx: dict, slug: str, log) -> di
            "sweep": ctx["selection"].sweep.model_dump(mode="json") if ctx["selection"].sweep else None,
            "cost": ctx["cost"].model_dump(mode="json") if ctx["cost"] is not None else None,
            "prompt_texts": ctx["prompt_texts"]}
-    got = run_in_child("quantgate.engines.inproc", job, ctx["out"] / "tmp")
+    got = run_in_child("quantgate.engines.inproc", job, ctx["run"].engines_tmp)
     if got.get("error"):
         return {"error": got["error"], "observed": {"tried": True, "loads": False, "reason": got["error"][-400:]}}
     r = got["record"]
@@ -303,12 +304,11 @@ def _load_range(pairs: list[dict]) -> str:
     return f"{min(vals):.1f}–{max(vals):.1f} over the pairs' measurements" if vals else "not recorded"
 
 
-def quality_verdicts(run_dir: Path) -> dict[str, dict]:
+def quality_verdicts(run: RunFolder) -> dict[str, dict]:
     """{candidate: {passed, failed_gates}} from the run's compare.json, if the run was compared."""
-    p = run_dir / "compare.json"
-    if not p.is_file():
+    comp = run.comparison(required=False)
+    if comp is None:
         return {}
-    comp = json.loads(p.read_text())
     return {c["name"]: {"passed": c.get("passed"), "failed_gates": [g["metric"] for g in c.get("gates", [])
                                                                     if not g.get("passed")]}
             for c in comp.get("candidates", [])}
@@ -368,8 +368,7 @@ def run_matrix(recipe, ws, selection: EngineSelectionSpec, *, engines: list[str]
     if unknown:
         raise QuantgateError(f"no engine(s) {', '.join(sorted(unknown))} in the selection; "
                              f"engines: {', '.join(selection.engines)}")
-    run_dir = ws.run_dir(recipe)
-    out = run_dir / "engines"
+    run = ws.run(recipe)
     workload = selection.workload or recipe.evaluation.workload or WorkloadSpec()
     arts, missing = candidate_artifacts(recipe, ws, selection.candidates)
     sources = {a.name: a for a in arts}  # what extras convert from, whatever --only says
@@ -388,18 +387,18 @@ def run_matrix(recipe, ws, selection: EngineSelectionSpec, *, engines: list[str]
     for n, why in missing.items():
         log(f"! {n}: {why}")
     texts = prompt_texts(recipe, workload, log)
-    ctx = {"selection": selection, "workload": workload, "out": out, "cost": recipe.evaluation.cost,
+    ctx = {"selection": selection, "workload": workload, "run": run, "cost": recipe.evaluation.cost,
            "prompts": PromptSource(texts, token_counter(recipe, log)), "prompt_texts": texts}
-    quality = quality_verdicts(run_dir)
+    quality = quality_verdicts(run)
     cells, pairs = [], []
     for name, spec in selection.engines.items():
         if engines and name not in engines:
             continue
         for art in arts + extras:
             key = pair_key(name, spec, art, workload, selection)
-            cached = out / "pairs" / f"{name}--{art.name}.json"
-            if not force and cached.is_file() and json.loads(cached.read_text()).get("key") == key:
-                saved = json.loads(cached.read_text())
+            cached = run.engine_pair_file(name, art.name)
+            saved = None if force else read_json(cached)
+            if saved is not None and saved.get("key") == key:
                 log(f"✓ {art.name} on {name}: measured before with these settings")
                 cell, pair = refresh(saved["cell"], saved["pair"], spec, art)
             else:
@@ -427,6 +426,5 @@ def run_matrix(recipe, ws, selection: EngineSelectionSpec, *, engines: list[str]
         "engines": {n: s.model_dump(mode="json") for n, s in selection.engines.items()},
     }
     card = build_card(context, cells, pairs)
-    atomic_write_json(out / "card.json", card)
-    atomic_write_text(out / "card.md", render_markdown(card))
+    run.write_engine_card(card, render_markdown(card))
     return card

@@ -8,27 +8,11 @@ that determines its content, so the same candidate is never made twice.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..isolate import run_in_child
 from ..recipe import stable_hash
-
-RECORD = "candidate.json"
-
-
-@dataclass
-class CandidateResult:
-    name: str
-    method: str
-    status: str  # done | cached | failed
-    artifact: str | None = None
-    error: str | None = None
-    record: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from ..workspace import CandidateResult, candidate_record
 
 
 def needs_calibration(spec) -> bool:
@@ -46,13 +30,8 @@ def artifact_dir(artifacts: Path, spec, key: str) -> Path:
 
 
 def find_existing(folder: Path) -> dict | None:
-    rec = folder / RECORD
-    if rec.is_file():
-        try:
-            return json.loads(rec.read_text())
-        except json.JSONDecodeError:
-            return None  # a torn record cannot happen with atomic writes; treat as absent
-    return None
+    # a torn record cannot happen with atomic writes; an unreadable one counts as absent
+    return candidate_record(folder)
 
 
 def run_candidate(spec, *, source: Path, calibration_file: Path | None, artifacts: Path, meta: dict,

@@ -19,8 +19,8 @@ from ..isolate import child_main
 from ..models import disk_size
 from ..recipe import CandidateSpec
 from ..util import atomic_dir, atomic_write_json, sha256_file
+from ..workspace import CANDIDATE_RECORD
 from .base import QuantizeContext, get_quantizer
-from .runner import RECORD
 
 
 class TqdmProgress:
@@ -86,7 +86,7 @@ def execute(job: dict) -> dict:
             "notes": outcome.notes,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        atomic_write_json(tmp / RECORD, record)
+        atomic_write_json(tmp / CANDIDATE_RECORD, record)
     return record
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from quantgate.pipeline import Workspace
+from quantgate.workspace import Workspace
 from quantgate.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]

@@ -96,13 +96,14 @@ def test_an_already_running_server_is_measured_without_a_launch(fake_cmd, tmp_pa
     from quantgate.engines.spec import EngineSelectionSpec, LaunchSpec, SweepSpec
     from quantgate.evaluate.loadgen import PromptSource
     from quantgate.evaluate.workload import LengthClass, WorkloadSpec
+    from quantgate.workspace import RunFolder
 
     port = free_port()
     with ServerProcess("sglang-stand-in", fake_cmd(port), port=port, log_path=tmp_path / "s.log",
                        startup_timeout_s=30) as srv:
         spec = LaunchSpec(kind="openai", base_url=srv.base_url, model="m", serves="cand")
         sel = EngineSelectionSpec(engines={"sglang": spec}, sweep=SweepSpec(levels=[1], requests_per_level=2))
-        ctx = {"selection": sel, "out": tmp_path / "engines", "cost": None,
+        ctx = {"selection": sel, "run": RunFolder(tmp_path), "cost": None,
                "prompts": PromptSource(["some words to cut prompts from"] * 3),
                "workload": WorkloadSpec(requests=3, concurrency=1, warmup_requests=0, timeout_s=20,
                                         mix=[LengthClass(name="s", prompt_tokens=4, output_tokens=3)])}
