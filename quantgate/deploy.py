@@ -63,8 +63,10 @@ def serving_for(run_dir: Path, active: str) -> ServingSpec:
     fallback_name = recipe.card.rollback_to or (recipe.baseline.name if recipe.baseline else None)
     fallback = deployment_for(run_dir, fallback_name) if fallback_name and fallback_name != active else None
     s = recipe.serving
+    # anonymous: a new manifest serves on loopback without keys, as written in the file; the gateway
+    # refuses to expose it on another address until serving.api_keys is added.
     return ServingSpec(default_budget_ms=s.default_budget_ms, max_budget_ms=s.max_budget_ms,
-                       max_concurrency=s.max_concurrency, fallback=fallback)
+                       max_concurrency=s.max_concurrency, fallback=fallback, anonymous=True)
 
 
 def go_live_check(run_dir: Path, name: str, dep: Deployment, serving: ServingSpec) -> dict:

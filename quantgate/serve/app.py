@@ -8,7 +8,7 @@ trace id travels in `x-trace-id` both ways.
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import itertools
 import json
 import logging
@@ -22,13 +22,14 @@ from pydantic import ValidationError
 
 from .gateway import Answer, ChatCall, Gateway, GatewayError
 from .schemas import ChatCompletionRequest, ChatRequest, describe
-from .tenants import DEFAULT_TENANT
+from .access import (Principal, Refusal, admin_problem, host_problem, identify, is_json, key_of, lookup,
+                     origin_problem)
 
 log = logging.getLogger("quantgate.serve")
 perf = time.perf_counter
 _TRACE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
 _JSON = "application/json"
+_DIGITS = re.compile(r"[0-9]{1,9}")  # ASCII only: str.isdigit() also accepts '²', which int() refuses
 
 
 def _internal(trace: str | None) -> GatewayError:
@@ -41,13 +42,13 @@ def _dumps(obj) -> bytes:
 
 
 class Handlers:
-    def __init__(self, gw: Gateway):
-        self.gw = gw
+    def __init__(self, gw: Gateway, bind_host: str = "127.0.0.1"):
+        self.gw, self.bind_host = gw, bind_host
         # Generated trace ids: a random per-process prefix and a counter (unique, and no syscall
         # per request the way os.urandom would be).
         self._trace_prefix = os.urandom(4).hex()
         self._trace_n = itertools.count(1)
-        self._known_keys: tuple[dict, dict[str, str]] = ({}, {})  # (key table it is for, raw key → tenant)
+        self._known_keys: tuple[dict, dict[str, Principal]] = ({}, {})  # (key table it is for, raw key → who)
 
     # ------------------------------------------------------------- helpers
     def _trace(self, request: web.Request) -> str:
@@ -65,9 +66,14 @@ class Handlers:
             raise GatewayError(413, "invalid_request_error", f"body: {request.content_length} bytes is more than "
                                f"this gateway accepts ({limit})", "body")
         try:
-            raw = await request.read()
+            async with asyncio.timeout(self.gw.rt.serving.http.body_timeout_s):
+                raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raw = None
+        except TimeoutError:
+            raise GatewayError(408, "invalid_request_error", "body: not received in time "
+                               f"(serving.http.body_timeout_s={self.gw.rt.serving.http.body_timeout_s})", "body",
+                               {"Connection": "close"}) from None
         if raw is None or len(raw) > limit:  # a chunked body has no Content-Length to check up front
             raise GatewayError(413, "invalid_request_error", f"body: more than this gateway accepts ({limit} bytes)",
                                "body")
@@ -82,32 +88,38 @@ class Handlers:
             field, msg = describe(exc)
             raise GatewayError(400, "invalid_request_error", msg, field) from None
 
-    def _tenant(self, request: web.Request, asked: str | None) -> str:
+    def _principal(self, request: web.Request) -> tuple[Principal | None, bool]:
+        """The caller's key, looked up: (principal or None, whether a key was given at all)."""
         keys = self.gw.rt.keys
-        if not keys:
-            t = asked or request.headers.get("x-tenant") or DEFAULT_TENANT
-            if not _TENANT.fullmatch(t):
-                raise GatewayError(400, "invalid_request_error", "x-tenant: letters, digits and . _ : @ + -",
-                                   "x-tenant")
-            return t
-        auth = request.headers.get("authorization", "")
-        key = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key")
-        if not key:
-            raise GatewayError(401, "authentication_error",
-                               "authorization: this gateway needs an API key (Authorization: Bearer KEY, or x-api-key)",
-                               "authorization")
+        key = key_of(request.headers)
+        if key is None:
+            return None, False
         table, known = self._known_keys
         if table is not keys:  # a reload brought new keys: forget what was learnt from the old ones
             table, known = self._known_keys = (keys, {})
-        tenant = known.get(key)
-        if tenant is None:
-            tenant = keys.get(hashlib.sha256(key.encode()).hexdigest())
-            if tenant is None:
-                raise GatewayError(401, "authentication_error", "authorization: unknown API key", "authorization")
-            known[key] = tenant  # only valid keys are remembered, so this stays as small as the key list
-        if asked and asked != tenant:
-            raise GatewayError(403, "permission_error", f"tenant: this API key belongs to tenant {tenant!r}", "tenant")
-        return tenant
+        return lookup(keys, known, key), True
+
+    def _identity(self, request: web.Request, tenant: str | None, user: str | None) -> tuple[str, str | None]:
+        """(tenant, user) from the API key when keys are used; the body or x-tenant only when anonymous."""
+        principal, given = self._principal(request)
+        try:
+            return identify(self.gw.rt.serving, self.gw.rt.keys, principal, given,
+                            tenant or request.headers.get("x-tenant"), user)
+        except Refusal as r:
+            raise GatewayError(r.status, r.type, str(r), r.param) from None
+
+    def _check_origin(self, request: web.Request, post: bool) -> None:
+        """Refuse what a web page could send to a gateway on this machine (no CORS preflight needed)."""
+        http = self.gw.rt.serving.http
+        if host_problem(request.headers.get("host"), self.bind_host, http.allowed_hosts):
+            raise GatewayError(421, "invalid_request_error", "host: this gateway does not answer to that name "
+                               "(serving.http.allowed_hosts lists extra names)", "host")
+        if origin_problem(request.headers.get("origin"), http.allowed_origins):
+            raise GatewayError(403, "permission_error", "origin: browser requests from this origin are not allowed "
+                               "(serving.http.allowed_origins)", "origin")
+        if post and not is_json(request.headers.get("content-type")):
+            raise GatewayError(415, "invalid_request_error", "content-type: send the body as application/json",
+                               "content-type")
 
     def _budget(self, request: web.Request, body_value: int | None) -> int | None:
         if body_value is not None:
@@ -115,7 +127,7 @@ class Handlers:
         h = request.headers.get("x-budget-ms")
         if h is None:
             return None
-        if not h.isdigit() or int(h) <= 0:
+        if not _DIGITS.fullmatch(h) or int(h) <= 0:
             raise GatewayError(400, "invalid_request_error", "x-budget-ms: a positive whole number of milliseconds",
                                "x-budget-ms")
         return int(h)
@@ -148,8 +160,9 @@ class Handlers:
         t0, trace = perf(), None
         try:
             trace = self._trace(request)
+            self._check_origin(request, True)
             req = await self._parse(request, ChatRequest)
-            call = ChatCall("chat", trace, self._tenant(request, req.tenant), req.user_id,
+            call = ChatCall("chat", trace, *self._identity(request, req.tenant, req.user_id),
                             [{"role": "user", "content": req.prompt}], t0, req.budget_ms, req.max_tokens,
                             req.temperature)
             a = await self.gw.chat(call)
@@ -166,8 +179,9 @@ class Handlers:
         t0, trace = perf(), None
         try:
             trace = self._trace(request)
+            self._check_origin(request, True)
             req = await self._parse(request, ChatCompletionRequest)
-            call = ChatCall("openai", trace, self._tenant(request, req.tenant), req.user,
+            call = ChatCall("openai", trace, *self._identity(request, req.tenant, req.user),
                             [{"role": m.role, "content": m.text()} for m in req.messages], t0,
                             self._budget(request, req.budget_ms), req.max_completion_tokens or req.max_tokens,
                             req.temperature, req.top_p, req.stop_list(), req.seed)
@@ -228,14 +242,31 @@ class Handlers:
         return resp
 
     # ------------------------------------------------------------- operations
+    def _ops(self, request: web.Request) -> web.Response | None:
+        """None when the caller may see operational details; else the refusal to send."""
+        try:
+            self._check_origin(request, False)
+        except GatewayError as e:
+            return self._error("ops", None, e, perf())
+        refusal = admin_problem(self.gw.rt.keys, self._principal(request)[0])
+        if refusal is None:
+            return None
+        return self._error("ops", None, GatewayError(refusal.status, refusal.type, str(refusal), refusal.param), perf())
+
     async def metrics(self, request: web.Request) -> web.Response:
+        refused = self._ops(request)
+        if refused is not None:
+            return refused
         return web.Response(body=self.gw.metrics.render(), headers={"content-type": self.gw.metrics.content_type})
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(body=b'{"status":"alive"}', content_type=_JSON)
 
     async def readyz(self, request: web.Request) -> web.Response:
+        """Status for everyone (probes carry no key); the details (deployments, paths) for admins only."""
         ok, detail = await self.gw.readiness()
+        if self._ops(request) is not None:
+            detail = {}
         detail["status"] = "ready" if ok else "not ready"
         return web.Response(status=200 if ok else 503, body=_dumps(detail), content_type=_JSON)
 
@@ -247,12 +278,12 @@ class Handlers:
             for d in deps]}), content_type=_JSON)
 
 
-def make_app(gw: Gateway) -> web.Application:
+def make_app(gw: Gateway, bind_host: str = "127.0.0.1") -> web.Application:
     """The aiohttp application; the gateway must be started (its manifest loaded) first."""
     # aiohttp's own limit is a backstop for chunked bodies; the manifest's limit is checked per
     # request, so a reload that lowers it applies at once.
     app = web.Application(client_max_size=max(gw.rt.serving.max_body_bytes, 1 << 20) * 4)
-    h = Handlers(gw)
+    h = Handlers(gw, bind_host)
     app.router.add_post("/chat", h.chat)
     app.router.add_post("/v1/chat/completions", h.completions)
     app.router.add_get("/v1/models", h.models)

@@ -39,8 +39,9 @@ __all__ = ["Gateway", "ChatCall", "Answer", "GatewayError"]
 
 class Gateway:
     def __init__(self, manifest_path: str | Path, *, reload_interval_s: float | None = None,
-                 wall=time.time, clock=time.monotonic):
+                 wall=time.time, clock=time.monotonic, bind_host: str = "127.0.0.1"):
         self.file = ManifestFile(manifest_path)
+        self.bind_host = bind_host  # a manifest without keys is refused on a non-loopback bind
         self.reload_interval_s = reload_interval_s
         self.wall, self.clock = wall, clock
         self.metrics = GatewayMetrics()
@@ -60,7 +61,7 @@ class Gateway:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         m, digest = self.file.load()
-        self.rt = await Runtime.build(m, digest, self.pool, str(self.file.path))
+        self.rt = await Runtime.build(m, digest, self.pool, str(self.file.path), self.bind_host)
         self._configure(m, None)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._watch()), loop.create_task(self._tick())]
@@ -113,7 +114,7 @@ class Gateway:
             if new is None:
                 return False
             m, digest = new
-            rt = await Runtime.build(m, digest, self.pool, str(self.file.path))
+            rt = await Runtime.build(m, digest, self.pool, str(self.file.path), self.bind_host)
         except ManifestError as exc:
             self.last_reload_error = str(exc)
             self.metrics.reloads.labels("invalid").inc()

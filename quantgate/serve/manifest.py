@@ -122,6 +122,8 @@ class Deployment(Spec):
     provider: EngineSpec = Field(default_factory=MockEngine)
     price: PriceSpec | None = Field(None, description="overrides serving.price for this deployment")
     max_tokens: int | None = Field(None, ge=1, description="cap on output tokens for this deployment")
+    shared_cache: bool = Field(False, description="cached answers may be served to every tenant (public, "
+                               "non-personal prompts only); by default each tenant has its own cache")
 
     @model_validator(mode="after")
     def _local_needs_artifact(self) -> "Deployment":
@@ -178,16 +180,39 @@ class BudgetsSpec(Spec):
 
 
 class ApiKeyRef(Spec):
-    """A tenant's key, never stored raw: its sha256, or the env var that holds it."""
+    """A key, never stored raw: its sha256, or the env var that holds it; optionally bound to one user."""
 
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     env: str | None = None
+    user: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$", max_length=256,
+                             description="the user every request with this key is accounted to")
 
     @model_validator(mode="after")
     def _one(self) -> "ApiKeyRef":
         if (self.sha256 is None) == (self.env is None):
             raise ValueError("give exactly one of 'sha256' (hex digest of the key) or 'env' (variable name)")
         return self
+
+
+class RateSpec(Spec):
+    """One tenant's share of the gateway: concurrent slots, a request rate and a token rate."""
+
+    concurrency_share: float = Field(0.5, gt=0, le=1, description="fraction of max_concurrency one tenant may hold")
+    requests_per_s: float | None = Field(None, gt=0, description="sustained request rate (token bucket)")
+    burst: int | None = Field(None, ge=1, description="requests allowed at once above the rate; default 2× the rate")
+    tokens_per_min: int | None = Field(None, gt=0, description="prompt + output tokens per minute (token bucket)")
+
+
+class HttpSpec(Spec):
+    """The socket-level guards; read when the server starts (a reload does not change them)."""
+
+    header_timeout_s: float = Field(15.0, gt=0, le=300, description="request line + headers must arrive within this; "
+                                    "also the idle keep-alive timeout")
+    body_timeout_s: float = Field(15.0, gt=0, le=300, description="the body must arrive within this")
+    max_connections: int = Field(1024, ge=1, description="open connections; more are closed at once")
+    allowed_hosts: list[str] = Field(default_factory=list, description="Host names accepted besides the bind "
+                                     "address and localhost (the public name when exposed)")
+    allowed_origins: list[str] = Field(default_factory=list, description="browser Origins allowed to call the API")
 
 
 class LevelSpec(Spec):
@@ -246,7 +271,12 @@ class ServingSpec(Spec):
     max_tokens_limit: int = Field(4096, ge=1)
     cache: CacheSpec = CacheSpec()
     budgets: BudgetsSpec = BudgetsSpec()
+    max_input_tokens: int = Field(8192, ge=1, description="prompt size cap (estimated tokens), checked before admission")
     api_keys: dict[str, list[ApiKeyRef]] = Field(default_factory=dict, description="tenant → keys")
+    admin_keys: list[ApiKeyRef] = Field(default_factory=list, description="keys for /metrics and /readyz details")
+    anonymous: bool = Field(False, description="serve requests without a key (only on a loopback bind)")
+    tenant_limits: dict[str, RateSpec] = Field(default_factory=dict, description="'*' applies to every other tenant")
+    http: HttpSpec = HttpSpec()
     ladder: LadderSpec = LadderSpec()
     price: PriceSpec = PriceSpec()
     fallback: Deployment | None = None

@@ -13,11 +13,11 @@ old fallback active) reuses the started provider instead of reconnecting or relo
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 from pathlib import Path
 
+from .access import Principal, exposure_problem, key_table
 from .manifest import Deployment, Manifest, ManifestError, manifest_digest, parse_manifest
 from .providers import Provider, make_provider
 
@@ -64,24 +64,8 @@ class ProviderPool:
             await p.close()
 
 
-def key_table(m: Manifest, source: str) -> dict[str, str]:
-    """sha256(key) → tenant, from hashes in the manifest or keys read from env vars now."""
-    table: dict[str, str] = {}
-    for tenant, refs in m.serving.api_keys.items():
-        for i, ref in enumerate(refs):
-            if ref.sha256:
-                table[ref.sha256] = tenant
-                continue
-            raw = os.environ.get(ref.env)
-            if not raw:
-                raise ManifestError(f"{source}: serving.api_keys.{tenant}.{i}.env: environment variable "
-                                    f"{ref.env} is not set (it should hold tenant {tenant!r}'s API key)")
-            table[hashlib.sha256(raw.encode()).hexdigest()] = tenant
-    return table
-
-
 class Runtime:
-    def __init__(self, manifest: Manifest, digest: str, keys: dict[str, str]):
+    def __init__(self, manifest: Manifest, digest: str, keys: dict[str, Principal]):
         self.manifest, self.digest, self.keys = manifest, digest, keys
         self.serving = manifest.serving
         self.active: Deployment = manifest.active
@@ -93,8 +77,13 @@ class Runtime:
         self._closing: asyncio.Task | None = None
 
     @classmethod
-    async def build(cls, manifest: Manifest, digest: str, pool: ProviderPool, source: str) -> "Runtime":
-        rt = cls(manifest, digest, key_table(manifest, source))
+    async def build(cls, manifest: Manifest, digest: str, pool: ProviderPool, source: str,
+                    bind_host: str = "127.0.0.1") -> "Runtime":
+        keys = key_table(manifest, source)
+        problem = exposure_problem(manifest.serving, keys, bind_host)
+        if problem:
+            raise ManifestError(f"{source}: {problem}")
+        rt = cls(manifest, digest, keys)
         rt._pool = pool
         roles = [("active", rt.active)] + ([("fallback", rt.fallback)] if rt.fallback else [])
         try:

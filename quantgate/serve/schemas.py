@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$"
+# Whole numbers only: a JSON `true` is not 1 ms or 1 token (lax mode would take it as 1).
+Int = StrictInt
 
 
 class Req(BaseModel):
@@ -25,8 +27,8 @@ class ChatRequest(Req):
 
     user_id: str = Field(..., min_length=1, max_length=256)
     prompt: str = Field(..., min_length=1)
-    budget_ms: int | None = Field(None, gt=0)
-    max_tokens: int | None = Field(None, ge=1)
+    budget_ms: Int | None = Field(None, gt=0)
+    max_tokens: Int | None = Field(None, ge=1)
     tenant: str | None = Field(None, pattern=_ID, max_length=128)
     temperature: float | None = Field(None, ge=0, le=2)
 
@@ -57,13 +59,13 @@ class ChatCompletionRequest(Req):
     messages: list[Message] = Field(..., min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: Int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = Field(None, ge=1, le=1, description="only one choice per request")
+    n: Int | None = Field(None, ge=1, le=1, description="only one choice per request")
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Int | None = None
     user: str | None = Field(None, max_length=256)
     # accepted for compatibility, not passed on (no provider here honours them)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -75,7 +77,7 @@ class ChatCompletionRequest(Req):
     reasoning_effort: str | None = None
     response_format: dict[str, Any] | None = None
     # gateway extensions
-    budget_ms: int | None = Field(None, gt=0)
+    budget_ms: Int | None = Field(None, gt=0)
     tenant: str | None = Field(None, pattern=_ID, max_length=128)
 
     def stop_list(self) -> list[str] | None:

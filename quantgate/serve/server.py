@@ -38,11 +38,47 @@ def listen_socket(host: str, port: int, backlog: int = BACKLOG) -> socket.socket
     return sock
 
 
+def limit_connections(server: web.Server, limit: int) -> None:
+    """Close connections beyond `limit` as soon as they open (idle sockets cost memory and fds).
+
+    Wraps the server's connection hooks on this one instance: aiohttp has no setting for it.
+    """
+    made, lost = server.connection_made, server.connection_lost
+    state = {"open": 0, "refused": 0}
+
+    def connection_made(handler, transport) -> None:
+        made(handler, transport)
+        state["open"] += 1
+        if state["open"] > limit:
+            state["refused"] += 1
+            if state["refused"] in (1, 1000) or state["refused"] % 100_000 == 0:
+                log.warning("connection limit %d reached: closing new connections (%d so far)", limit,
+                            state["refused"])
+            handler.force_close()
+            transport.close()
+
+    def connection_lost(handler, exc=None) -> None:
+        state["open"] -= 1
+        lost(handler, exc)
+
+    server.connection_made, server.connection_lost = connection_made, connection_lost
+
+
 async def start(gw: Gateway, host: str, port: int) -> tuple[web.AppRunner, socket.socket]:
-    """Start the gateway and listen; returns the runner (to clean up) and the bound socket."""
+    """Start the gateway and listen; returns the runner (to clean up) and the bound socket.
+
+    A client that left has its handler cancelled (handler_cancellation), so an abandoned
+    request frees its slot at once. Headers must arrive within header_timeout_s of the
+    connection opening (or of the previous answer): aiohttp's keep-alive timer closes a
+    connection whose next request has not been fully received by then, which also bounds
+    idle keep-alive connections.
+    """
     await gw.start()
-    runner = web.AppRunner(make_app(gw), access_log=None, handle_signals=False)
+    http = gw.rt.serving.http
+    runner = web.AppRunner(make_app(gw, host), access_log=None, handle_signals=False, handler_cancellation=True,
+                           keepalive_timeout=http.header_timeout_s, shutdown_timeout=1.0)
     await runner.setup()
+    limit_connections(runner.server, http.max_connections)
     sock = listen_socket(host, port)
     await web.SockSite(runner, sock, backlog=BACKLOG).start()
     return runner, sock
@@ -67,7 +103,7 @@ def serve(manifest: str | Path, host: str = "127.0.0.1", port: int = 8787, *,
     """Serve until SIGINT/SIGTERM. Raises ManifestError before listening if the manifest is bad."""
 
     async def main():
-        gw = Gateway(manifest, reload_interval_s=reload_interval_s)
+        gw = Gateway(manifest, reload_interval_s=reload_interval_s, bind_host=host)
         runner, sock = await start(gw, host, port)
         tune_gc()
         stop = asyncio.Event()
@@ -127,7 +163,7 @@ class ServerThread:
 
     async def _main(self) -> None:
         try:
-            self.gateway = Gateway(self.manifest, reload_interval_s=self.reload_interval_s)
+            self.gateway = Gateway(self.manifest, reload_interval_s=self.reload_interval_s, bind_host=self.host)
             runner, sock = await start(self.gateway, self.host, self.port)
             self.port = sock.getsockname()[1]
             self._stop = asyncio.Event()

@@ -20,7 +20,7 @@ def mock(name: str, version: str = "1", **engine) -> dict:
 
 def base_manifest(**serving) -> dict:
     """A quiet manifest: mock active + mock fallback, ladder effectively off unless asked."""
-    s = {"default_budget_ms": 2000, "max_budget_ms": 10000, "max_concurrency": 32,
+    s = {"default_budget_ms": 2000, "max_budget_ms": 10000, "max_concurrency": 32, "anonymous": True,
          "reload_interval_s": 0.05, "fallback": mock("fallback", reply_tokens=4)}
     s.update(serving)
     return {"schema_version": 1, "active": mock("primary", reply_tokens=8), "serving": s}

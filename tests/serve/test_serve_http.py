@@ -58,7 +58,8 @@ def test_bad_input_gets_4xx_naming_the_field_and_the_gateway_keeps_serving(serve
             err = r.json()["error"]
             assert err["param"] == field and err["message"].startswith(field), err
         # a chunked body (no Content-Length) over the limit is refused too
-        r = c.post("/chat", content=iter([b'{"user_id": "u1", "prompt": "', b"y" * 5000, b'"}']))
+        r = c.post("/chat", content=iter([b'{"user_id": "u1", "prompt": "', b"y" * 5000, b'"}']),
+                   headers={"content-type": "application/json"})
         assert r.status_code == 413 and r.json()["error"]["param"] == "body"
         r = c.post("/v1/chat/completions", json={"model": "m", "messages": []})
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
@@ -125,7 +126,7 @@ def test_tenant_over_budget_gets_429_with_reset_time(serve):
 def test_api_keys_identify_the_tenant(serve, monkeypatch):
     monkeypatch.setenv("QG_TEST_KEY_BETA", "beta-secret")
     keys = {"acme": [{"sha256": hashlib.sha256(b"acme-secret").hexdigest()}], "beta": [{"env": "QG_TEST_KEY_BETA"}]}
-    srv = serve(base_manifest(api_keys=keys, budgets={"tenants": {"acme": {"tokens": 0}}}))
+    srv = serve(base_manifest(api_keys=keys, anonymous=False, budgets={"tenants": {"acme": {"tokens": 0}}}))
     with httpx.Client(base_url=srv.url, timeout=10) as c:
         r = c.post("/chat", json=chat_body())
         assert r.status_code == 401 and r.json()["error"]["param"] == "authorization"
