@@ -1,7 +1,8 @@
 """Response cache for repeated requests: TTL and size bound, keyed by request and deployment.
 
 The key is a hash of the normalised request (messages with whitespace collapsed, the sampling
-parameters that change the answer) and the deployment's identity (name, model version, checksum),
+parameters that change the answer, the seed), the tenant (unless the deployment's answers are
+marked shareable) and the deployment's identity (name, model version, checksum),
 so a promote or rollback never serves an answer the other model gave. Only complete answers are
 stored; degraded or truncated ones are not (a later request with more budget deserves better).
 
@@ -23,10 +24,13 @@ def normalise_text(s: str) -> str:
 
 def cache_key(deployment_key: str, messages: list[dict[str, str]], max_tokens: int,
               temperature: float | None = None, top_p: float | None = None,
-              stop: list[str] | None = None) -> str:
+              stop: list[str] | None = None, seed: int | None = None, scope: str | None = None) -> str:
+    """Everything that changes the answer, and who may see it: `scope` is the tenant (None only for
+    a deployment whose answers the manifest marks shareable), so one tenant never receives another
+    tenant's answer, nor learns from a cache hit that someone else asked the same thing."""
     # repr of a tuple of str/int/float/None is unambiguous (quoted, escaped) and cheaper than JSON
-    body = repr((deployment_key, tuple((m["role"], normalise_text(m["content"])) for m in messages),
-                 max_tokens, temperature, top_p, tuple(stop) if stop else None))
+    body = repr((scope, deployment_key, tuple((m["role"], normalise_text(m["content"])) for m in messages),
+                 max_tokens, temperature, top_p, tuple(stop) if stop else None, seed))
     return hashlib.sha256(body.encode()).hexdigest()
 
 

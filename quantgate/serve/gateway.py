@@ -21,7 +21,7 @@ from typing import AsyncIterator
 from .admission import Admit, ConcurrencyGate, effective_limit, retry_after_s
 from .budget import Estimator, plan_request, trim_context
 from .cache import cache_key, make_cache
-from .ladder import Ladder, Level, Sample
+from .ladder import Ladder, Level, Sample, upstream_fault
 from .manifest import Deployment, Manifest, ManifestError
 from .metrics import GatewayMetrics
 from .providers import GenRequest, GenResult, ProviderError
@@ -198,7 +198,8 @@ class Gateway:
         lookup = rt.fallback if (self.ladder.level == Level.BREAKER and rt.fallback) else rt.active
         ctx = RequestState(budget_ms, call.t0 + budget_ms / 1000, max_tokens, None, lookup)
         if self.cache is not None:
-            ctx.key = cache_key(lookup.key, call.messages, max_tokens, call.temperature, call.top_p, call.stop)
+            ctx.key = cache_key(lookup.key, call.messages, max_tokens, call.temperature, call.top_p, call.stop,
+                                call.seed, None if lookup.shared_cache else call.tenant)
             hit = await self.cache.get(ctx.key)
             series = self.metrics.for_deployment(lookup)
             if hit is not None:
@@ -244,15 +245,23 @@ class Gateway:
         n = min(att.max_tokens, dep.max_tokens) if dep.max_tokens else att.max_tokens
         return dep, GenRequest(msgs, n, call.temperature, call.top_p, call.stop, call.seed), trimmed
 
-    def _failed(self, rt: Runtime, ctx: RequestState, target: str, kind: str, t_a: float, why: str) -> None:
-        dep = rt.deployment(target)
+    def _expected_ms(self, rt: Runtime, dep: Deployment, tokens: int) -> float:
+        """How long an attempt must have had before its timeout says something about the upstream."""
+        est = self.estimator.get(dep.key)
+        return 2 * est.predict_ms(tokens) if est else rt.serving.default_budget_ms / 2
+
+    def _failed(self, rt: Runtime, ctx: RequestState, att, kind: str, t_a: float, why: str, window_s: float,
+                trace: str) -> None:
+        dep = rt.deployment(att.target)
         series = self.metrics.for_deployment(dep)
         series.error(kind)
         series.upstream(kind, perf() - t_a)
-        if target == "active":
+        if att.target == "active" and upstream_fault(kind, window_s * 1000,
+                                                     self._expected_ms(rt, dep, att.max_tokens)):
+            ctx.fault = True
             self.ladder.observe(Sample(self.clock(), (perf() - t_a) * 1000, False))
-        ctx.path.append(f"{target}:{kind}")
-        log.info("%s failed on %s (%s): %s", ctx.route, dep.key, kind, why)
+        ctx.path.append(f"{att.target}:{kind}")
+        log.info("trace %s: %s failed on %s (%s): %s", trace, ctx.route, dep.key, kind, why)
 
     def _succeeded(self, rt: Runtime, call: ChatCall, ctx: RequestState, att, res: GenResult, trimmed: bool,
                    t_a: float, cut: bool = False) -> Answer:
@@ -285,8 +294,16 @@ class Gateway:
                       total_ms=total * 1000)
 
     def _give_up(self, rt: Runtime, call: ChatCall, ctx: RequestState, last_kind: str | None, why: str) -> GatewayError:
+        """The error a client gets when no attempt answered. Upstream details (hosts, stderr, bodies)
+        stay in the log, under the trace id the client is given."""
         total = perf() - call.t0
         series = self.metrics.for_deployment(rt.active)
+        if last_kind in ("rejected", "invalid"):
+            series.request(call.route, "bad_request", total)
+            log.warning("trace %s: request refused (%s): %s", call.trace_id, " > ".join(ctx.path), why)
+            return GatewayError(400, "invalid_request_error",
+                                f"messages: the model cannot take this request (trace id {call.trace_id})",
+                                "messages", extra={"path": ctx.path})
         if last_kind in (None, "timeout"):
             self.metrics.budget_exhausted.labels(call.route).inc()
             series.request(call.route, "budget_exhausted", total)
@@ -296,7 +313,9 @@ class Gateway:
                                 f"{why}); retry with a larger budget_ms or later", "budget_ms",
                                 extra={"path": ctx.path})
         series.request(call.route, "error", total)
-        return GatewayError(502, "upstream_error", f"every deployment failed ({' > '.join(ctx.path)}): {why}",
+        log.warning("trace %s: every deployment failed (%s): %s", call.trace_id, " > ".join(ctx.path), why)
+        return GatewayError(502, "upstream_error", f"every deployment failed ({' > '.join(ctx.path)}); "
+                            f"the gateway log has the details under trace id {call.trace_id}",
                             extra={"path": ctx.path})
 
     def _window(self, rt: Runtime, ctx: RequestState, att, last: bool) -> float | None:
@@ -308,10 +327,11 @@ class Gateway:
 
     def _probe_done(self, ctx: RequestState, ok: bool) -> None:
         """Report a half-open breaker's probe; a probe that never reached the active deployment
-        (budget gone first) only frees the probe slot, it is no evidence either way."""
+        (budget gone first), or failed through the client's doing, only frees the probe slot: it
+        is no evidence either way."""
         if ctx.route != "probe":
             return
-        if "active" in ctx.tried:
+        if "active" in ctx.tried and (ok or ctx.fault):
             self._apply(self.ladder.probe_done(ok, self.clock()))
         else:
             self.ladder.probe_abandoned()
@@ -350,7 +370,7 @@ class Gateway:
                 else:
                     ok = att.target == "active"
                     return self._succeeded(rt, call, ctx, att, res, trimmed, t_a)
-                self._failed(rt, ctx, att.target, last_kind, t_a, why)
+                self._failed(rt, ctx, att, last_kind, t_a, why, window, call.trace_id)
             raise self._give_up(rt, call, ctx, last_kind, why)
         finally:
             self._probe_done(ctx, ok)

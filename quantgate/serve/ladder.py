@@ -124,6 +124,25 @@ def target_level(sig: Signals, spec: LadderSpec) -> tuple[Level, str]:
     return Level.NORMAL, "all signals under the light thresholds"
 
 
+CLIENT_KINDS = frozenset({"rejected", "invalid", "client_closed"})
+
+
+def upstream_fault(kind: str, window_ms: float, expected_ms: float) -> bool:
+    """Whether a failed attempt is evidence against the upstream (and so may move the ladder).
+
+    Only the upstream's own failures count. A request the upstream refused (4xx), input the
+    provider cannot take, or a client that left say nothing about the upstream. A timeout counts
+    only when the attempt had at least `expected_ms` (what the deployment normally needs, with
+    slack): a client that asks for budget_ms=100 from a model that needs 400 ms is turned away
+    without telling every other tenant the model is failing.
+    """
+    if kind in CLIENT_KINDS:
+        return False
+    if kind == "timeout":
+        return window_ms >= expected_ms
+    return True
+
+
 class Ladder:
     """The state machine. Not thread-safe: the gateway calls it from its event loop only."""
 

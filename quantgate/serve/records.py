@@ -97,3 +97,4 @@ class RequestState:
     route: str = "active"
     path: list[str] = field(default_factory=list)
     tried: list[str] = field(default_factory=list)   # targets an attempt was started on
+    fault: bool = False     # an attempt on the active deployment failed through the upstream's fault

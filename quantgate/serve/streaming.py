@@ -47,7 +47,7 @@ async def stream_attempts(gw: "Gateway", rt: Runtime, call: ChatCall, ctx: Reque
             if failed is not None:
                 last_kind, why = failed
                 await gen.aclose()
-                gw._failed(rt, ctx, att.target, last_kind, t_a, why)
+                gw._failed(rt, ctx, att, last_kind, t_a, why, window, call.trace_id)
                 continue  # the next deployment, or give up after the last
             ok = att.target == "active"
             yield "start", dep
@@ -69,8 +69,8 @@ async def stream_attempts(gw: "Gateway", rt: Runtime, call: ChatCall, ctx: Reque
                 gw.metrics.budget_exhausted.labels(call.route).inc()
             except Exception as exc:  # noqa: BLE001 - mid-stream failure: the answer is already half out
                 ok = False
-                gw._failed(rt, ctx, att.target, getattr(exc, "kind", "error"), t_a, str(exc))
-                yield "error", f"upstream failed mid-answer: {exc}"
+                gw._failed(rt, ctx, att, getattr(exc, "kind", "error"), t_a, str(exc), window, call.trace_id)
+                yield "error", f"upstream failed mid-answer; the gateway log has the details under trace id {call.trace_id}"
                 return
             finally:
                 await gen.aclose()

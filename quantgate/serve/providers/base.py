@@ -17,7 +17,9 @@ from typing import Any, AsyncIterator
 
 
 class ProviderError(Exception):
-    """An upstream failure: kind is 'error' (5xx, reset, bad output) or 'unavailable'."""
+    """A failed call: kind is 'error' (5xx, reset, bad output) or 'unavailable' — the upstream's
+    fault — or 'rejected' (the upstream refused this request with a 4xx) or 'invalid' (the
+    provider cannot take this input): the client's, which never moves the degrade ladder."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)
@@ -61,6 +63,11 @@ class StreamStats:
     finish_reason: str = "stop"
     t_start: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
+
+
+def status_kind(status: int) -> str:
+    """An upstream HTTP status as a failure kind: 4xx is the request's fault, except 408/429 (overload)."""
+    return "rejected" if 400 <= status < 500 and status not in (408, 429) else "error"
 
 
 def estimate_tokens(text: str) -> int:

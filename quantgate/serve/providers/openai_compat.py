@@ -17,7 +17,7 @@ from typing import AsyncIterator
 import aiohttp
 from yarl import URL
 
-from .base import GenRequest, GenResult, Provider, ProviderError, StreamStats, estimate_tokens
+from .base import GenRequest, GenResult, Provider, ProviderError, StreamStats, estimate_tokens, status_kind
 
 _READY_TTL_S = 5.0
 
@@ -79,7 +79,7 @@ class OpenAIProvider(Provider):
                 raw = await r.read()
                 t2 = time.perf_counter()
                 if r.status != 200:
-                    raise ProviderError("error", f"upstream answered {r.status}: {raw[:200].decode(errors='replace')}")
+                    raise ProviderError(status_kind(r.status), f"upstream answered {r.status}: {raw[:200].decode(errors='replace')}")
         except asyncio.TimeoutError:
             raise  # the request's deadline (aiohttp's timeout errors are TimeoutErrors too)
         except aiohttp.ClientError as exc:
@@ -105,7 +105,7 @@ class OpenAIProvider(Provider):
             async with self.session.post(self.url, data=self._payload(req, True)) as r:
                 if r.status != 200:
                     raw = await r.read()
-                    raise ProviderError("error", f"upstream answered {r.status}: {raw[:200].decode(errors='replace')}")
+                    raise ProviderError(status_kind(r.status), f"upstream answered {r.status}: {raw[:200].decode(errors='replace')}")
                 async for line in r.content:
                     if not line.startswith(b"data:"):
                         continue
