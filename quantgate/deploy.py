@@ -14,17 +14,11 @@ from pathlib import Path
 from filelock import FileLock
 
 from .errors import QuantgateError
+from .formats import artifact_of_candidate, provider_support
 from .models import weights_sha256
 from .serve.manifest import Deployment, LocalEngine, Manifest, ServingSpec, load_manifest, write_manifest
 from .serve.promote import promote, rollback
-from .workspace import Workspace, candidate_record, open_run
-
-# which checkpoint formats an engine serves (the go-live self-check's "engine supports the format")
-ENGINE_FORMATS = {
-    "local": {"dense", "gptq", "gptq_v2", "awq-gemm"},
-    "vllm": {"dense", "gptq", "awq-gemm", "compressed-tensors"},
-}
-
+from .workspace import candidate_record, open_run, read_json
 
 def edit_manifest(path: Path, change) -> Manifest:
     """Read-modify-write under a file lock: concurrent editors queue, and each write is atomic."""
@@ -76,11 +70,13 @@ def go_live_check(run_dir: Path, name: str, dep: Deployment, serving: ServingSpe
     verdict = next(c for c in comp["candidates"] if c["name"] == name)
     ev = run.evaluation(name) or {}
     q = candidate_record(dep.artifact) or {}
-    fmt = dep.params.get("format")
+    art = artifact_of_candidate(name, dep.artifact, {**q, "format": dep.params.get("format") or q.get("format")},
+                                read_json(Path(dep.artifact) / "config.json"))
+    support = provider_support(dep.provider.kind, art, getattr(dep.provider, "device", "cpu"))
     fb = serving.fallback
     return {
-        "engine_supports_format": {"engine": dep.provider.kind, "format": fmt,
-                                   "ok": fmt in ENGINE_FORMATS.get(dep.provider.kind, set())},
+        "engine_supports_format": {"engine": dep.provider.kind, "format": art.format, "ok": support.status == "yes",
+                                   "support": support.status, "kernel": support.kernel, "why": support.reason},
         "calibration": q.get("calibration"),
         "rollback_target": {"name": fb.name if fb else None, "present": fb is not None,
                             "verified": bool(fb and fb.sha256 and weights_sha256(Path(fb.artifact)) == fb.sha256)},

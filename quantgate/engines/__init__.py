@@ -2,7 +2,7 @@
 measure every candidate × engine pair under the recipe's workload, and write the card.
 
     spec.py       what the user asks (EngineSelectionSpec): engines and their interpreters, goal, sweep
-    commands.py   pure: the format-compatibility table, an engine's command line for an artifact
+    commands.py   pure: an engine's command line for an artifact (support: quantgate.formats)
     logs.py       pure: the kernel an engine reports, and why a start failed, from its own log
     sweep.py      pure: the concurrency sweep's plan and knee, the failure modes a pair showed
     card.py       pure: the engine-selection card (dict + Markdown) and the manifest deployment

@@ -17,10 +17,10 @@ import subprocess
 from pathlib import Path
 
 from ..errors import QuantgateError
+from ..formats import Artifact, artifact_of_candidate, format_of
 from ..recipe import stable_hash
 from ..util import atomic_dir, atomic_write_json
 from ..workspace import CANDIDATE_RECORD, candidate_record, read_json
-from .commands import Artifact, artifact_of_candidate
 
 
 def _read_json(p: Path) -> dict:
@@ -64,19 +64,6 @@ def candidate_artifacts(recipe, ws, names: list[str] | None = None) -> tuple[lis
     return arts, missing
 
 
-def _format_of(config: dict) -> str:
-    """A folder's checkpoint format from its config.json, named as quantgate's records name it."""
-    qc = config.get("quantization_config") or {}
-    method = str(qc.get("quant_method", "")).lower()
-    if not method:
-        return "dense"
-    if method == "gptq":
-        return "gptq_v2" if qc.get("checkpoint_format") == "gptq_v2" else "gptq"
-    if method == "awq":
-        return "awq-gemm"
-    return method
-
-
 def gguf_file_type(path: str | Path) -> str | None:
     """The GGUF's file type name (Q4_1, Q8_0, F16, ...) from its header, if the gguf package is here."""
     try:
@@ -111,7 +98,7 @@ def extra_artifacts(selection, recipe, ws, by_name: dict[str, Artifact], *, conv
                 folder = Path(x.folder).expanduser()
                 if not (folder / "config.json").is_file():
                     raise QuantgateError(f"extra '{x.name}': {folder} is not a checkpoint folder (no config.json)")
-                rec = candidate_record(folder) or {"format": _format_of(_read_json(folder / "config.json"))}
+                rec = candidate_record(folder) or {"format": format_of(_read_json(folder / "config.json"))}
                 art = artifact_of_candidate(x.name, folder, rec, _read_json(folder / "config.json"))
                 out.append(Artifact(**{**art.to_dict(), "origin": "extra"}))
                 continue

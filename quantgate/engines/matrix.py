@@ -18,12 +18,13 @@ from pathlib import Path
 
 from ..errors import QuantgateError
 from ..evaluate.workload import WorkloadSpec
+from ..formats import Artifact, expected
 from ..recipe import stable_hash
 from ..util import atomic_write_json
 from ..workspace import RunFolder, read_json
 from . import sweep as sw
 from .card import build_card, render_markdown
-from .commands import Artifact, command_for, expected
+from .commands import command_for
 from .launch import EngineStartError, ServerProcess, free_port
 from .logs import oom_in, read_log
 from .spec import (

@@ -1,8 +1,8 @@
 """What an engine-selection run asks for: which engines (and where their interpreters live), the
 goal, the concurrency sweep, and GGUF files measured beside the recipe's candidates.
 
-It is the `engine_selection:` section of a recipe, or a separate YAML file with the same fields
-(`quantgate engines RECIPE --config FILE`). Engines run in their own Python environments, never
+It is a YAML file beside the recipe (`<recipe>.engines.yaml`, or `quantgate engines RECIPE --config
+FILE`), its fields at the top level or under `engine_selection:`. Engines run in their own Python environments, never
 in quantgate's: `python` names that interpreter, else `$QUANTGATE_<KIND>_PYTHON`, else
 `$QUANTGATE_ENGINES_HOME/<kind>-venv/bin/python` (default home: ~/.cache/quantgate/engines).
 """
@@ -134,13 +134,10 @@ def load_selection(path: str | Path) -> EngineSelectionSpec:
 
 
 def selection_for(recipe, path: str | Path | None = None) -> EngineSelectionSpec:
-    """The selection to run: the file given, else the recipe's `engine_selection` section (once
-    recipe.py has it), else the recipe's own evaluation engines with the default goal and sweep."""
+    """The selection to run: the file given, else the recipe's own evaluation engines with the
+    default goal and sweep."""
     if path is not None:
         return load_selection(path)
-    own = getattr(recipe, "engine_selection", None)
-    if own is not None:
-        return own if isinstance(own, EngineSelectionSpec) else EngineSelectionSpec.model_validate(own)
     engines = {}
     for name, e in recipe.evaluation.engines.items():
         if e.kind == "openai":

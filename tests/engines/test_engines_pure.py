@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from quantgate.engines.commands import (
-    Artifact,
-    artifact_of_candidate,
-    command_for,
-    expected,
-)
+from quantgate.engines.commands import command_for
 from quantgate.engines.logs import failure_in, kernels_in, oom_in, read_log
 from quantgate.engines.spec import (
     EngineSelectionSpec,
@@ -20,6 +15,7 @@ from quantgate.engines.spec import (
     engine_python,
 )
 from quantgate.engines.sweep import SweepPoint, failure_modes, knee, plan, point_of
+from quantgate.formats import Artifact, artifact_of_candidate, expected
 
 DENSE = Artifact("base", "/m/base", "dense", "baseline", dtype="float32")
 GPTQ4 = Artifact("g4", "/m/g4", "gptq", "gptq", bits=4, group_size=64, sym=True)
@@ -250,7 +246,7 @@ def test_pydantic_value_errors_are_read_and_python_warnings_are_not():
 
 
 def test_folder_format_is_read_from_its_config():
-    from quantgate.engines.artifacts import _format_of
+    from quantgate.formats import format_of as _format_of
 
     assert _format_of({}) == "dense"
     assert _format_of({"quantization_config": {"quant_method": "gptq", "checkpoint_format": "gptq_v2"}}) == "gptq_v2"

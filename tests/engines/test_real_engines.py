@@ -11,10 +11,11 @@ import asyncio
 import pytest
 
 from quantgate.engines.available import check
-from quantgate.engines.commands import Artifact, command_for
+from quantgate.engines.commands import command_for
 from quantgate.engines.launch import ServerProcess, free_port
 from quantgate.engines.logs import read_log
 from quantgate.engines.spec import LaunchSpec, engine_python
+from quantgate.formats import Artifact
 
 pytestmark = pytest.mark.e2e
 
