@@ -5,8 +5,7 @@ engine-selection card; `quantgate engines --list`: which engines this machine ca
     quantgate engines --list [--config FILE]
 
 The engine selection (goal, engines and their interpreters, sweep, extra GGUFs) comes from
---config, else `<recipe>.engines.yaml` beside the recipe, else the recipe's own
-`engine_selection` section, else its evaluation engines. Wired in by `register(app)`.
+--config, else `<recipe>.engines.yaml` beside the recipe, else the recipe's evaluation engines. Wired in by `register(app)`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -88,6 +88,8 @@ Bits = Literal[2, 3, 4, 8]
 
 
 class _CandidateBase(Spec):
+    calibrated: ClassVar[bool] = False  # needs the calibration set (part of the artifact key when True)
+
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=80)
     engine: str = Field("transformers", description="which of evaluation.engines measures this candidate")
 
@@ -124,6 +126,8 @@ class RTNSpec(_WeightQuantBase):
 
 
 class _CalibratedBase(_WeightQuantBase):
+    calibrated: ClassVar[bool] = True
+
     n_samples: int | None = Field(
         None, ge=1, description="use only the first N calibration windows (AWQ's search is costly on CPU)"
     )
@@ -143,10 +147,12 @@ class AWQSpec(_CalibratedBase):
     backend: Literal["gptqmodel", "llmcompressor"] = "gptqmodel"
 
 
-CandidateSpec = Annotated[
-    Union[BaselineSpec, RTNSpec, GPTQSpec, AWQSpec], Field(discriminator="method")
-]
-QUANT_METHODS = ("rtn", "gptq", "awq")
+# every method a candidate can name; the lists below are derived from it, never repeated
+CANDIDATE_CLASSES = (BaselineSpec, RTNSpec, GPTQSpec, AWQSpec)
+CandidateSpec = Annotated[Union[CANDIDATE_CLASSES], Field(discriminator="method")]
+SPEC_BY_METHOD = {get_args(cls.model_fields["method"].annotation)[0]: cls for cls in CANDIDATE_CLASSES}
+METHODS = tuple(SPEC_BY_METHOD)
+QUANT_METHODS = tuple(m for m in METHODS if m != "baseline")
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -352,19 +358,16 @@ def format_validation_error(exc: ValidationError, path: Path, root) -> str:
             tag = str(err.get("ctx", {}).get("tag", ""))
             line = _line_of(root, (*loc, "method")) or line
             where = f"{path}:{line}"
-            msg = f"unknown method '{tag}'" + _suggest(tag, list(_TAGS)) + "; methods: baseline, rtn, gptq, awq"
+            msg = f"unknown method '{tag}'" + _suggest(tag, list(METHODS)) + f"; methods: {', '.join(METHODS)}"
         lines.append(f"{where}: {field}: {msg}")
     return "\n".join(lines)
-
-
-_TAGS = {"baseline", "rtn", "gptq", "awq"}
 
 
 def _strip_union_tags(loc: tuple) -> tuple:
     """pydantic puts the discriminator value in the location: candidates.2.gptq.bits → candidates.2.bits."""
     out = []
     for i, p in enumerate(loc):
-        if isinstance(p, str) and p in _TAGS and i > 0 and isinstance(loc[i - 1], int):
+        if isinstance(p, str) and p in METHODS and i > 0 and isinstance(loc[i - 1], int):
             continue
         out.append(p)
     return tuple(out)
@@ -402,9 +405,6 @@ def _allowed_fields(parent_loc: tuple, err: dict) -> list[str]:
     return list(model.model_fields)
 
 
-_BY_METHOD = {"baseline": BaselineSpec, "rtn": RTNSpec, "gptq": GPTQSpec, "awq": AWQSpec}
-
-
 def _model_of(annotation, part, err):
     import typing
 
@@ -412,9 +412,9 @@ def _model_of(annotation, part, err):
         # the failing candidate's own method decides which fields are allowed
         method = None
         for p in err["loc"]:
-            if p in _BY_METHOD:
+            if p in SPEC_BY_METHOD:
                 method = p
-        return _BY_METHOD.get(method)
+        return SPEC_BY_METHOD.get(method)
     args = typing.get_args(annotation) or (annotation,)
     for a in args:
         inner = typing.get_args(a) or (a,)

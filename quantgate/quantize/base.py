@@ -53,7 +53,6 @@ class QuantizeOutcome:
 
 class Quantizer(Protocol):
     name: str
-    needs_calibration: bool
 
     def quantize(self, spec, ctx: QuantizeContext, out: Path) -> QuantizeOutcome: ...
 

@@ -10,7 +10,6 @@ from .base import QuantizeContext, QuantizeOutcome
 
 class BaselineQuantizer:
     name = "quantgate-baseline"
-    needs_calibration = False
 
     def quantize(self, spec, ctx: QuantizeContext, out: Path) -> QuantizeOutcome:
         import torch

@@ -33,7 +33,6 @@ def quantize_config_kwargs(spec) -> dict:
 
 class GPTQModelQuantizer:
     name = "gptqmodel"
-    needs_calibration = True
 
     def quantize(self, spec, ctx: QuantizeContext, out: Path) -> QuantizeOutcome:
         # GPTQModel sizes its CPU pool from this; its model loader alone needs two workers

@@ -32,7 +32,6 @@ def modifier_kwargs(spec) -> dict:
 
 class LLMCompressorQuantizer:
     name = "llmcompressor"
-    needs_calibration = True
 
     def quantize(self, spec, ctx: QuantizeContext, out: Path) -> QuantizeOutcome:
         llmc = require("llmcompressor", what=f"candidate '{spec.name}' ({spec.method} via llm-compressor)",

@@ -126,7 +126,6 @@ def unpack_gptq(t: dict, bits: int, v2: bool):
 
 class RTNQuantizer:
     name = "quantgate-rtn"
-    needs_calibration = False
 
     def quantize(self, spec, ctx: QuantizeContext, out: Path) -> QuantizeOutcome:
         import torch

@@ -16,7 +16,7 @@ from ..workspace import CandidateResult, candidate_record
 
 
 def needs_calibration(spec) -> bool:
-    return spec.method in ("gptq", "awq")
+    return spec.calibrated
 
 
 def candidate_key(spec, model_id: str, calib_hash: str | None) -> str:

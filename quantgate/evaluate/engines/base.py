@@ -6,11 +6,8 @@ the engine, holds the clock (TTFT, inter-token gaps, E2E), so every engine is ti
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
-
-from ...errors import MissingExtraError, QuantgateError
 
 
 @dataclass(frozen=True)
@@ -42,20 +39,3 @@ class Engine(Protocol):
 
     async def close(self) -> None: ...
 
-
-# engine kind → ("module:Class", extra); heavy modules load only when the engine is chosen
-ENGINES: dict[str, tuple[str, str]] = {
-    "transformers": ("quantgate.evaluate.engines.transformers_local:TransformersEngine", "models"),
-    "openai": ("quantgate.evaluate.engines.openai_http:OpenAIEngine", "serve"),
-}
-
-
-def engine_class(kind: str):
-    if kind not in ENGINES:
-        raise QuantgateError(f"unknown engine '{kind}'; engines: {', '.join(ENGINES)}")
-    target, extra = ENGINES[kind]
-    mod, cls = target.split(":")
-    try:
-        return getattr(importlib.import_module(mod), cls)
-    except ImportError as exc:
-        raise MissingExtraError(f"the {kind} engine", extra, exc.name or mod) from exc
