@@ -237,6 +237,8 @@ class Handlers:
                     err = {"error": {"type": "upstream_error", "message": val}}
                     await resp.write(b"data: " + _dumps(err) + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
+        except ConnectionResetError:  # the client left mid-stream: charged and counted by the gateway, no traceback
+            pass
         finally:
             await events.aclose()
         return resp

@@ -25,16 +25,22 @@ from .ladder import Ladder, Level, Sample, upstream_fault
 from .manifest import Deployment, Manifest, ManifestError
 from .metrics import GatewayMetrics
 from .providers import GenRequest, GenResult, ProviderError
-from .providers.base import within
+from .providers.base import estimate_tokens, within
 from .records import Answer, ChatCall, GatewayError, RequestState
 from .runtime import ManifestFile, ProviderPool, Runtime
 from .streaming import stream_attempts
-from .tenants import Ledger
+from .limits import TenantLimiter
+from .tenants import Ledger, OverBudget
 
 log = logging.getLogger("quantgate.serve")
 perf = time.perf_counter
 
 __all__ = ["Gateway", "ChatCall", "Answer", "GatewayError"]
+
+
+def prompt_tokens(messages: list[dict[str, str]]) -> int:
+    """The prompt's size in estimated tokens (about four characters a token), without joining it."""
+    return estimate_tokens("") + sum(len(m["content"]) for m in messages) // 4
 
 
 class Gateway:
@@ -50,6 +56,7 @@ class Gateway:
         self.rt: Runtime | None = None
         self.gate = ConcurrencyGate(1)
         self.ledger: Ledger | None = None
+        self.limiter = TenantLimiter({})
         self.cache = None
         self.ladder: Ladder | None = None
         self.last_reload_error: str | None = None
@@ -86,6 +93,7 @@ class Gateway:
             self.ledger = Ledger(s.budgets)
         else:
             self.ledger.configure(s.budgets)  # usage so far is kept across reloads
+        self.limiter.configure(s.tenant_limits)
         if old is None or old.serving.cache != s.cache:
             if self.cache is not None:
                 asyncio.get_running_loop().create_task(self.cache.close())
@@ -164,18 +172,47 @@ class Gateway:
     async def chat(self, call: ChatCall) -> Answer:
         rt = self.rt
         rt.acquire()
+        ctx = RequestState.empty()
         try:
-            ctx, hit = await self._prologue(rt, call)
+            hit = await self._prologue(rt, call, ctx)
             if hit is not None:
                 return hit
-            try:
-                return await self._attempts(rt, call, ctx)
-            finally:
-                self.gate.release()
+            return await self._attempts(rt, call, ctx)
+        except asyncio.CancelledError:  # the client left: its slot is freed below, what it cost is charged
+            self._client_closed(rt, call, ctx)
+            raise
         finally:
+            self._finish(call, ctx)
             rt.release()
 
-    async def _prologue(self, rt: Runtime, call: ChatCall) -> tuple[RequestState, Answer | None]:
+    def _finish(self, call: ChatCall, ctx: RequestState) -> None:
+        """Give back what admission took: the slot, the tenant's share, the budget reservation."""
+        if ctx.slot:
+            ctx.slot = False
+            self.gate.release()
+        if ctx.tenant_slot:
+            ctx.tenant_slot = False
+            self.limiter.release(call.tenant, ctx.reserved_tokens, ctx.used_tokens)
+        if ctx.reservation is not None:
+            self.ledger.settle(ctx.reservation, ctx.used_tokens, ctx.used_usd, self.wall())
+
+    def _client_closed(self, rt: Runtime, call: ChatCall, ctx: RequestState) -> None:
+        if ctx.lookup is None:
+            return
+        if ctx.tried and not ctx.used_tokens:  # the prompt reached the upstream: that much is spent
+            ctx.used_tokens = ctx.reserved_tokens - ctx.max_tokens
+        self.metrics.for_deployment(ctx.lookup).request(call.route, "client_closed", perf() - call.t0)
+        log.info("trace %s: client closed the connection (%d tokens charged)", call.trace_id, ctx.used_tokens)
+
+    def _refuse(self, reason: str, status: int, type_: str, message: str, retry_after_s: float,
+                extra: dict | None = None) -> GatewayError:
+        self.metrics.rejected.labels(reason).inc()
+        self.metrics.throttled.labels(reason).inc()
+        return GatewayError(status, type_, message, None, {"Retry-After": str(max(1, math.ceil(retry_after_s)))},
+                            extra)
+
+    async def _prologue(self, rt: Runtime, call: ChatCall, ctx: RequestState) -> Answer | None:
+        """Every check before work starts, cheapest first; fills `ctx` with what it took (see _finish)."""
         s = rt.serving
         budget_ms = call.budget_ms or s.default_budget_ms
         if budget_ms > s.max_budget_ms:
@@ -187,16 +224,26 @@ class Gateway:
             raise GatewayError(400, "invalid_request_error",
                                f"max_tokens: {max_tokens} is more than this gateway allows ({s.max_tokens_limit})",
                                "max_tokens")
-        now = self.wall()
-        over = self.ledger.check(call.tenant, call.user_id, now)
-        if over is not None:
-            self.metrics.rejected.labels("budget").inc()
-            self.metrics.throttled.labels("budget").inc()
-            raise GatewayError(429, "budget_exceeded", over.message(now), None,
-                               {"Retry-After": str(max(1, math.ceil(over.reset_at - now)))},
-                               {"account": over.account, "reset_at": over.reset_iso})
+        tokens_in = prompt_tokens(call.messages)
+        if tokens_in > s.max_input_tokens:
+            raise GatewayError(413, "invalid_request_error",
+                               f"messages: about {tokens_in} tokens, more than this gateway accepts "
+                               f"(max_input_tokens={s.max_input_tokens}); shorten the prompt", "messages")
         lookup = rt.fallback if (self.ladder.level == Level.BREAKER and rt.fallback) else rt.active
-        ctx = RequestState(budget_ms, call.t0 + budget_ms / 1000, max_tokens, None, lookup)
+        ctx.budget_ms, ctx.deadline, ctx.max_tokens, ctx.lookup = budget_ms, call.t0 + budget_ms / 1000, max_tokens, lookup
+        ctx.reserved_tokens = tokens_in + max_tokens
+        now = self.wall()
+        held = self.ledger.reserve(call.tenant, call.user_id, ctx.reserved_tokens,
+                                   (lookup.price or s.price).cost(tokens_in, max_tokens), now)
+        if isinstance(held, OverBudget):
+            raise self._refuse("budget", 429, "budget_exceeded", held.message(now), held.reset_at - now,
+                               {"account": held.account, "reset_at": held.reset_iso})
+        ctx.reservation = held
+        limited = self.limiter.admit(call.tenant, ctx.reserved_tokens, s.max_concurrency, self.clock())
+        if limited is not None:
+            raise self._refuse(limited.limit, 429, "rate_limited", limited.message, limited.retry_after_s,
+                               {"limit": limited.limit})
+        ctx.tenant_slot = True
         if self.cache is not None:
             ctx.key = cache_key(lookup.key, call.messages, max_tokens, call.temperature, call.top_p, call.stop,
                                 call.seed, None if lookup.shared_cache else call.tenant)
@@ -207,7 +254,7 @@ class Gateway:
                 a = Answer(hit["text"], lookup, True, self.ladder.level, ["cache"], [], hit["tokens_in"],
                            hit["tokens_out"], 0.0, hit["finish_reason"], budget_ms, total_ms=(perf() - call.t0) * 1000)
                 series.request(call.route, "cached", perf() - call.t0)
-                return ctx, a
+                return a
             series.cache_miss.inc()
         verdict = self.gate.try_acquire()
         if verdict is Admit.QUEUE:
@@ -216,14 +263,13 @@ class Gateway:
         if verdict is Admit.REJECT:
             est = self.estimator.get(rt.active.key)
             typical = est.predict_ms(max_tokens) if est else 1000.0
-            self.metrics.rejected.labels("concurrency").inc()
-            self.metrics.throttled.labels("concurrency").inc()
-            raise GatewayError(
-                429, "overloaded", f"too many requests in flight ({self.gate.in_flight}/{self.gate.limit}); "
-                "retry after the time in Retry-After", None,
-                {"Retry-After": str(retry_after_s(self.gate.in_flight, self.gate.queued, self.gate.limit, typical))})
+            raise self._refuse("concurrency", 429, "overloaded",
+                               f"too many requests in flight ({self.gate.in_flight}/{self.gate.limit}); "
+                               "retry after the time in Retry-After",
+                               retry_after_s(self.gate.in_flight, self.gate.queued, self.gate.limit, typical))
+        ctx.slot = True
         ctx.t_admit = perf()
-        return ctx, None
+        return None
 
     def _plan(self, rt: Runtime, ctx: RequestState) -> None:
         s = rt.serving
@@ -268,7 +314,8 @@ class Gateway:
         dep = rt.deployment(att.target)
         s = rt.serving
         cost = (dep.price or s.price).cost(res.tokens_in, res.tokens_out)
-        self.ledger.charge(call.tenant, call.user_id, res.tokens_in + res.tokens_out, cost, self.wall())
+        ctx.used_tokens, ctx.used_usd = res.tokens_in + res.tokens_out, cost
+        self.ledger.settle(ctx.reservation, ctx.used_tokens, cost, self.wall())
         self.estimator.observe(dep.key, res.ttft_ms, res.generation_ms, res.tokens_out)
         t_end = perf()
         if att.target == "active":
@@ -381,21 +428,21 @@ class Gateway:
 
         Errors before the first piece raise GatewayError (the HTTP layer can still send a status);
         once a piece is out, the deployment is fixed: a deadline cuts the answer short
-        (finish_reason 'length'), an upstream failure ends it with ('error', message).
+        (finish_reason 'length'), an upstream failure ends it with ('error', message). A client
+        that leaves mid-answer is charged for what it was sent (streaming.py).
         """
         rt = self.rt
         rt.acquire()
+        ctx = RequestState.empty()
         try:
-            ctx, hit = await self._prologue(rt, call)
+            hit = await self._prologue(rt, call, ctx)
             if hit is not None:
                 yield "start", hit.deployment
                 yield "delta", hit.text
                 yield "end", hit
                 return
-            try:
-                async for ev in stream_attempts(self, rt, call, ctx):
-                    yield ev
-            finally:
-                self.gate.release()
+            async for ev in stream_attempts(self, rt, call, ctx):
+                yield ev
         finally:
+            self._finish(call, ctx)
             rt.release()

@@ -15,6 +15,7 @@ from json.encoder import encode_basestring as _enc  # the C string escaper json.
 from .budget import Plan
 from .ladder import NOTICES, Level
 from .manifest import Deployment
+from .tenants import Reservation
 
 
 class GatewayError(Exception):
@@ -91,10 +92,21 @@ class RequestState:
     deadline: float
     max_tokens: int
     key: str | None
-    lookup: Deployment
+    lookup: Deployment | None
     t_admit: float = 0.0
     plan: Plan | None = None
     route: str = "active"
     path: list[str] = field(default_factory=list)
     tried: list[str] = field(default_factory=list)   # targets an attempt was started on
     fault: bool = False     # an attempt on the active deployment failed through the upstream's fault
+    # what admission took, given back by Gateway._finish whatever way the request ends
+    slot: bool = False
+    tenant_slot: bool = False
+    reservation: Reservation | None = None
+    reserved_tokens: int = 0
+    used_tokens: int = 0
+    used_usd: float = 0.0
+
+    @classmethod
+    def empty(cls) -> "RequestState":
+        return cls(0, 0.0, 0, None, None)

@@ -71,12 +71,13 @@ async def start(gw: Gateway, host: str, port: int) -> tuple[web.AppRunner, socke
     request frees its slot at once. Headers must arrive within header_timeout_s of the
     connection opening (or of the previous answer): aiohttp's keep-alive timer closes a
     connection whose next request has not been fully received by then, which also bounds
-    idle keep-alive connections.
+    idle keep-alive connections. A request refused before its body was read (408, 413) is
+    closed after at most a second of reading what is left (lingering_time), not aiohttp's ten.
     """
     await gw.start()
     http = gw.rt.serving.http
     runner = web.AppRunner(make_app(gw, host), access_log=None, handle_signals=False, handler_cancellation=True,
-                           keepalive_timeout=http.header_timeout_s, shutdown_timeout=1.0)
+                           keepalive_timeout=http.header_timeout_s, lingering_time=1.0, shutdown_timeout=1.0)
     await runner.setup()
     limit_connections(runner.server, http.max_connections)
     sock = listen_socket(host, port)

@@ -50,12 +50,13 @@ async def stream_attempts(gw: "Gateway", rt: Runtime, call: ChatCall, ctx: Reque
                 gw._failed(rt, ctx, att, last_kind, t_a, why, window, call.trace_id)
                 continue  # the next deployment, or give up after the last
             ok = att.target == "active"
-            yield "start", dep
             parts = [first]
-            if first:
-                yield "delta", first
             finish = None
+            closed = True  # until the stream ends on its own: a client that leaves is charged for what it got
             try:
+                yield "start", dep
+                if first:
+                    yield "delta", first
                 while True:
                     left = ctx.deadline - perf()
                     try:
@@ -64,15 +65,19 @@ async def stream_attempts(gw: "Gateway", rt: Runtime, call: ChatCall, ctx: Reque
                         break
                     parts.append(piece)
                     yield "delta", piece
+                closed = False
             except asyncio.TimeoutError:
+                closed = False
                 finish = "length"
                 gw.metrics.budget_exhausted.labels(call.route).inc()
             except Exception as exc:  # noqa: BLE001 - mid-stream failure: the answer is already half out
-                ok = False
+                ok, closed = False, False
                 gw._failed(rt, ctx, att, getattr(exc, "kind", "error"), t_a, str(exc), window, call.trace_id)
                 yield "error", f"upstream failed mid-answer; the gateway log has the details under trace id {call.trace_id}"
                 return
             finally:
+                if closed:
+                    _charge_partial(gw, rt, call, ctx, dep, req, parts)
                 await gen.aclose()
             text = "".join(parts)
             t1 = stats.t_first or perf()
@@ -84,3 +89,12 @@ async def stream_attempts(gw: "Gateway", rt: Runtime, call: ChatCall, ctx: Reque
         raise gw._give_up(rt, call, ctx, last_kind, why)
     finally:
         gw._probe_done(ctx, ok)
+
+
+def _charge_partial(gw: "Gateway", rt: Runtime, call: ChatCall, ctx: RequestState, dep, req, parts: list[str]) -> None:
+    """The client left mid-answer (GeneratorExit or cancellation): it is charged for the prompt and
+    for the pieces it was sent, and the request is recorded as `client_closed`, not as an error."""
+    tokens_in, tokens_out = estimate_tokens(req.prompt()), estimate_tokens("".join(parts)) if parts else 0
+    ctx.used_tokens = tokens_in + tokens_out
+    ctx.used_usd = (dep.price or rt.serving.price).cost(tokens_in, tokens_out)
+    gw._client_closed(rt, call, ctx)

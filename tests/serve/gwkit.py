@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 
 from quantgate.serve.server import listen_socket
@@ -112,3 +114,24 @@ def parse_sse(raw: bytes) -> list:
         data = block[5:].strip()
         out.append(data if data == "[DONE]" else json.loads(data))
     return out
+
+
+# ------------------------------------------------------------------------------ holding requests
+def hold(srv, role: str = "active") -> asyncio.Event:
+    """Make every request to that provider wait for the returned event (set it on the gateway's loop)."""
+    async def _make():
+        ev = asyncio.Event()
+        srv.gateway.rt.providers[role].hold = ev
+        return ev
+    return srv.call(_make())
+
+
+def release(srv, ev: asyncio.Event) -> None:
+    srv.loop.call_soon_threadsafe(ev.set)
+
+
+async def post(s: aiohttp.ClientSession, url: str, body: dict, **kw) -> tuple[int, dict, dict, float]:
+    t = time.perf_counter()
+    async with s.post(url, json=body, **kw) as r:
+        data = await r.json(content_type=None)
+        return r.status, data, dict(r.headers), time.perf_counter() - t

@@ -11,27 +11,7 @@ import time
 
 import aiohttp
 import pytest
-from gwkit import base_manifest, chat_body, metric, mock, oai_body, parse_sse, until, write
-
-
-def hold(srv, role: str = "active") -> asyncio.Event:
-    """Make every request to that provider wait for the returned event (set it on the gateway's loop)."""
-    async def _make():
-        ev = asyncio.Event()
-        srv.gateway.rt.providers[role].hold = ev
-        return ev
-    return srv.call(_make())
-
-
-def release(srv, ev: asyncio.Event) -> None:
-    srv.loop.call_soon_threadsafe(ev.set)
-
-
-async def post(s: aiohttp.ClientSession, url: str, body: dict, **kw) -> tuple[int, dict, dict, float]:
-    t = time.perf_counter()
-    async with s.post(url, json=body, **kw) as r:
-        data = await r.json(content_type=None)
-        return r.status, data, dict(r.headers), time.perf_counter() - t
+from gwkit import base_manifest, chat_body, hold, metric, mock, oai_body, parse_sse, post, release, until, write
 
 
 def test_past_the_concurrency_limit_clients_get_fast_429s_and_nobody_is_lost(serve):

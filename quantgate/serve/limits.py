@@ -1,0 +1,130 @@
+"""Per-tenant shares: concurrent slots, a request rate and a token rate (token buckets).
+
+One tenant must not be able to take every slot or every second of the upstream: each tenant may
+hold at most `concurrency_share` of max_concurrency at once, and may spend requests and tokens
+only as fast as its buckets refill. A refusal names the limit and says when to retry.
+
+`take` is the pure token-bucket step; `TenantLimiter` keeps one small record per tenant that has
+been seen recently (least recently used records are dropped past `max_tenants`, in O(1)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .manifest import RateSpec
+
+DEFAULT = RateSpec()
+
+
+def take(level: float, last: float, now: float, rate: float, capacity: float,
+         cost: float) -> tuple[bool, float, float]:
+    """One token-bucket step: (allowed, level after, seconds until `cost` would be allowed).
+
+    The bucket holds `level` at time `last`, refills at `rate` per second up to `capacity`;
+    a request that costs more than the bucket holds is refused and takes nothing. A cost larger
+    than the capacity is charged as a full bucket, so a large request is slow but never refused
+    for ever.
+    """
+    level = min(capacity, level + max(0.0, now - last) * rate)
+    cost = min(cost, capacity)
+    if level >= cost:
+        return True, level - cost, 0.0
+    return False, level, (cost - level) / rate if rate > 0 else math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class Limited:
+    limit: str              # 'concurrency_share', 'requests_per_s' or 'tokens_per_min'
+    retry_after_s: int
+    message: str
+
+
+class _Tenant:
+    __slots__ = ("in_flight", "req", "req_t", "tok", "tok_t")
+
+    def __init__(self, spec: RateSpec, now: float):
+        self.in_flight = 0
+        self.req, self.req_t = float(_burst(spec)), now
+        self.tok, self.tok_t = float(spec.tokens_per_min or 0), now
+
+
+def _burst(spec: RateSpec) -> float:
+    if spec.requests_per_s is None:
+        return 0.0
+    return float(spec.burst or max(1, math.ceil(2 * spec.requests_per_s)))
+
+
+class TenantLimiter:
+    def __init__(self, specs: dict[str, RateSpec], max_tenants: int = 100_000):
+        self.specs, self.max_tenants = specs, max_tenants
+        self._t: OrderedDict[str, _Tenant] = OrderedDict()
+
+    def configure(self, specs: dict[str, RateSpec]) -> None:
+        self.specs = specs
+
+    def spec(self, tenant: str) -> RateSpec:
+        return self.specs.get(tenant) or self.specs.get("*") or DEFAULT
+
+    def _get(self, tenant: str, spec: RateSpec, now: float) -> _Tenant:
+        t = self._t.get(tenant)
+        if t is None:
+            t = self._t[tenant] = _Tenant(spec, now)
+            if len(self._t) > self.max_tenants:
+                self._evict()
+        else:
+            self._t.move_to_end(tenant)
+        return t
+
+    def _evict(self) -> None:
+        # the least recently seen tenant without a request in flight (its slots must stay counted)
+        for name, t in self._t.items():
+            if t.in_flight == 0:
+                del self._t[name]
+                return
+
+    def admit(self, tenant: str, tokens: int, max_concurrency: int, now: float) -> Limited | None:
+        """Take one slot, one request and `tokens` from the tenant's share; or say which limit refused."""
+        spec = self.spec(tenant)
+        t = self._get(tenant, spec, now)
+        slots = max(1, math.floor(max_concurrency * spec.concurrency_share))
+        if spec.concurrency_share < 1 and t.in_flight >= slots:  # at 1 the gateway's own gate decides
+            return Limited("concurrency_share", 1, f"tenant {tenant!r} has {t.in_flight} requests in flight, its "
+                           f"share of this gateway (concurrency_share={spec.concurrency_share}); retry after "
+                           "one finishes")
+        if spec.requests_per_s is not None:
+            ok, level, wait = take(t.req, t.req_t, now, spec.requests_per_s, _burst(spec), 1)
+            if not ok:
+                t.req, t.req_t = level, now
+                return Limited("requests_per_s", max(1, math.ceil(wait)),
+                               f"tenant {tenant!r} is over its request rate (requests_per_s={spec.requests_per_s})")
+        else:
+            level = 0.0
+        if spec.tokens_per_min is not None:
+            ok, tok, wait = take(t.tok, t.tok_t, now, spec.tokens_per_min / 60, spec.tokens_per_min, tokens)
+            t.tok_t = now
+            if not ok:
+                t.tok = tok
+                return Limited("tokens_per_min", max(1, math.ceil(wait)),
+                               f"tenant {tenant!r} is over its token rate (tokens_per_min={spec.tokens_per_min})")
+            t.tok = tok
+        if spec.requests_per_s is not None:
+            t.req, t.req_t = level, now
+        t.in_flight += 1
+        return None
+
+    def release(self, tenant: str, reserved_tokens: int = 0, used_tokens: int = 0) -> None:
+        """The request ended: free its slot; give back the tokens reserved but not used."""
+        t = self._t.get(tenant)
+        if t is None:
+            return
+        t.in_flight = max(0, t.in_flight - 1)
+        spec = self.spec(tenant)
+        if spec.tokens_per_min is not None and reserved_tokens > used_tokens:
+            t.tok = min(float(spec.tokens_per_min), t.tok + reserved_tokens - used_tokens)
+
+    def in_flight(self, tenant: str) -> int:
+        t = self._t.get(tenant)
+        return t.in_flight if t is not None else 0
