@@ -34,6 +34,10 @@ WorkspaceOpt = typer.Option(
 )
 
 
+VerboseOpt = typer.Option(False, "--verbose", "-v",
+                          help="Also show the workers' own output (it always goes to RUN/logs/).")
+
+
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks.")):
     _DEBUG["on"] = debug
@@ -81,6 +85,7 @@ def quantize(
     workspace: Path = WorkspaceOpt,
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     force: bool = typer.Option(False, "--force", help="Redo candidates whose artifact already exists."),
+    verbose: bool = VerboseOpt,
 ):
     """Produce the recipe's candidates (baseline, RTN, GPTQ, AWQ) as standard checkpoints."""
     from .pipeline import quantize as run_quantize
@@ -88,8 +93,10 @@ def quantize(
     from .recipe import load_recipe
 
     r = load_recipe(recipe)
-    results = run_quantize(r, Workspace(workspace), only=only, device=_device(device), force=force,
-                           log=console.print)
+    ws = Workspace(workspace)
+    view = _view(r, only, evaluate=False)
+    with _interrupted(r, ws, view), view:
+        results = run_quantize(r, ws, only=only, device=_device(device), force=force, view=view, echo=_echo(verbose))
     out.print(results_table(results))
     failed = [x for x in results if x.status == "failed"]
     if failed:
@@ -112,6 +119,7 @@ def evaluate(
     workspace: Path = WorkspaceOpt,
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     force: bool = typer.Option(False, "--force", help="Re-evaluate even if a result exists."),
+    verbose: bool = VerboseOpt,
 ):
     """Measure each candidate (quality, speed under load, memory, cost); quantizes first if needed."""
     from .pipeline import evaluate as run_evaluate
@@ -119,8 +127,11 @@ def evaluate(
     from .recipe import load_recipe
 
     r = load_recipe(recipe)
-    records = run_evaluate(r, Workspace(workspace), only=only, device=_device(device), force=force, log=console.print)
-    _compare_and_print(r, Workspace(workspace), records)
+    ws = Workspace(workspace)
+    view = _view(r, only)
+    with _interrupted(r, ws, view), view:
+        records = run_evaluate(r, ws, only=only, device=_device(device), force=force, view=view, echo=_echo(verbose))
+    _recommend(r, ws, _compare_and_print(r, ws, records))
 
 
 @app.command()
@@ -141,6 +152,8 @@ def compare(
     comp = _compare_and_print(r, ws, load_records(r, ws), quiet=json_out)
     if json_out:
         out.print_json(json.dumps(comp.to_dict(), default=str))
+    else:
+        _recommend(r, ws, comp)
 
 
 @app.command()
@@ -149,24 +162,76 @@ def run(
     workspace: Path = WorkspaceOpt,
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     no_track: bool = typer.Option(False, "--no-track", help="Do not log to MLflow."),
+    verbose: bool = VerboseOpt,
 ):
     """quantize → evaluate → compare → MLflow in one go; resumable (finished work is reused)."""
     from .pipeline import evaluate as run_evaluate
     from .workspace import Workspace
     from .recipe import load_recipe
 
+    import time
+
+    t0 = time.perf_counter()
     r = load_recipe(recipe)
     ws = Workspace(workspace)
-    records = run_evaluate(r, ws, device=_device(device), log=console.print)
+    view = _view(r, None)
+    with _interrupted(r, ws, view), view:
+        records = run_evaluate(r, ws, device=_device(device), view=view, echo=_echo(verbose))
     comp = _compare_and_print(r, ws, records)
     if r.tracking.enabled and not no_track:
+        t_track = time.perf_counter()
         _track(r, ws)
-    run_dir = ws.run_dir(r)
+        ws.run(r).add_timing("track", "-", time.perf_counter() - t_track, "done")
+    ws.run(r).add_timing("run", "-", time.perf_counter() - t0, "done")
+    console.print(f"logs of every worker: {ws.run(r).log_file('CANDIDATE', 'STAGE').parent}/  "
+                  "(shown as they run with --verbose)", highlight=False)
+    _recommend(r, ws, comp)
+
+
+def _recommend(r, ws, comp) -> None:
+    """The end of every command that compares: the recommendation, why, and the next command."""
     if comp.recommended:
-        console.print(f"recommended: [bold]{comp.recommended}[/] — {comp.why}")
-        console.print(f"promote it with:\n  quantgate promote {run_dir} --candidate {comp.recommended}")
+        console.print(f"recommended: [bold]{comp.recommended}[/] — {comp.why}", highlight=False)
+        console.print(f"promote it with:\n  quantgate promote {ws.run_dir(r)} --candidate {comp.recommended}",
+                      highlight=False, soft_wrap=True)
     else:
         console.print("[yellow]no candidate passes every gate: nothing to promote[/]")
+
+
+def _view(r, only, evaluate: bool = True):
+    """The run's state table: live on a terminal, one plain line per state change elsewhere."""
+    from .pipeline import run_view, select
+
+    return run_view(r, select(r, only), _plain, evaluate=evaluate, live=console.is_terminal, console=console)
+
+
+def _plain(text: str) -> None:
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _echo(verbose: bool):
+    if not verbose:
+        return None
+    return lambda line: console.print(f"  │ {line}", markup=False, highlight=False, soft_wrap=True)
+
+
+class _interrupted:
+    """Ctrl-C: say what was kept (finished candidates and evaluations) and how to resume."""
+
+    def __init__(self, r, ws, view):
+        self.r, self.ws, self.view = r, ws, view
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not KeyboardInterrupt:
+            return False
+        kept = [f"{c} {s} ({state})" for c, s, state in self.view.finished() if state in ("done", "cached")]
+        console.print(f"\n[yellow]interrupted[/]: kept {len(kept)} finished step(s)"
+                      + (": " + ", ".join(kept) if kept else "") + f" in {self.ws.run_dir(self.r)}", highlight=False)
+        console.print("the same command resumes from there", highlight=False)
+        raise typer.Exit(130)
 
 
 def _track(r, ws, uri=None):

@@ -16,7 +16,7 @@ from filelock import FileLock
 from .errors import QuantgateError
 from .formats import artifact_of_candidate, provider_support
 from .models import weights_sha256
-from .serve.manifest import Deployment, LocalEngine, Manifest, ServingSpec, load_manifest, write_manifest
+from .serve.manifest import Deployment, LocalEngine, Manifest, PriceSpec, ServingSpec, load_manifest, write_manifest
 from .serve.promote import promote, rollback
 from .workspace import candidate_record, open_run, read_json
 
@@ -40,16 +40,26 @@ def deployment_for(run_dir: Path, name: str) -> Deployment:
     rec = res.record
     tracking = run.tracking()
     version = (tracking.get("versions") or {}).get(name)
-    params = {**rec.get("params", {}), "format": rec.get("format"), "recipe_hash": rec.get("recipe_hash"),
-              "calib_hash": rec.get("calib_hash")}
+    # recipe_hash: the run this deployment comes from (evidence.run); a resumed run reuses an
+    # artifact another recipe version made, which its record names as artifact_recipe_hash
+    params = {**rec.get("params", {}), "format": rec.get("format"), "recipe_hash": recipe.recipe_hash,
+              "artifact_recipe_hash": rec.get("recipe_hash"), "calib_hash": rec.get("calib_hash")}
     if version:
         params["mlflow"] = {"uri": tracking["uri"], "model": tracking["registered_model"], "version": version,
                             "run_id": tracking["child_run_ids"].get(name)}
     return Deployment(
         name=name, model_version=version or recipe.recipe_hash[:12], artifact=res.artifact,
         sha256=weights_sha256(Path(res.artifact)), method=rec.get("method", ""), params=params,
-        provider=LocalEngine(kind="local"),
+        provider=LocalEngine(kind="local"), price=measured_price(run, name),
     )
+
+
+def measured_price(run, name: str) -> PriceSpec | None:
+    """What a million output tokens cost on the measured machine: the gateway's cost accounting."""
+    usd = ((run.evaluation(name) or {}).get("metrics") or {}).get("usd_per_1m_output_tokens")
+    if not isinstance(usd, (int, float)) or usd != usd or usd in (float("inf"), float("-inf")) or usd < 0:
+        return None
+    return PriceSpec(output_per_1m=round(float(usd), 6))
 
 
 def serving_for(run_dir: Path, active: str) -> ServingSpec:
@@ -97,6 +107,10 @@ def promote_candidate(run_dir: Path, name: str, manifest_path: Path, *, force: b
     failed = [g["reason"] for g in verdict["gates"] if not g["passed"]]
     if verdict.get("error"):
         failed.append(f"evaluation error: {verdict['error']}")
+    if force and failed:
+        # only passing candidates are registered by `run`; a forced one is registered now, so the
+        # registry's champion and the manifest's active deployment stay the same model
+        register_forced(run_dir, name, verdict, failed, reason)
     dep = deployment_for(run_dir, name)
     serving = serving_for(run_dir, name)
     evidence = {"run": str(run_dir), "go_live_check": go_live_check(run_dir, name, dep, serving)}
@@ -114,6 +128,26 @@ def promote_candidate(run_dir: Path, name: str, manifest_path: Path, *, force: b
     new = edit_manifest(manifest_path, change)
     move_aliases(new)
     return new
+
+
+def register_forced(run_dir: Path, name: str, verdict: dict, failed: list[str], reason: str) -> None:
+    recipe, _, run = open_run(run_dir)
+    tracking = run.tracking()
+    if not tracking or name in (tracking.get("versions") or {}) or name not in (tracking.get("child_run_ids") or {}):
+        return
+    from .track import register_candidate
+
+    art = next((r.artifact for r in run.quantize_results() if r.name == name), None)
+    try:
+        version = register_candidate(
+            tracking["uri"], tracking["registered_model"], tracking["child_run_ids"][name], name,
+            verdict.get("method", ""), recipe.recipe_hash, art, tracking["parent_run_id"],
+            gates=f"promoted with --force ({reason or 'no reason given'}) despite failing: " + "; ".join(failed))
+    except Exception as exc:  # the manifest stays the source of truth; say why the registry lags
+        print(f"warning: could not register '{name}' in MLflow ({type(exc).__name__}: {exc})")
+        return
+    tracking.setdefault("versions", {})[name] = version
+    run.write_tracking(tracking)
 
 
 def rollback_manifest(manifest_path: Path, *, reason: str = "", by: str | None = None) -> Manifest:

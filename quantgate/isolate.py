@@ -21,11 +21,15 @@ from .errors import QuantgateError
 from .util import atomic_write_json
 
 
-def run_in_child(module: str, job: dict, workdir: Path, cwd: Path | None = None) -> dict:
+def run_in_child(module: str, job: dict, workdir: Path, cwd: Path | None = None, *, log_file: Path | None = None,
+                 on_event: Callable[[dict], None] | None = None, echo: Callable[[str], None] | None = None) -> dict:
     """Run `python -m module JOB RESULT`; return {"record": ...} or {"error": "..."}.
 
     `cwd`: where the child runs; libraries that drop files where they run (GPTQModel writes
     logs/) write them there. Paths in the job must then be absolute.
+    `log_file`: every line the child prints (its libraries' banners, warnings, progress bars) goes
+    there instead of the console; its stage markers go to `on_event`; `echo` (--verbose) also gets
+    each line that is not known noise. Without a log file the child shares the console.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:12]
@@ -37,17 +41,42 @@ def run_in_child(module: str, job: dict, workdir: Path, cwd: Path | None = None)
     # a busy shared machine) into a many-fold slowdown: 256-token prefill went from 1.8 s to 7.8 s
     # on a loaded 2-core box. Passive waiting costs nothing measurable when cores are free.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    cmd = [sys.executable, "-m", module, str(job_file.resolve()), str(result_file.resolve())]
     try:
-        proc = subprocess.run([sys.executable, "-m", module, str(job_file.resolve()), str(result_file.resolve())],
-                              env=env, cwd=cwd)
+        if log_file is None:
+            proc = subprocess.run(cmd, env=env, cwd=cwd)
+        else:
+            proc = _run_logged(cmd, env, cwd, Path(log_file), on_event, echo)
     finally:
         job_file.unlink(missing_ok=True)
     if result_file.is_file():
         res = json.loads(result_file.read_text())
         result_file.unlink(missing_ok=True)
         return res
+    where = f"its output is in {log_file}" if log_file else "see the output above"
     return {"error": f"the worker process exited with code {proc.returncode} after {time.time() - t0:.0f} s "
-                     "without a result (killed, out of memory, or a native crash); see the output above"}
+                     f"without a result (killed, out of memory, or a native crash); {where}"}
+
+
+def _run_logged(cmd, env, cwd, log_file: Path, on_event, echo) -> subprocess.CompletedProcess:
+    from .progress import is_noise, parse_event
+
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    env = {**env, "PYTHONUNBUFFERED": "1"}  # lines arrive as they are printed, in order
+    with open(log_file, "a", encoding="utf-8", errors="replace") as log, \
+            subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, errors="replace", bufsize=1) as proc:
+        for line in proc.stdout:
+            ev = parse_event(line)
+            if ev is not None:
+                if on_event:
+                    on_event(ev)
+                continue
+            log.write(line)
+            if echo and not is_noise(line):
+                echo(line.rstrip("\n").split("\r")[-1])
+        proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode)
 
 
 def child_main(execute: Callable[[dict], dict], argv: list[str]) -> int:

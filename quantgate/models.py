@@ -101,9 +101,15 @@ def bundled_folder(name: str) -> Path:
     return cache_dir("models") / name
 
 
+# Bumped when the conversion writes different files (not weights): a cached folder made by an
+# older converter is rebuilt. 2: tokenizer EOS = config EOS (<|im_end|>), top-level rope_theta.
+CONVERTER_VERSION = 2
+
+
 def _convert_bundled(name: str, progress) -> Path:
     out = bundled_folder(name)
-    if (out / "quantgate-source.json").is_file():
+    src = out / "quantgate-source.json"
+    if src.is_file() and json.loads(src.read_text()).get("converter") == CONVERTER_VERSION:
         return out
     gguf_path = _bundled_file(name)
     progress(f"converting bundled model {name} from GGUF to safetensors (once) → {out}")
@@ -120,8 +126,14 @@ def _convert_bundled(name: str, progress) -> Path:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        # the GGUF metadata names <|im_start|> as EOS while the model (config and generation
+        # config) ends its turns with id 2, <|im_end|>: one EOS everywhere
+        eos_id = model.config.eos_token_id
+        if isinstance(eos_id, int) and tok.eos_token_id != eos_id:
+            tok.eos_token = tok.convert_ids_to_tokens(eos_id)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        make_config_portable(tmp)
         atomic_write_json(
             tmp / "quantgate-source.json",
             {
@@ -131,6 +143,7 @@ def _convert_bundled(name: str, progress) -> Path:
                 "gguf_sha256": sha256_file(gguf_path),
                 "weights_sha256": weights_sha256(tmp),
                 "license": BUNDLED[name].license,
+                "converter": CONVERTER_VERSION,
             },
         )
     return out
@@ -251,6 +264,39 @@ def model_identity(folder: Path) -> str:
     if src.is_file():
         return json.loads(src.read_text())["weights_sha256"]
     return weights_sha256(folder)
+
+
+def make_config_portable(folder: Path) -> None:
+    """Make a checkpoint's config.json read the same in transformers 4.x and 5.x.
+
+    transformers 5 writes `rope_parameters: {rope_theta: ...}` only; 4.57 (auto-gptq, TGI, older
+    vLLM) ignores that and silently uses rope_theta 10000. Also drops GPTQModel's temporary
+    offload folder, a path on the machine that quantized, from the quantization config.
+    """
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text())
+    before = json.dumps(cfg, sort_keys=True)
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in cfg:
+        cfg["rope_theta"] = rope["rope_theta"]
+    if isinstance(cfg.get("quantization_config"), dict):
+        _drop_local_paths(cfg["quantization_config"])
+    if json.dumps(cfg, sort_keys=True) != before:
+        atomic_write_json(path, cfg)
+    qpath = Path(folder) / "quantize_config.json"
+    if qpath.is_file():
+        q = json.loads(qpath.read_text())
+        before = json.dumps(q, sort_keys=True)
+        _drop_local_paths(q)
+        if json.dumps(q, sort_keys=True) != before:
+            atomic_write_json(qpath, q)
+
+
+def _drop_local_paths(qc: dict) -> None:
+    meta = qc.get("meta") if isinstance(qc.get("meta"), dict) else qc
+    meta.pop("offload_to_disk_path", None)
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:

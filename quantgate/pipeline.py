@@ -7,12 +7,14 @@ can be resumed, inspected and logged after the fact.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from . import __version__
 from .data import build_calibration
 from .errors import QuantgateError
 from .models import model_identity, resolve
+from .progress import EVAL_STAGES, History, RunView
 from .quantize.runner import needs_calibration, run_candidate
 from .recipe import Recipe
 from .util import atomic_write_json
@@ -60,23 +62,51 @@ def prepare(recipe: Recipe, ws: Workspace, log=print) -> tuple[Path, dict, Path 
 
 
 def quantize(recipe: Recipe, ws: Workspace, *, only: list[str] | None = None, device: str = "cpu",
-             force: bool = False, log=print, on_result=None) -> list[CandidateResult]:
+             force: bool = False, log=print, on_result=None, view=None, echo=None) -> list[CandidateResult]:
+    """Make each candidate's checkpoint (resuming). `view`: the run's state table (a plain one by
+    default); `echo`: where --verbose shows the workers' own output (else only their log files)."""
     chosen = select(recipe, only)
-    source, meta, calib_file = prepare(recipe, ws, log)
-    results: list[CandidateResult] = []
+    view = view or run_view(recipe, chosen, log)
+    t0 = time.perf_counter()
+    source, meta, calib_file = prepare(recipe, ws, view.message)
     run = ws.run(recipe)
+    run.add_timing("prepare", "-", time.perf_counter() - t0, "done")
+    results: list[CandidateResult] = []
     for spec in chosen:
-        log(f"→ {spec.name} ({spec.method})")
+        t0 = time.perf_counter()
         res = run_candidate(
             spec, source=source, calibration_file=calib_file if needs_calibration(spec) else None,
-            artifacts=ws.artifacts, meta=meta, device=device, force=force, log=log,
+            artifacts=ws.artifacts, meta=meta, device=device, force=force, log=lambda *_: None,
+            log_file=run.log_file(spec.name, "quantize"), echo=echo,
+            on_start=lambda n=spec.name, m=spec.method: view.set(n, "quantize", "running", detail=m),
         )
+        view.set(spec.name, "quantize", res.status, detail=_failure(res.error, run.log_file(spec.name, "quantize")))
+        run.add_timing("quantize", spec.name, time.perf_counter() - t0, res.status)
         results.append(res)
         # written after every candidate: an interrupted run keeps what it finished
         run.write_quantize(recipe, results)
         if on_result:
             on_result(res)
     return results
+
+
+def _failure(error: str | None, log_file: Path) -> str:
+    return f"{error.splitlines()[0][:160]} (log: {log_file})" if error else ""
+
+
+def eval_stages(recipe: Recipe) -> list[str]:
+    """The evaluation stages this recipe asks for, in the order the worker runs them."""
+    e = recipe.evaluation
+    asked = {"perplexity": e.perplexity, "regression": e.regression, "lm_eval": e.lm_eval and e.lm_eval.tasks,
+             "offline": e.offline, "load_test": e.workload}
+    return [s for s in EVAL_STAGES if asked[s]]
+
+
+def run_view(recipe: Recipe, chosen, log=print, *, evaluate: bool = False, live: bool = False, console=None):
+    """The state table of a run: stages × the chosen candidates, ETA from this recipe's history."""
+    stages = ["quantize", *(eval_stages(recipe) if evaluate else [])]
+    return RunView([c.name for c in chosen], stages, History.for_recipe(recipe.name), live=live, write=log,
+                   console=console)
 
 
 def resolve_device(device: str) -> str:
@@ -114,17 +144,21 @@ def prompt_texts(recipe: Recipe) -> list[str]:
 
 
 def evaluate(recipe: Recipe, ws: Workspace, *, only: list[str] | None = None, device: str = "cpu",
-             force: bool = False, log=print) -> list[dict]:
+             force: bool = False, log=print, view=None, echo=None) -> list[dict]:
     """Quantize (resuming) and evaluate each candidate in its own process; returns the records."""
     from .isolate import run_in_child
 
-    results = quantize(recipe, ws, only=only, device=device, log=log)
+    view = view or run_view(recipe, select(recipe, only), log, evaluate=True)
+    results = quantize(recipe, ws, only=only, device=device, log=log, view=view, echo=echo)
     run = ws.run(recipe)
     texts = prompt_texts(recipe)
+    stages = eval_stages(recipe)
     records = []
     for res in results:
         spec = recipe.candidate(res.name)
         if res.status == "failed":
+            for s in stages:
+                view.set(res.name, s, "skipped")
             records.append({"name": res.name, "method": res.method, "error": f"quantization failed: {res.error}"})
             continue
         key = eval_key(recipe, spec, res.record)
@@ -132,20 +166,31 @@ def evaluate(recipe: Recipe, ws: Workspace, *, only: list[str] | None = None, de
         # candidate list re-gates without re-measuring
         cached = ws.evaluation_cache(key)
         if not force and (hit := read_json(cached)) is not None:
-            log(f"✓ {res.name}: already evaluated with these settings")
+            for s in stages:
+                view.set(res.name, s, "cached")
             rec = {**hit, "name": res.name}
             run.write_evaluation(res.name, rec)
             records.append(rec)
             continue
-        log(f"→ evaluating {res.name}")
         job = {
             "candidate": {"name": res.name, "method": res.method, "artifact": res.artifact},
             "evaluation": recipe.evaluation.model_dump(mode="json"),
             "engine": recipe.evaluation.engines[spec.engine].model_dump(mode="json"),
             "device": device, "eval_key": key, "prompt_texts": texts,
         }
-        got = run_in_child("quantgate.evaluate.worker", job, run.evaluate_dir)
+        t0 = time.perf_counter()
+        log_file = run.log_file(res.name, "evaluate")
+        got = run_in_child("quantgate.evaluate.worker", job, run.evaluate_dir, log_file=log_file,
+                           on_event=lambda ev, n=res.name: view.set(n, ev.pop("stage"), ev.pop("state"), **ev), echo=echo)
+        run.add_timing("evaluate", res.name, time.perf_counter() - t0, "failed" if got.get("error") else "done",
+                       (got.get("record") or {}).get("timings_s"))
         if got.get("error"):
+            for s in stages:  # the stage that broke is failed; the ones it never reached are skipped
+                cell = view.cells.get((res.name, s))
+                if cell and cell.state == "running":
+                    view.set(res.name, s, "failed", detail=_failure(got["error"], log_file))
+                elif cell and cell.state == "queued":
+                    view.set(res.name, s, "skipped")
             rec = {"name": res.name, "method": res.method, "error": got["error"]}
         else:
             rec = got["record"]

@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import warnings
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import QuantgateError, require
@@ -58,6 +60,7 @@ class TrackingResult:
     registered_model: str | None = None
     versions: dict[str, str] = field(default_factory=dict)  # candidate → model version
     ui_hint: str = ""
+    fingerprint: str = ""  # what was logged; the same again logs nothing new
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,16 +103,23 @@ def log_run(recipe, workspace: Path, run_dir: Path, *, quantize_results: list[di
 
     from . import plots
 
+    _quiet_mlflow()
     uri = uri or tracking_uri(recipe, workspace)
     run = RunFolder(Path(run_dir))
     check_reachable(uri, run_dir)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     exp_name = recipe.tracking.experiment or f"quantgate/{recipe.name}"
+    fingerprint = run_fingerprint(recipe, quantize_results, records, comparison)
+    if (same := already_logged(client, run, uri, fingerprint)) is not None:
+        log(f"MLflow: nothing new since parent run {same.parent_run_id}; not logged again")
+        return same
     try:
         exp = client.get_experiment_by_name(exp_name)
         exp_id = exp.experiment_id if exp else client.create_experiment(
             exp_name, artifact_location=artifact_root(workspace) if uri.startswith("sqlite") else None)
+        # MLflow 3 opens GenAI experiments on an (empty) traces overview; this one is about runs
+        client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
     except Exception as exc:  # an unreachable server: every result stays local; `quantgate track` later
         raise QuantgateError(f"MLflow at {uri} is not reachable ({type(exc).__name__}); results are kept in "
                              f"{run_dir}; log them later with: quantgate track {run_dir}") from None
@@ -118,16 +128,28 @@ def log_run(recipe, workspace: Path, run_dir: Path, *, quantize_results: list[di
     verdicts = {c["name"]: c for c in comparison["candidates"]}
     tags = {"quantgate.recipe": recipe.name, "quantgate.recipe_hash": recipe.recipe_hash,
             "quantgate.model": recipe.model.ref, "quantgate.recommended": str(comparison.get("recommended"))}
+    parent_tags = {"quantgate.why": comparison.get("why", "")[:5000], "quantgate.gates": gate_summary(comparison),
+                   "mlflow.note.content": parent_description(comparison, run)}
     if calib_hash:
         tags["quantgate.calib_hash"] = calib_hash
     if commit := _git_commit():
         tags["mlflow.source.git.commit"] = commit
     versions = next((q["record"].get("versions") for q in quantize_results if q.get("record")), {}) or {}
 
-    result = TrackingResult(uri, exp_name, exp_id, "")
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"{recipe.name}@{recipe.recipe_hash[:8]}",
-                          tags={**tags, "quantgate.kind": "recipe"}) as parent:
+    result = TrackingResult(uri, exp_name, exp_id, "", fingerprint=fingerprint)
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
+    n = 1 + len(client.search_runs([exp_id], f"tags.`quantgate.recipe_hash` = '{recipe.recipe_hash}' "
+                                             "and tags.`quantgate.kind` = 'recipe'"))
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"{recipe.name}@{recipe.recipe_hash[:8]} #{n} ({when} UTC)",
+                          tags={**tags, **parent_tags, "quantgate.kind": "recipe"}) as parent:
         result.parent_run_id = parent.info.run_id
+        mlflow.log_metrics(parent_metrics(comparison))
+        with warnings.catch_warnings():  # pandas' dtype deprecation notices inside MLflow
+            warnings.simplefilter("ignore")
+            mlflow.log_table(data=comparison_table_data(comparison), artifact_file="comparison_table.json")
+        for card in (run.engine_card_report, run.engine_card):
+            if card.is_file():
+                mlflow.log_artifact(str(card), artifact_path="engine_card")
         params = flatten(recipe.model_dump(mode="json", exclude={"candidates"}))
         params.update({f"version.{k}": v for k, v in versions.items()})
         mlflow.log_params({_mlflow_key(k)[:250]: str(v)[:6000] for k, v in list(params.items())[:400]})
@@ -148,14 +170,20 @@ def log_run(recipe, workspace: Path, run_dir: Path, *, quantize_results: list[di
             ctags = {**tags, "quantgate.kind": "candidate", "quantgate.candidate": name, "quantgate.method": spec.method,
                      "quantgate.passed": str(v.get("passed", False)),
                      "quantgate.recommended_candidate": str(name == comparison.get("recommended"))}
+            ctags["mlflow.note.content"] = candidate_description(name, v, comparison)
             with mlflow.start_run(experiment_id=exp_id, run_name=name, nested=True, tags=ctags) as child:
                 result.child_run_ids[name] = child.info.run_id
-                mlflow.log_params({_mlflow_key(k): str(val)[:6000] for k, val in flatten(spec.model_dump(mode="json")).items()})
+                mlflow.log_params(candidate_params(spec, (by_q.get(name) or {}).get("record") or {}))
                 mlflow.log_metrics({_mlflow_key(k): val for k, val in _numeric(rec.get("metrics", {})).items()})
                 mlflow.log_metrics({_mlflow_key(f"recovery/{k}"): val for k, val in _numeric(v.get("recovery", {})).items()})
-                for g in v.get("gates", []):
-                    mlflow.log_metric(_mlflow_key(f"gate/{g['metric']}"), 1.0 if g["passed"] else 0.0)
-                    mlflow.set_tag(_mlflow_key(f"gate.{g['metric']}"), g["reason"][:5000])
+                gates = v.get("gates", [])
+                mlflow.log_metrics({"gates_passed": float(sum(g["passed"] for g in gates)),
+                                    "gates_failed": float(sum(not g["passed"] for g in gates))})
+                for g in gates:
+                    if isinstance(g.get("value"), (int, float)):  # what the rule compared, beside its threshold
+                        mlflow.log_metric(_mlflow_key(f"gate/{g['metric']}/value"), float(g["value"]))
+                    mlflow.set_tag(_mlflow_key(f"gate.{g['metric']}"),
+                                   ("pass: " if g["passed"] else "FAIL: ") + g["reason"][:4990])
                 if rec.get("error"):
                     mlflow.set_tag("quantgate.error", rec["error"][:5000])
                 art = (by_q.get(name) or {}).get("artifact")
@@ -183,28 +211,153 @@ def log_run(recipe, workspace: Path, run_dir: Path, *, quantize_results: list[di
 
 def register_passing(client, result: TrackingResult, comparison: dict, by_q: dict, recipe_hash: str) -> dict[str, str]:
     """Register every candidate that passes its gates; alias the recommended one `challenger`."""
-    name = result.registered_model
-    try:
-        client.get_registered_model(name)
-    except Exception:
-        client.create_registered_model(name, tags={"quantgate.recipe_hash": recipe_hash})
     versions = {}
     for c in comparison["candidates"]:
         art = (by_q.get(c["name"]) or {}).get("artifact")
         if not c.get("passed") or not art:
             continue
-        run_id = result.child_run_ids.get(c["name"])
-        mv = client.create_model_version(
-            name, source=f"runs:/{run_id}/checkpoint", run_id=run_id,
-            tags={"quantgate.candidate": c["name"], "quantgate.method": c.get("method", ""),
-                  "quantgate.recipe_hash": recipe_hash, "quantgate.artifact_uri": Path(art).resolve().as_uri()},
-            description=f"{c['name']} ({c.get('method', '')}) from recipe run {result.parent_run_id}",
-        )
-        versions[c["name"]] = str(mv.version)
+        passed = "; ".join(g["reason"] for g in c.get("gates", [])) or "no gates"
+        versions[c["name"]] = register_candidate(
+            client, result.registered_model, result.child_run_ids.get(c["name"]), c["name"], c.get("method", ""),
+            recipe_hash, art, result.parent_run_id, gates=f"passed every gate: {passed}")
     rec = comparison.get("recommended")
     if rec in versions:
-        client.set_registered_model_alias(name, "challenger", versions[rec])
+        client.set_registered_model_alias(result.registered_model, "challenger", versions[rec])
     return versions
+
+
+def register_candidate(client, model: str, run_id: str, name: str, method: str, recipe_hash: str, artifact: str,
+                       parent_run_id: str, *, gates: str) -> str:
+    """One registry version for one candidate's checkpoint; the same checkpoint is never registered twice."""
+    if isinstance(client, str):
+        require("mlflow", what="MLflow registry", extra="track")
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(client)
+    try:
+        client.get_registered_model(model)
+    except Exception:
+        client.create_registered_model(model, tags={"quantgate.recipe_hash": recipe_hash})
+    art_uri = Path(artifact).resolve().as_uri()
+    for mv in client.search_model_versions(f"name='{model}'"):
+        if mv.tags.get("quantgate.artifact_uri") == art_uri and mv.tags.get("quantgate.candidate") == name:
+            return str(mv.version)
+    mv = client.create_model_version(
+        model, source=f"runs:/{run_id}/checkpoint", run_id=run_id,
+        tags={"quantgate.candidate": name, "quantgate.method": method, "quantgate.recipe_hash": recipe_hash,
+              "quantgate.artifact_uri": art_uri},
+        description=(f"{name} ({method}) from recipe run {parent_run_id} (recipe_hash {recipe_hash[:12]}); "
+                     f"checkpoint {art_uri}; {gates}")[:5000],
+    )
+    return str(mv.version)
+
+
+# ------------------------------------------------------------------ what a reviewer reads
+def run_fingerprint(recipe, quantize_results: list[dict], records: list[dict], comparison: dict) -> str:
+    from .recipe import stable_hash
+
+    return stable_hash({"recipe": recipe.recipe_hash, "comparison": comparison,
+                        "artifacts": sorted((q["name"], q.get("artifact") or "") for q in quantize_results),
+                        "evaluations": sorted((r["name"], r.get("eval_key") or r.get("error") or "") for r in records)})
+
+
+def already_logged(client, run: RunFolder, uri: str, fingerprint: str) -> TrackingResult | None:
+    """The earlier logging of exactly these results, if its parent run still exists in this store."""
+    got = run.tracking()
+    if not got:
+        return None
+    try:
+        prev = TrackingResult(**got)
+    except (TypeError, ValueError):
+        return None
+    if prev.uri != uri or prev.fingerprint != fingerprint:
+        return None
+    try:
+        return prev if client.get_run(prev.parent_run_id).info.lifecycle_stage == "active" else None
+    except Exception:
+        return None
+
+
+def gate_summary(comparison: dict) -> str:
+    out = []
+    for c in comparison["candidates"]:
+        if c["name"] == comparison.get("baseline"):
+            continue
+        failed = [g["metric"] for g in c.get("gates", []) if not g["passed"]]
+        out.append(f"{c['name']}: " + ("error" if c.get("error") else "FAIL " + ",".join(failed) if failed else "pass"))
+    return "; ".join(out)[:5000]
+
+
+def parent_description(comparison: dict, run: RunFolder) -> str:
+    """The parent run's description (MLflow's note): the answer first, then the table and gates."""
+    rec = comparison.get("recommended")
+    head = [f"**Recommended: {rec}** — {comparison.get('why', '')}" if rec else "**No candidate passes every gate.**", ""]
+    for c in comparison["candidates"]:
+        for g in c.get("gates", []):
+            if not g["passed"]:
+                head.append(f"- ❌ `{c['name']}` fails {g['rule']} on `{g['metric']}`: {g['reason']}")
+    md = run.compare_report
+    body = md.read_text() if md.is_file() else ""
+    return ("\n".join(head) + "\n\n" + body)[:20000]
+
+
+def candidate_description(name: str, verdict: dict, comparison: dict) -> str:
+    lines = [f"**{name}** ({verdict.get('method', '')})"
+             + (" — recommended: " + comparison.get("why", "") if name == comparison.get("recommended") else ""), ""]
+    if verdict.get("error"):
+        lines.append(f"- ❌ error: {verdict['error']}")
+    for g in verdict.get("gates", []):
+        lines.append(f"- {'✅' if g['passed'] else '❌'} {g['rule']} on `{g['metric']}`: {g['reason']}")
+    return "\n".join(lines)[:5000]
+
+
+PARENT_METRICS = ("perplexity", "regression_pass_rate", "e2e_p95_ms", "ttft_p95_ms", "peak_rss_mb", "weights_mb",
+                  "usd_per_1m_output_tokens")
+
+
+def parent_metrics(comparison: dict) -> dict:
+    """The parent run's own numbers: how many pass, and the recommended candidate against the baseline."""
+    cands = [c for c in comparison["candidates"] if c["name"] != comparison.get("baseline")]
+    out = {"candidates_total": float(len(cands)), "candidates_passing": float(sum(bool(c.get("passed")) for c in cands))}
+    by = {c["name"]: c for c in comparison["candidates"]}
+    for role, name in (("recommended", comparison.get("recommended")), ("baseline", comparison.get("baseline"))):
+        m = (by.get(name) or {}).get("metrics") or {}
+        out.update({f"{role}_{k}": v for k, v in _numeric({k: m.get(k) for k in PARENT_METRICS}).items()})
+    return out
+
+
+def comparison_table_data(comparison: dict) -> dict:
+    """The comparison as columns for mlflow.log_table (rendered as a table in the run's artifacts)."""
+    keys = ["perplexity", "regression_pass_rate", "ttft_p95_ms", "tpot_p50_ms", "e2e_p50_ms", "e2e_p95_ms",
+            "e2e_p99_ms", "load_requests_n", "output_tok_s", "weights_mb", "peak_rss_mb", "usd_per_1m_output_tokens"]
+    keys += sorted({k for c in comparison["candidates"] for k in (c.get("metrics") or {}) if k.startswith("lm_eval/")})
+    rows = comparison["candidates"]
+    data = {"candidate": [c["name"] for c in rows], "method": [c.get("method", "") for c in rows],
+            "verdict": ["baseline" if c["name"] == comparison.get("baseline") else
+                        "error" if c.get("error") else "pass" if c.get("passed") else
+                        "FAIL " + ",".join(g["metric"] for g in c.get("gates", []) if not g["passed"]) for c in rows],
+            "recommended": [c["name"] == comparison.get("recommended") for c in rows]}
+    for k in keys:
+        data[k] = [(c.get("metrics") or {}).get(k) for c in rows]
+    return data
+
+
+def candidate_params(spec, record: dict) -> dict:
+    """Params that line up across candidates in MLflow's compare view (one set of names for all)."""
+    d = spec.model_dump(mode="json")
+    params = {k: d.get(k) for k in ("method", "bits", "group_size", "sym", "act_order", "damp_percent", "n_samples",
+                                     "backend", "dtype", "engine")}
+    params.update(format=record.get("format"), quantized_modules=record.get("quantized_modules"),
+                  skip=",".join(d.get("skip") or []) or None)
+    return {k: ("-" if v is None else str(v)) for k, v in params.items()}
+
+
+def _quiet_mlflow() -> None:
+    """MLflow's and alembic's INFO lines (store migrations, run URLs) are not the run's story."""
+    import logging
+
+    for name in ("mlflow", "alembic", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def set_aliases(uri: str, model: str, aliases: dict[str, str | None]) -> None:

@@ -136,6 +136,15 @@ class RunFolder:
         return self.path / "plots"
 
     @property
+    def timings_file(self) -> Path:
+        """Wall time of every step of every run of this folder (bench/main_job.py reads it)."""
+        return self.path / "timings.json"
+
+    def log_file(self, name: str, stage: str) -> Path:
+        """Everything one worker printed (its libraries' banners, warnings, progress bars)."""
+        return self.path / "logs" / f"{name}.{stage}.log"
+
+    @property
     def evaluate_dir(self) -> Path:
         return self.path / "evaluate"
 
@@ -200,6 +209,12 @@ class RunFolder:
 
     def comparison(self, required: bool = True) -> dict | None:
         return self._require(self.compare_file) if required else read_json(self.compare_file)
+
+    def add_timing(self, stage: str, candidate: str, wall_s: float, status: str, parts: dict | None = None) -> None:
+        data = read_json(self.timings_file) or {"stages": []}
+        data["stages"].append({"stage": stage, "candidate": candidate, "wall_s": round(wall_s, 2), "status": status,
+                               **({"parts_s": parts} if parts else {})})
+        atomic_write_json(self.timings_file, data)
 
     def write_tracking(self, tracking: dict) -> None:
         atomic_write_json(self.tracking_file, tracking)

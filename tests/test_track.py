@@ -61,9 +61,24 @@ def check_logged(uri, res, comp):
         a.path for a in client.list_artifacts(res.parent_run_id, "plots")}
     assert {"recipe.yaml", "compare.json", "plots/pareto.png", "plots/latency.png"} <= arts
     child = client.get_run(res.child_run_ids["gptq4"])
-    assert child.data.metrics["perplexity"] == 18.0 and child.data.metrics["gate/perplexity"] == 1.0
+    assert child.data.metrics["perplexity"] == 18.0 and child.data.metrics["gates_failed"] == 0
+    assert child.data.tags["gate.perplexity"].startswith("pass: ")
     assert child.data.params["method"] == "gptq" and child.data.tags["mlflow.parentRunId"] == res.parent_run_id
-    assert client.get_run(res.child_run_ids["rtn4"]).data.metrics["gate/perplexity"] == 0.0
+    # every candidate has the same parameter names, so MLflow's compare view lines them up
+    assert set(child.data.params) == set(client.get_run(res.child_run_ids["base"]).data.params)
+    rtn = client.get_run(res.child_run_ids["rtn4"]).data
+    assert rtn.metrics["gates_failed"] == 1 and rtn.tags["gate.perplexity"].startswith("FAIL: perplexity recovery")
+    assert "short by" in rtn.tags["mlflow.note.content"]
+    # the reviewer's answer without opening files: the experiment opens on runs, the parent says it
+    exp = client.get_experiment(res.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    p = client.get_run(res.parent_run_id).data
+    assert p.tags["mlflow.note.content"].startswith("**Recommended: gptq4**") and "rtn4" in p.tags["mlflow.note.content"]
+    assert p.tags["quantgate.gates"] == "rtn4: FAIL perplexity; gptq4: pass"
+    assert p.metrics["candidates_passing"] == 1 and p.metrics["recommended_perplexity"] == 18.0
+    assert "comparison_table.json" in arts
+    mv = client.get_model_version("demo", res.versions["gptq4"])
+    assert res.parent_run_id in mv.description and "passed every gate" in mv.description
     # registry: passing candidates only; the recommended one is the challenger
     assert set(res.versions) == {"base", "gptq4"} and comp["recommended"] == "gptq4"
     mv = client.get_model_version_by_alias("demo", "challenger")
@@ -76,6 +91,20 @@ def test_logs_to_embedded_sqlite_store(tmp_path):
     assert res.uri.startswith("sqlite:///") and (ws / "mlflow.db").is_file()
     check_logged(res.uri, res, comp)
     assert json.loads((run_dir / "tracking.json").read_text())["parent_run_id"] == res.parent_run_id
+    # a resume that changed nothing logs nothing new: no second parent run, no new model versions
+    again = log_run(recipe, ws, run_dir, quantize_results=q, records=records, comparison=comp, log=lambda *_: None)
+    from mlflow.tracking import MlflowClient as _C
+
+    c = _C(res.uri)
+    assert again.parent_run_id == res.parent_run_id and again.versions == res.versions
+    assert len(c.search_runs([res.experiment_id], "tags.`quantgate.kind` = 'recipe'")) == 1
+    assert len(c.search_model_versions("name='demo'")) == 2
+    # a changed result is a new parent run with its own name; the same checkpoints keep their versions
+    comp2 = {**comp, "why": comp["why"] + " (re-gated)"}
+    third = log_run(recipe, ws, run_dir, quantize_results=q, records=records, comparison=comp2, log=lambda *_: None)
+    parents = c.search_runs([res.experiment_id], "tags.`quantgate.kind` = 'recipe'")
+    assert third.parent_run_id != res.parent_run_id and len({r.info.run_name for r in parents}) == 2
+    assert third.versions == res.versions and len(c.search_model_versions("name='demo'")) == 2
     set_aliases(res.uri, "demo", {"champion": res.versions["gptq4"], "previous": res.versions["base"]})
     from mlflow.tracking import MlflowClient
 

@@ -9,6 +9,7 @@ Any other name is passed to lm-eval as is (it must be able to reach that task's 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -110,8 +111,30 @@ def run_tasks(model, tokenizer, spec, task_dir: Path | None = None) -> dict[str,
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
         out = simple_evaluate(model=lm, tasks=list(spec.tasks), limit=spec.limit, num_fewshot=spec.num_fewshot,
                               task_manager=tm, log_samples=False, bootstrap_iters=0)
+    return task_scores(out)
+
+
+def task_scores(out: dict) -> dict[str, dict[str, float]]:
+    """lm-eval's results → {task: {metric: value, metric_stderr: ..., n: samples}}.
+
+    With bootstrap off lm-eval leaves stderr out; for accuracies (a mean of 0/1 outcomes) the
+    binomial standard error sqrt(p(1-p)/(n-1)) is what it would report.
+    """
     scores: dict[str, dict[str, float]] = {}
+    n_samples = out.get("n-samples") or {}
     for task, metrics in out["results"].items():
-        scores[task] = {k.split(",")[0]: float(v) for k, v in metrics.items()
-                        if isinstance(v, (int, float)) and "stderr" not in k and k.split(",")[0] not in ("alias", "sample_len")}
+        vals = {k.split(",")[0]: float(v) for k, v in metrics.items()
+                if isinstance(v, (int, float)) and "stderr" not in k and k.split(",")[0] not in ("alias", "sample_len")}
+        errs = {k.split(",")[0].replace("_stderr", ""): float(v) for k, v in metrics.items()
+                if "_stderr" in k and isinstance(v, (int, float))}
+        n = (n_samples.get(task) or {}).get("effective")
+        task_out = dict(vals)
+        for m, v in vals.items():
+            if m in errs and errs[m] == errs[m]:
+                task_out[f"{m}_stderr"] = errs[m]
+            elif n and n > 1 and m.startswith("acc") and 0 <= v <= 1:
+                task_out[f"{m}_stderr"] = math.sqrt(v * (1 - v) / (n - 1))
+        if n:
+            task_out["n"] = float(n)
+        scores[task] = task_out
     return scores

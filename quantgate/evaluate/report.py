@@ -20,6 +20,26 @@ COLUMNS = [
 ]
 
 
+def columns(comp: Comparison) -> list[tuple[str, str, str]]:
+    """COLUMNS, then one accuracy column per lm-eval task that was measured (with its n)."""
+    cols = list(COLUMNS)
+    seen = {}
+    for v in comp.candidates:
+        for k, val in v.metrics.items():
+            parts = k.split("/")
+            if len(parts) == 3 and parts[0] == "lm_eval" and parts[2] in ("acc", "exact_match", "acc_norm"):
+                task = parts[1]
+                if task not in seen or parts[2] == "acc":
+                    n = v.metrics.get(f"lm_eval/{task}/n")
+                    seen[task] = (k, f"{task} {parts[2]}" + (f" (n={n:.0f})" if n else ""), "{:.2f}")
+    return cols + list(seen.values())
+
+
+def latency_n(comp: Comparison) -> str:
+    ns = {int(v.metrics["load_requests_n"]) for v in comp.candidates if v.metrics.get("load_requests_n")}
+    return f"; latency percentiles over n={'/'.join(map(str, sorted(ns)))} requests each" if ns else ""
+
+
 def _fmt(v, fmt):
     if v is None:
         return "–"
@@ -35,6 +55,9 @@ def _cell(metric, fmt, verdict, show_recovery=("perplexity", "regression_pass_ra
     r = verdict.recovery.get(metric)
     if metric in show_recovery and r is not None and verdict.name != "":
         s += f" ({r:.0%})"
+    se = verdict.metrics.get(f"{metric}_stderr")
+    if v is not None and se is not None:
+        s += f" ±{se:.2f}"
     return s
 
 
@@ -50,16 +73,17 @@ def _status(verdict, comp: Comparison) -> str:
 def comparison_table(comp: Comparison):
     from rich.table import Table
 
-    t = Table(title=f"candidates vs baseline '{comp.baseline}'  (recovery in brackets)")
+    cols = columns(comp)
+    t = Table(title=f"candidates vs baseline '{comp.baseline}'  (recovery in brackets{latency_n(comp)})")
     t.add_column("candidate")
     t.add_column("gates")
-    for _, head, _ in COLUMNS:
+    for _, head, _ in cols:
         t.add_column(head, justify="right")
     for v in comp.candidates:
         star = " ★" if v.name == comp.recommended else ""
         status = _status(v, comp)
         color = {"pass": "green", "baseline": "cyan", "error": "red"}.get(status, "red")
-        t.add_row(v.name + star, f"[{color}]{status}", *[_cell(m, f, v) for m, _, f in COLUMNS])
+        t.add_row(v.name + star, f"[{color}]{status}", *[_cell(m, f, v) for m, _, f in cols])
     return t
 
 
@@ -73,7 +97,8 @@ def failed_gate_lines(comp: Comparison) -> list[str]:
 
 
 def comparison_markdown(recipe, comp: Comparison, records: list[dict]) -> str:
-    heads = ["candidate", "method", "gates"] + [h for _, h, _ in COLUMNS]
+    cols = columns(comp)
+    heads = ["candidate", "method", "gates"] + [h for _, h, _ in cols]
     lines = [f"# {recipe.name}: candidates vs baseline `{comp.baseline}`", ""]
     if recipe.card.quality or recipe.card.latency or recipe.card.cost:
         lines += ["## Trade-off card", "", "| dimension | target |", "| --- | --- |"]
@@ -82,10 +107,10 @@ def comparison_markdown(recipe, comp: Comparison, records: list[dict]) -> str:
                 lines.append(f"| {k} | {getattr(recipe.card, k)} |")
         lines.append(f"| rollback | {recipe.card.rollback_to or comp.baseline} |")
         lines.append("")
-    lines += ["## Comparison", "", "| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
+    lines += ["## Comparison", "", f"Recovery in brackets{latency_n(comp)}.", "", "| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
     for v in comp.candidates:
         name = f"**{v.name}** ★" if v.name == comp.recommended else v.name
-        lines.append("| " + " | ".join([name, v.method, _status(v, comp)] + [_cell(m, f, v) for m, _, f in COLUMNS]) + " |")
+        lines.append("| " + " | ".join([name, v.method, _status(v, comp)] + [_cell(m, f, v) for m, _, f in cols]) + " |")
     lines += ["", f"**Recommended:** {comp.recommended or 'none'} — {comp.why}", "", "## Gates", ""]
     for v in comp.candidates:
         for g in v.gates:

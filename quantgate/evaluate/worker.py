@@ -11,17 +11,23 @@ import sys
 import time
 
 from ..isolate import child_main
+from ..progress import emit
 from ..recipe import EngineSpec, EvaluationSpec
 from . import memory
 from .cost import cost_metrics
 
 
-def _progress(label):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return lambda items: tqdm(list(items), desc=label, leave=False)
+def _progress(stage):
+    """Counts a stage's work items (perplexity batches) for the parent's view and ETA."""
+
+    def counted(items):
+        items = list(items)
+        for i, item in enumerate(items):
+            emit(stage, "progress", done=i, total=len(items))
+            yield item
+        emit(stage, "progress", done=len(items), total=len(items))
+
+    return counted
 
 
 async def _generate(engine, messages, max_tokens) -> str:
@@ -33,40 +39,87 @@ async def _generate(engine, messages, max_tokens) -> str:
     return "".join(parts)
 
 
+TIMINGS: dict[str, float] = {}
+
+
+class _stage:
+    """One evaluation stage: announced to the parent (running/done/failed or skipped when the recipe
+    does not ask for it) and its wall time kept in TIMINGS, the record bench/main_job.py reads."""
+
+    def __init__(self, name, active):
+        self.name, self.active = name, bool(active)
+
+    def __enter__(self):
+        emit(self.name, "running" if self.active else "skipped")
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, exc_type, *exc):
+        if self.active:
+            TIMINGS[self.name] = round(time.perf_counter() - self.t0, 2)
+            emit(self.name, "failed" if exc_type else "done")
+
+
 def quality(engine, spec: EvaluationSpec, name: str) -> tuple[dict, dict]:
     """Perplexity and the regression set on the in-process model; returns (section, flat metrics)."""
     from .quality import perplexity, perplexity_windows
     from .regression import grade, load_cases, summarize
 
     section, flat = {}, {}
+    with _stage("perplexity", spec.perplexity):
+        _perplexity(engine, spec, name, section, flat, perplexity, perplexity_windows)
+    with _stage("regression", spec.regression):
+        _regression(engine, spec, section, flat, grade, load_cases, summarize)
+    with _stage("lm_eval", spec.lm_eval and spec.lm_eval.tasks):
+        _lm_eval(engine, spec, section, flat)
+    return section, flat
+
+
+def _perplexity(engine, spec, name, section, flat, perplexity, perplexity_windows):
     if spec.perplexity:
         windows = perplexity_windows(engine.tokenizer, spec.perplexity)
-        res = perplexity(engine.model, windows, spec.perplexity.batch_size, _progress(f"{name} perplexity"))
+        res = perplexity(engine.model, windows, spec.perplexity.batch_size, _progress("perplexity"))
         section["perplexity"] = res.to_dict()
         flat["perplexity"] = res.perplexity
+
+
+def _regression(engine, spec, section, flat, grade, load_cases, summarize):
     if spec.regression:
         cases = load_cases(spec.regression.path)
-        results = [grade(c, asyncio.run(_generate(engine, c.messages(), spec.regression.max_tokens))) for c in cases]
+        results = [grade(c, asyncio.run(_generate(engine, c.messages(), spec.regression.max_tokens)))
+                   for c in _progress("regression")(cases)]
         reg = summarize(results)
         section["regression"] = reg.to_dict()
         flat["regression_pass_rate"] = reg.pass_rate
+
+
+def _lm_eval(engine, spec, section, flat):
     if spec.lm_eval and spec.lm_eval.tasks:
         from .lmeval import run_tasks
 
         scores = run_tasks(engine.model, engine.tokenizer, spec.lm_eval)
         section["lm_eval"] = scores
         flat.update({f"lm_eval/{task}/{m}": v for task, ms in scores.items() for m, v in ms.items()})
-    return section, flat
 
 
 def speed(engine, spec: EvaluationSpec, prompts_texts: list[str]) -> tuple[dict, dict]:
     section, flat = {}, {}
+    with _stage("offline", spec.offline and getattr(engine, "model", None) is not None):
+        _offline(engine, spec, section, flat)
+    with _stage("load_test", spec.workload):
+        _load_test(engine, spec, prompts_texts, section, flat)
+    return section, flat
+
+
+def _offline(engine, spec, section, flat):
     if spec.offline and getattr(engine, "model", None) is not None:
         from .engines.transformers_local import offline_timings
 
         off = offline_timings(engine.model, spec.offline.prompt_tokens, spec.offline.output_tokens, spec.offline.repeats)
         section["offline"] = off.to_dict()
         flat.update(prefill_ms=off.prefill_ms, decode_ms_per_token=off.decode_ms_per_token)
+
+
+def _load_test(engine, spec, prompts_texts, section, flat):
     if spec.workload:
         from .loadgen import PromptSource
 
@@ -82,7 +135,6 @@ def speed(engine, spec: EvaluationSpec, prompts_texts: list[str]) -> tuple[dict,
                                  output_tokens_per_s=agg["output_token_throughput"],
                                  mean_tokens_in=sum(r["tokens_in"] or 0 for r in ok) / max(len(ok), 1),
                                  mean_tokens_out=sum(r["tokens_out"] for r in ok) / max(len(ok), 1)))
-    return section, flat
 
 
 async def _load(engine, workload, prompts):
@@ -105,7 +157,7 @@ def _token_counter(engine):
 def load_metrics(report: dict) -> dict:
     """Flatten the load report's aggregates into the metric names gates use (e2e_p95_ms, ...)."""
     agg = report["aggregates"]
-    flat = {}
+    flat = {"load_requests_n": float(len(report.get("records") or []))}  # what every percentile rests on
     for metric in ("ttft", "tpot", "itl", "e2e"):
         for q in ("p50", "p95", "p99"):
             v = (agg.get(metric) or {}).get(q)  # summaries are already in milliseconds
@@ -126,7 +178,9 @@ def execute(job: dict) -> dict:
 
     t0 = time.perf_counter()
     local = TransformersEngine(cand["artifact"], device=job["device"], threads=engine_spec.threads)
+    t_load = time.perf_counter()
     asyncio.run(local.start())
+    TIMINGS["model_load"] = round(time.perf_counter() - t_load, 2)
     q_section, flat = quality(local, spec, cand["name"])
     speed_engine = local
     if engine_spec.kind == "openai":
@@ -143,7 +197,7 @@ def execute(job: dict) -> dict:
         "name": cand["name"], "method": cand["method"], "artifact": cand["artifact"],
         "engine": engine_spec.model_dump(mode="json"), "device": job["device"],
         "quality": q_section, "speed": s_section, "memory": mem, "metrics": flat,
-        "eval_key": job["eval_key"], "wall_s": round(time.perf_counter() - t0, 2),
+        "eval_key": job["eval_key"], "wall_s": round(time.perf_counter() - t0, 2), "timings_s": dict(TIMINGS),
     }
 
 

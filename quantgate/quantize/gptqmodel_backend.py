@@ -18,7 +18,9 @@ from .base import QuantizeContext, QuantizeOutcome
 
 def quantize_config_kwargs(spec) -> dict:
     """GPTQModel QuantizeConfig arguments for a candidate spec (pure: tested without the library)."""
-    kw = {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym, "lm_head": False}
+    # offload_to_disk: GPTQModel parks finished layers in a temporary folder by default (and wrote
+    # that folder's path into the checkpoint's config); the models quantgate quantizes on CPU fit in memory
+    kw = {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym, "lm_head": False, "offload_to_disk": False}
     if spec.method == "gptq":
         kw.update(desc_act=spec.act_order, damp_percent=spec.damp_percent, true_sequential=spec.true_sequential)
         if spec.act_order:

@@ -35,7 +35,8 @@ def find_existing(folder: Path) -> dict | None:
 
 
 def run_candidate(spec, *, source: Path, calibration_file: Path | None, artifacts: Path, meta: dict,
-                  device: str, force: bool = False, log=print) -> CandidateResult:
+                  device: str, force: bool = False, log=print, log_file: Path | None = None,
+                  echo=None, on_start=None) -> CandidateResult:
     key = candidate_key(spec, meta["model"]["identity"], meta.get("calib_hash"))
     target = artifact_dir(artifacts, spec, key)
     if not force and (rec := find_existing(target)):
@@ -49,7 +50,9 @@ def run_candidate(spec, *, source: Path, calibration_file: Path | None, artifact
         "device": device,
         "meta": {**meta, "candidate_key": key},
     }
-    res = run_in_child("quantgate.quantize.worker", job, artifacts, cwd=artifacts)
+    if on_start:
+        on_start()
+    res = run_in_child("quantgate.quantize.worker", job, artifacts, cwd=artifacts, log_file=log_file, echo=echo)
     if res.get("error"):
         return CandidateResult(spec.name, spec.method, "failed", error=res["error"])
     return CandidateResult(spec.name, spec.method, "done", str(target), record=res["record"])

@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import TypeAdapter
 
 from ..isolate import child_main
-from ..models import disk_size
+from ..models import disk_size, make_config_portable
 from ..recipe import CandidateSpec
 from ..util import atomic_dir, atomic_write_json, sha256_file
 from ..workspace import CANDIDATE_RECORD
@@ -33,6 +33,17 @@ class TqdmProgress:
 
     def log(self, msg):
         print(msg, flush=True)
+
+
+def packed_modules(folder: Path) -> int:
+    """Linear modules stored in a packed quantized layout (GPTQ and AWQ keep a `qweight` per module)."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            n += sum(1 for k in st.keys() if k.endswith(".qweight"))
+    return n
 
 
 def library_versions() -> dict:
@@ -68,6 +79,7 @@ def execute(job: dict) -> dict:
         t0 = time.perf_counter()
         outcome = quantizer.quantize(spec, ctx, tmp)
         wall = time.perf_counter() - t0
+        make_config_portable(tmp)
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.suffix in (".safetensors", ".json")}
         record = {
             "name": spec.name,
@@ -75,7 +87,7 @@ def execute(job: dict) -> dict:
             "params": spec.model_dump(mode="json"),
             "backend": quantizer.name,
             "format": outcome.format,
-            "quantized_modules": outcome.quantized_modules,
+            "quantized_modules": outcome.quantized_modules or packed_modules(tmp),
             "versions": {**library_versions(), **outcome.backend_versions},
             **job["meta"],
             "device": job["device"],

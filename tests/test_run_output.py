@@ -1,0 +1,77 @@
+"""`quantgate run` as CI sees it (output not a terminal), on a tiny model: quantgate's own lines only."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import yaml
+
+from .conftest import REPO
+
+STATE_LINE = re.compile(r"^\[(\d+)/(\d+) +\S+\] (\S+(?: test)?) +(\S+) +(queued|running|cached|done|failed|skipped)")
+
+
+def tiny_recipe(tmp_path, tiny_model, corpus_file):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about item {i}."}) + "\n" for i in range(3)))
+    regression = tmp_path / "reg.jsonl"
+    regression.write_text(json.dumps({"id": "any", "prompt": "Say something.",
+                                      "checks": [{"type": "min_len", "value": 1}]}) + "\n")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny-out",
+        "model": {"ref": str(tiny_model)},
+        "candidates": [{"name": "base", "method": "baseline", "dtype": "float32"},
+                       {"name": "rtn4", "method": "rtn", "bits": 4, "group_size": 32}],
+        "evaluation": {
+            "perplexity": {"path": str(corpus_file), "seq_len": 32, "max_windows": 4, "batch_size": 2},
+            "regression": {"path": str(regression), "max_tokens": 4},
+            "offline": {"prompt_tokens": 16, "output_tokens": 4, "repeats": 1},
+            "workload": {"requests": 2, "concurrency": 1, "prompts_file": str(prompts), "warmup_requests": 0,
+                         "mix": [{"name": "short", "prompt_tokens": 8, "output_tokens": 4}]},
+            "cost": {"usd_per_hour": 1.0},
+        },
+        "card": {"gates": [{"metric": "perplexity", "min_recovery": 0.5}, {"metric": "error_rate", "max": 0}]},
+    }))
+    return path
+
+
+def run_cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "quantgate", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, cwd=cwd, env=env)
+
+
+def test_piped_run_prints_one_line_per_state_change_logs_the_backend_and_ends_with_a_summary(
+        tmp_path, tiny_model, corpus_file):
+    recipe = tiny_recipe(tmp_path, tiny_model, corpus_file)
+    ws = tmp_path / "ws"
+    proc = run_cli("run", recipe, "-w", ws, "--no-track", "--device", "cpu", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "\r" not in out and "\x1b[" not in out  # no redraws, no colour codes in a log
+    states = [m.groups() for line in out.splitlines() if (m := STATE_LINE.match(line))]
+    # 2 candidates × (quantize + perplexity, regression, offline, load test): running, then done
+    cells = {(c, s) for _, _, s, c, _ in states}
+    assert len(cells) == 10
+    assert sorted(st for *_, st in states) == ["done"] * 10 + ["running"] * 10
+    assert states[-1][0] == states[-1][1] == "10"  # the counter reaches the total
+    for banner in ("GPTQModel", "Failed to load", "_pytree", "GenerationConfig", "it/s]", "Traceback"):
+        assert banner not in out, banner
+    assert "comparison" in out.lower() or "perplexity" in out
+    assert re.search(r"recommended: \S+ — ", out) and "quantgate promote " in out
+    run_dir = next((ws / "runs").iterdir())
+    logs = {p.name: p.read_text() for p in (run_dir / "logs").iterdir()}
+    assert set(logs) == {f"{c}.{s}.log" for c in ("base", "rtn4") for s in ("quantize", "evaluate")}
+    assert "baseline base: saving the source model as float32" in logs["base.quantize.log"]
+    timings = json.loads((run_dir / "timings.json").read_text())["stages"]
+    parts = {t["candidate"]: t["parts_s"] for t in timings if t["stage"] == "evaluate"}
+    assert set(parts["rtn4"]) >= {"model_load", "perplexity", "regression", "offline", "load_test"}
+
+    # a resume measures nothing again and says so, one line per step
+    again = run_cli("run", recipe, "-w", ws, "--no-track", "--device", "cpu", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    states = [m.groups() for line in (again.stdout + again.stderr).splitlines() if (m := STATE_LINE.match(line))]
+    assert sorted(st for *_, st in states) == ["cached"] * 10
