@@ -155,7 +155,7 @@ async def _load(url, spec, prompts, extra=None):
 
 
 def ceiling_point(url, server_pid, prompts, *, concurrency, requests, arrival="concurrency", rate=None):
-    from quantgate.evaluate.workload import LengthClass, WorkloadSpec
+    from quantgate.workload import LengthClass, WorkloadSpec
 
     spec = WorkloadSpec(requests=requests, concurrency=concurrency, arrival=arrival, rate=rate,
                         warmup_requests=min(200, requests), timeout_s=30,
@@ -179,7 +179,7 @@ def ceiling_point(url, server_pid, prompts, *, concurrency, requests, arrival="c
 
 
 def timing_point(url, prompts, *, concurrency, requests, ttft=0.020, gap=0.002):
-    from quantgate.evaluate.workload import LengthClass, WorkloadSpec
+    from quantgate.workload import LengthClass, WorkloadSpec
 
     spec = WorkloadSpec(requests=requests, concurrency=concurrency, warmup_requests=5, timeout_s=30,
                         mix=[LengthClass(name="tiny", prompt_tokens=16, output_tokens=4)])

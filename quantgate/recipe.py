@@ -8,25 +8,19 @@ line and the field, and suggest the nearest valid name for a typo.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from .documents import Spec, load_document, suggest
 from .errors import RecipeError
-from .evaluate.workload import WorkloadSpec
+from .workload import WorkloadSpec
 
 DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
-
-
-class Spec(BaseModel):
-    """Base for everything a user writes: unknown keys are errors, not silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # ----------------------------------------------------------------------------------- model
@@ -279,10 +273,10 @@ class Recipe(Spec):
             if c.engine not in self.evaluation.engines:
                 raise ValueError(f"candidate '{c.name}' names engine '{c.engine}', which evaluation.engines "
                                  f"does not define (defined: {', '.join(self.evaluation.engines)})"
-                                 + _suggest(c.engine, self.evaluation.engines))
+                                 + suggest(c.engine, self.evaluation.engines))
         if self.card.rollback_to and self.card.rollback_to not in seen:
             raise ValueError(f"card.rollback_to '{self.card.rollback_to}' is not a candidate"
-                             + _suggest(self.card.rollback_to, seen))
+                             + suggest(self.card.rollback_to, seen))
         if sum(c.method == "baseline" for c in self.candidates) > 1:
             raise ValueError("a recipe has at most one baseline candidate: every comparison is against it")
         return self
@@ -299,7 +293,7 @@ class Recipe(Spec):
                 return c
         raise RecipeError(
             f"recipe '{self.name}' has no candidate '{name}'"
-            + _suggest(name, [c.name for c in self.candidates])
+            + suggest(name, [c.name for c in self.candidates])
             + f"; candidates: {', '.join(c.name for c in self.candidates)}"
         )
 
@@ -322,108 +316,6 @@ def stable_hash(obj: Any) -> str:
 
 # ------------------------------------------------------------------------------- loading
 def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: no such recipe file (recipes/ holds examples)")
-    text = path.read_text(encoding="utf-8")
-    try:
-        root = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping with at least 'name' and 'candidates'")
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(format_validation_error(exc, path, root)) from None
-
-
-def format_validation_error(exc: ValidationError, path: Path, root) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = _strip_union_tags(err["loc"])
-        line = _line_of(root, loc)
-        where = f"{path}:{line}" if line else str(path)
-        field = ".".join(str(p) for p in loc) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            allowed = _allowed_fields(loc[:-1], err)
-            msg = f"unknown field '{loc[-1]}'" + _suggest(str(loc[-1]), allowed)
-            if allowed:
-                msg += f" (allowed: {', '.join(sorted(allowed))})"
-        elif err["type"] == "union_tag_invalid":
-            tag = str(err.get("ctx", {}).get("tag", ""))
-            line = _line_of(root, (*loc, "method")) or line
-            where = f"{path}:{line}"
-            msg = f"unknown method '{tag}'" + _suggest(tag, list(METHODS)) + f"; methods: {', '.join(METHODS)}"
-        lines.append(f"{where}: {field}: {msg}")
-    return "\n".join(lines)
-
-
-def _strip_union_tags(loc: tuple) -> tuple:
-    """pydantic puts the discriminator value in the location: candidates.2.gptq.bits → candidates.2.bits."""
-    out = []
-    for i, p in enumerate(loc):
-        if isinstance(p, str) and p in METHODS and i > 0 and isinstance(loc[i - 1], int):
-            continue
-        out.append(p)
-    return tuple(out)
-
-
-def _line_of(root, loc: tuple) -> int | None:
-    node, line = root, (root.start_mark.line + 1 if root is not None else None)
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                if k.value == part:
-                    line, node = k.start_mark.line + 1, v
-                    break
-            else:
-                return line
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            return line
-    return line
-
-
-def _allowed_fields(parent_loc: tuple, err: dict) -> list[str]:
-    model: Any = Recipe
-    for part in parent_loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return []
-        model = _model_of(field.annotation, part, err)
-        if model is None:
-            return []
-    return list(model.model_fields)
-
-
-def _model_of(annotation, part, err):
-    import typing
-
-    if part == "candidates":
-        # the failing candidate's own method decides which fields are allowed
-        method = None
-        for p in err["loc"]:
-            if p in SPEC_BY_METHOD:
-                method = p
-        return SPEC_BY_METHOD.get(method)
-    args = typing.get_args(annotation) or (annotation,)
-    for a in args:
-        inner = typing.get_args(a) or (a,)
-        for t in inner:
-            if isinstance(t, type) and issubclass(t, BaseModel):
-                return t
-    return None
-
-
-def _suggest(word: str, choices) -> str:
-    near = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
-    return f"; did you mean '{near[0]}'?" if near else ""
+    return load_document(path, Recipe, error=RecipeError, name="recipe",
+                         shape="a YAML mapping with at least 'name' and 'candidates'",
+                         hint=" (recipes/ holds examples)")

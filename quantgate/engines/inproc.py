@@ -28,7 +28,7 @@ def _hwm_mb() -> float | None:
 def execute(job: dict) -> dict:
     from ..evaluate.engines.transformers_local import TransformersEngine
     from ..evaluate.loadgen import PromptSource
-    from ..evaluate.workload import WorkloadSpec
+    from ..workload import WorkloadSpec
     from ..recipe import CostSpec
     from .matrix import measure
     from .spec import SweepSpec

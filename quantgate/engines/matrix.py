@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import QuantgateError
-from ..evaluate.workload import WorkloadSpec
+from ..workload import WorkloadSpec
 from ..formats import Artifact, expected
 from ..recipe import stable_hash
 from ..util import atomic_write_json

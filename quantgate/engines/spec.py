@@ -13,20 +13,16 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from ..errors import QuantgateError
-from ..evaluate.workload import WorkloadSpec
+from ..documents import Spec, load_document
+from ..workload import WorkloadSpec
 
 EngineKind = Literal["vllm", "llamacpp", "openai", "transformers"]
 LAUNCHED = ("vllm", "llamacpp")  # kinds this module starts as servers
 
 
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LaunchSpec(_Spec):
+class LaunchSpec(Spec):
     """One engine the matrix measures."""
 
     kind: EngineKind
@@ -55,7 +51,7 @@ class LaunchSpec(_Spec):
         return self
 
 
-class ExtraArtifactSpec(_Spec):
+class ExtraArtifactSpec(Spec):
     """A checkpoint measured beside the candidates: a GGUF file, the bundled model's own GGUF, a
     GGUF converted from a candidate's folder with llama.cpp's convert_hf_to_gguf.py, or a
     checkpoint folder made elsewhere (a quantgate artifact with candidate.json, or any folder
@@ -74,7 +70,7 @@ class ExtraArtifactSpec(_Spec):
         return self
 
 
-class SweepSpec(_Spec):
+class SweepSpec(Spec):
     """Concurrency levels tried in order, each a short closed-loop run of the same mix; the knee
     is the highest level whose requests still meet the SLOs."""
 
@@ -90,7 +86,7 @@ class SweepSpec(_Spec):
         return self
 
 
-class EngineSelectionSpec(_Spec):
+class EngineSelectionSpec(Spec):
     goal: Literal["latency", "throughput"] = Field(
         "latency", description="latency: lowest P95 TTFT/E2E within the SLOs; throughput: most goodput at the knee")
     engines: dict[str, LaunchSpec] = Field(default_factory=lambda: {"transformers": LaunchSpec(kind="transformers")},
@@ -111,26 +107,8 @@ class EngineSelectionSpec(_Spec):
 # ------------------------------------------------------------------------------- loading
 def load_selection(path: str | Path) -> EngineSelectionSpec:
     """An EngineSelectionSpec from YAML: the mapping itself or one under `engine_selection:`."""
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise QuantgateError(f"{p}: no such engine-selection file")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise QuantgateError(f"{p}{f':{mark.line + 1}' if mark else ''}: not valid YAML") from None
-    if isinstance(data, dict) and "engine_selection" in data:
-        data = data["engine_selection"] or {}
-    if not isinstance(data, dict):
-        raise QuantgateError(f"{p}: an engine-selection file is a mapping (goal, engines, sweep, ...)")
-    try:
-        return EngineSelectionSpec.model_validate(data)
-    except ValidationError as exc:
-        lines = [f"  {'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg'].removeprefix('Value error, ')}"
-                 for e in exc.errors()]
-        raise QuantgateError(f"{p}: invalid engine selection:\n" + "\n".join(lines)) from None
+    return load_document(path, EngineSelectionSpec, name="engine-selection", unwrap="engine_selection",
+                         shape="a mapping (goal, engines, sweep, ...)")
 
 
 def selection_for(recipe, path: str | Path | None = None) -> EngineSelectionSpec:

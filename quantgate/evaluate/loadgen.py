@@ -34,7 +34,7 @@ from ..errors import QuantgateError
 from ..util import iter_jsonl
 from .engines.base import Engine, GenerationRequest
 from .stats import Aggregates, RequestRecord, aggregate, tpot_of
-from .workload import LengthClass, WorkloadSpec
+from ..workload import LengthClass, WorkloadSpec
 
 __all__ = ["PromptSource", "RequestRecord", "LoadReport", "run_load", "kind_sequence", "arrival_offsets"]
 

@@ -40,62 +40,23 @@ FALLBACK_TEXT = [
 # ------------------------------------------------------------------------- workload
 def load_workload(path: Path):
     """A WorkloadSpec from YAML or JSON (a bare mapping, or one under a `workload:` key)."""
-    import yaml
-    from pydantic import ValidationError
+    from ..documents import load_document
+    from ..workload import WorkloadSpec
 
-    from .workload import WorkloadSpec
-
-    p = Path(path)
-    if not p.is_file():
-        raise QuantgateError(f"workload file {p} does not exist")
-    text = p.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except json.JSONDecodeError as exc:
-        raise QuantgateError(f"{p}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
-        raise QuantgateError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
-    if isinstance(data, dict) and set(data) == {"workload"}:
-        data = data["workload"]
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise QuantgateError(f"{p}: a workload file holds a mapping of fields, not a {type(data).__name__}")
-    try:
-        return WorkloadSpec.model_validate(data)
-    except ValidationError as exc:
-        raise QuantgateError(f"{p}: invalid workload:\n" + _explain(exc, WorkloadSpec)) from None
-
-
-def _explain(exc, model) -> str:
-    lines = []
-    for e in exc.errors():
-        loc = ".".join(str(x) for x in e["loc"])
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden" and len(e["loc"]) == 1:
-            msg += f" (fields: {', '.join(model.model_fields)})"
-        lines.append(f"  field '{loc}': {msg}" if loc else f"  {msg}")
-    return "\n".join(lines)
+    return load_document(path, WorkloadSpec, name="workload", unwrap="workload")
 
 
 def apply_overrides(spec, **options):
     """The workload with command-line options (name → value; None = not given) laid over it."""
-    from pydantic import ValidationError
-
-    from .workload import WorkloadSpec
+    from ..documents import validate
+    from ..workload import WorkloadSpec
 
     over = {k: v for k, v in options.items() if v is not None}
     if "duration_s" in over and "requests" not in over:
         over["requests"] = None  # --duration alone means: send for that long
     if not over:
         return spec
-    try:
-        return WorkloadSpec.model_validate({**spec.model_dump(), **over})
-    except ValidationError as exc:
-        raise QuantgateError("the command-line options make an invalid workload:\n"
-                             + _explain(exc, WorkloadSpec)) from None
+    return validate(WorkloadSpec, {**spec.model_dump(), **over}, "the workload with the command-line options")
 
 
 def load_prompts(spec, workload_file: Path | None, warn=print):
@@ -194,7 +155,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from ..util import atomic_write_json
-        from .workload import WorkloadSpec
+        from ..workload import WorkloadSpec
 
         err, out = Console(stderr=True), Console()
         spec = load_workload(workload) if workload else WorkloadSpec()

@@ -19,8 +19,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from ..documents import Spec, read_mapping, validate
 from ..errors import QuantgateError
 from ..util import atomic_write_text
 
@@ -29,12 +30,6 @@ SCHEMA_VERSION = 1
 
 class ManifestError(QuantgateError):
     """A manifest that cannot be read or does not validate; the message names the file and field."""
-
-
-class Spec(BaseModel):
-    """Base for everything a person writes: unknown keys are errors; values never change in place."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 # ------------------------------------------------------------------------------ providers
@@ -320,29 +315,16 @@ class Manifest(Spec):
 
 # ----------------------------------------------------------------------------------- I/O
 def parse_manifest(data: bytes | str, source: str | Path = "<manifest>") -> Manifest:
-    """Bytes → Manifest, or ManifestError naming `source` and the field."""
+    """Bytes → Manifest, or ManifestError naming `source`, the line and the field."""
     text = data.decode("utf-8") if isinstance(data, bytes) else data
-    suffix = Path(str(source)).suffix.lower()
-    try:
-        if suffix in (".yaml", ".yml"):
-            import yaml
-
-            obj = yaml.safe_load(text)
-        else:
-            obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{source}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
-    except Exception as exc:  # yaml.YAMLError, without importing yaml for JSON files
-        raise ManifestError(f"{source}: not valid YAML: {exc}") from None
-    if not isinstance(obj, dict):
-        raise ManifestError(f"{source}: a manifest is a mapping with at least 'active'")
+    # JSON unless named .yaml/.yml (a manifest from the wire has no suffix)
+    syntax = "yaml" if Path(str(source)).suffix.lower() in (".yaml", ".yml") else "json"
+    obj, root = read_mapping(text, source, error=ManifestError, name="manifest", syntax=syntax,
+                             shape="a mapping with at least 'active'")
     if obj.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
         raise ManifestError(f"{source}: schema_version: {obj.get('schema_version')!r} is not supported "
                             f"(this quantgate reads version {SCHEMA_VERSION})")
-    try:
-        return Manifest.model_validate(obj)
-    except ValidationError as exc:
-        raise ManifestError(format_errors(exc, source)) from None
+    return validate(Manifest, obj, source, root, error=ManifestError)
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -368,25 +350,3 @@ def write_manifest(path: str | Path, m: Manifest) -> None:
 
 def manifest_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-_UNION_TAGS = set(PROVIDER_KINDS)
-
-
-def format_errors(exc: ValidationError, source: str | Path) -> str:
-    """pydantic's errors as 'file: field.path: message' lines, one per problem."""
-    lines = []
-    for err in exc.errors():
-        # pydantic puts the union tag into the location (active.provider.mock.delay_ms): drop it
-        loc = [p for i, p in enumerate(err["loc"])
-               if not (isinstance(p, str) and p in _UNION_TAGS and i > 0 and err["loc"][i - 1] == "provider")]
-        field = ".".join(str(p) for p in loc) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = f"unknown field '{loc[-1]}'"
-        elif err["type"] == "union_tag_invalid":
-            msg = f"unknown provider kind {err.get('ctx', {}).get('tag')!r}; kinds: {', '.join(PROVIDER_KINDS)}"
-        elif err["type"] == "union_tag_not_found":
-            msg = f"missing 'kind'; kinds: {', '.join(PROVIDER_KINDS)}"
-        lines.append(f"{source}: {field}: {msg}")
-    return "\n".join(lines)

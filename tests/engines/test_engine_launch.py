@@ -95,7 +95,7 @@ def test_an_already_running_server_is_measured_without_a_launch(fake_cmd, tmp_pa
     from quantgate.engines.matrix import run_pair
     from quantgate.engines.spec import EngineSelectionSpec, LaunchSpec, SweepSpec
     from quantgate.evaluate.loadgen import PromptSource
-    from quantgate.evaluate.workload import LengthClass, WorkloadSpec
+    from quantgate.workload import LengthClass, WorkloadSpec
     from quantgate.workspace import RunFolder
 
     port = free_port()

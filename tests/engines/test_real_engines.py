@@ -29,7 +29,7 @@ def _need(kind: str) -> None:
 def _run_requests(kind: str, base_url: str, model: str, n: int = 4, concurrency: int = 2):
     from quantgate.engines.matrix import client
     from quantgate.evaluate.loadgen import run_load
-    from quantgate.evaluate.workload import LengthClass, WorkloadSpec
+    from quantgate.workload import LengthClass, WorkloadSpec
 
     w = WorkloadSpec(requests=n, concurrency=concurrency, warmup_requests=0, timeout_s=300,
                      mix=[LengthClass(name="short", prompt_tokens=32, output_tokens=8)])

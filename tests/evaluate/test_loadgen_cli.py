@@ -89,10 +89,10 @@ def test_unreachable_server_is_an_error_for_people(app, tmp_path):
 def test_bad_workload_files_name_the_file_and_field(tmp_path):
     p = tmp_path / "w.yaml"
     p.write_text("requests: 5\nconcurency: 3\n")
-    with pytest.raises(QuantgateError, match=r"w\.yaml: invalid workload:\n  field 'concurency': Extra inputs"):
+    with pytest.raises(QuantgateError, match=r"w\.yaml:2: concurency: unknown field 'concurency'; did you mean 'concurrency'"):
         load_workload(p)
     p.write_text("slo:\n  ttft_ms: -5\n")
-    with pytest.raises(QuantgateError, match=r"field 'slo\.ttft_ms': Input should be greater than 0"):
+    with pytest.raises(QuantgateError, match=r"w\.yaml:2: slo\.ttft_ms: Input should be greater than 0"):
         load_workload(p)
     p.write_text("arrival: poisson\n")
     with pytest.raises(QuantgateError, match="needs 'rate'"):
@@ -104,7 +104,7 @@ def test_bad_workload_files_name_the_file_and_field(tmp_path):
     j.write_text('{"requests": 3, "mix": [{"name": "s", "prompt_tokens": 4, "output_tokens": 2}]}')
     assert load_workload(j).mix[0].name == "s"
     j.write_text('{"requests": }')
-    with pytest.raises(QuantgateError, match=r"w\.json:1: not valid JSON"):
+    with pytest.raises(QuantgateError, match=r"w\.json:1:\d+: not valid JSON"):
         load_workload(j)
-    with pytest.raises(QuantgateError, match="does not exist"):
+    with pytest.raises(QuantgateError, match="nope.yaml: no such workload file"):
         load_workload(tmp_path / "nope.yaml")

@@ -15,7 +15,7 @@ from loadgen_fakes import FakeOpenAI, InstantEngine, VirtualClock
 from quantgate.errors import QuantgateError
 from quantgate.evaluate.engines.openai_http import OpenAIEngine
 from quantgate.evaluate.loadgen import PromptSource, arrival_offsets, kind_sequence, run_load
-from quantgate.evaluate.workload import LengthClass, SLOSpec, WorkloadSpec
+from quantgate.workload import LengthClass, SLOSpec, WorkloadSpec
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from quantgate.evaluate.stats import RequestRecord, aggregate, meets_slo, percentile, summarize, tpot_of
-from quantgate.evaluate.workload import SLOSpec
+from quantgate.workload import SLOSpec
 
 
 def ok(id, kind, ttft, e2e, tokens, itl=()):

@@ -164,7 +164,7 @@ def test_bad_manifest_at_start_is_a_clear_error(manifest_path):
     m = base_manifest()
     m["serving"]["max_concurency"] = 3
     write(manifest_path, m)
-    with pytest.raises(ManifestError, match=r"manifest.json: serving.max_concurency: unknown field"):
+    with pytest.raises(ManifestError, match=r"manifest.json:\d+: serving.max_concurency: unknown field"):
         ServerThread(manifest_path).start()
 
 

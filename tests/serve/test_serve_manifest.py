@@ -45,13 +45,13 @@ def _error(tmp_path, obj) -> str:
 def test_unknown_field_names_file_and_field(tmp_path):
     m = base_manifest(cache={"ttl": 5})
     msg = _error(tmp_path, m)
-    assert f"{tmp_path / 'manifest.json'}: serving.cache.ttl: unknown field 'ttl'" in msg
+    assert f"{tmp_path / 'manifest.json'}:1: serving.cache.ttl: unknown field 'ttl'; did you mean 'ttl_s'?" in msg
 
 
 def test_provider_errors_name_the_provider_field(tmp_path):
     m = base_manifest()
     m["active"]["provider"] = {"kind": "vllm"}
-    assert "active.provider: unknown provider kind 'vllm'" in _error(tmp_path, m)
+    assert "active.provider: unknown kind 'vllm'; kinds: mock, openai, local, command" in _error(tmp_path, m)
     m["active"]["provider"] = {"kind": "mock", "error_rate": 2}
     assert "active.provider.error_rate: Input should be less than or equal to 1" in _error(tmp_path, m)
     m["active"]["provider"] = {"kind": "command", "argv": ["gemini"]}

@@ -145,4 +145,4 @@ def test_the_serve_command_refuses_a_bad_manifest(tmp_path):
     register(app)
     result = CliRunner().invoke(app, ["serve", str(bad)])
     assert result.exit_code != 0 and isinstance(result.exception, ManifestError)
-    assert f"{bad}: active.provider.base_url: Field required" in str(result.exception)
+    assert f"{bad}:1: active.provider.base_url: Field required" in str(result.exception)

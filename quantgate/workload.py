@@ -1,18 +1,18 @@
-"""What a load test sends: the workload spec (arrivals, long/short mix, prompts, SLOs) and the
-per-request record every engine's measurements are reduced to. Light: pydantic only."""
+"""What a load test sends: the workload spec (arrivals, long/short mix, prompts, SLOs).
+
+Written by people (a recipe's evaluation.workload, an engine selection, `quantgate loadtest
+--workload FILE`), so it lives beside the other specs rather than inside evaluate/."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from .documents import Spec
 
 
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LengthClass(_Spec):
+class LengthClass(Spec):
     """One kind of request in the mix: how often, how long the prompt, how many tokens out."""
 
     name: str
@@ -21,7 +21,7 @@ class LengthClass(_Spec):
     output_tokens: int = Field(..., ge=1)
 
 
-class SLOSpec(_Spec):
+class SLOSpec(Spec):
     """A request counts toward goodput only if it meets every target given here."""
 
     ttft_ms: float | None = Field(None, gt=0)
@@ -36,7 +36,7 @@ def _default_mix() -> list[LengthClass]:
     ]
 
 
-class WorkloadSpec(_Spec):
+class WorkloadSpec(Spec):
     requests: int | None = Field(32, ge=1, description="number of measured requests")
     duration_s: float | None = Field(None, gt=0, description="or: send for this long")
     arrival: Literal["concurrency", "poisson", "burst"] = "concurrency"
