@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import QuantgateError
+from .util import redact_uri
 
 app = typer.Typer(
     help="Choose the quantized model, engine and budget for serving an LLM — behind gates, with a rollback path.",
@@ -242,7 +243,7 @@ def _track(r, ws, uri=None):
     except QuantgateError as exc:  # tracking down must not lose the run: every result is on disk
         console.print(f"[yellow]tracking skipped:[/] {exc}", highlight=False)
         return None
-    console.print(f"MLflow: experiment '{res.experiment}', parent run {res.parent_run_id} at {res.uri}")
+    console.print(f"MLflow: experiment '{res.experiment}', parent run {res.parent_run_id} at {redact_uri(res.uri)}")
     if res.versions:
         console.print(f"registry: {res.registered_model} versions {res.versions}")
     console.print(f"look at it with: {res.ui_hint}")

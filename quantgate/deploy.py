@@ -8,6 +8,7 @@ checksum verification of what a rollback restores, and the MLflow registry alias
 from __future__ import annotations
 
 import getpass
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,9 +16,11 @@ from filelock import FileLock
 
 from .errors import QuantgateError
 from .formats import artifact_of_candidate, provider_support
+from .integrity import folder_checksums
 from .models import weights_sha256
 from .serve.manifest import Deployment, LocalEngine, Manifest, PriceSpec, ServingSpec, load_manifest, write_manifest
 from .serve.promote import promote, rollback
+from .util import redact_uri
 from .workspace import candidate_record, open_run, read_json
 
 def edit_manifest(path: Path, change) -> Manifest:
@@ -45,11 +48,12 @@ def deployment_for(run_dir: Path, name: str) -> Deployment:
     params = {**rec.get("params", {}), "format": rec.get("format"), "recipe_hash": recipe.recipe_hash,
               "artifact_recipe_hash": rec.get("recipe_hash"), "calib_hash": rec.get("calib_hash")}
     if version:
-        params["mlflow"] = {"uri": tracking["uri"], "model": tracking["registered_model"], "version": version,
+        params["mlflow"] = {"uri": redact_uri(tracking["uri"]), "model": tracking["registered_model"], "version": version,
                             "run_id": tracking["child_run_ids"].get(name)}
     return Deployment(
         name=name, model_version=version or recipe.recipe_hash[:12], artifact=res.artifact,
-        sha256=weights_sha256(Path(res.artifact)), method=rec.get("method", ""), params=params,
+        sha256=weights_sha256(Path(res.artifact)), files=folder_checksums(Path(res.artifact)),
+        method=rec.get("method", ""), params=params,
         provider=LocalEngine(kind="local"), price=measured_price(run, name),
     )
 
@@ -186,8 +190,11 @@ def move_aliases(m: Manifest) -> None:
 
     prev = next((d.params["mlflow"]["version"] for d in m.previous
                  if d.params.get("mlflow", {}).get("model") == reg["model"]), None)
+    uri = reg["uri"]
+    if "***@" in uri:  # the manifest keeps no credentials: the tracking URI with them comes from the environment
+        uri = os.environ.get("MLFLOW_TRACKING_URI", uri)
     try:
-        set_aliases(reg["uri"], reg["model"], {"champion": reg["version"], "previous": prev})
+        set_aliases(uri, reg["model"], {"champion": reg["version"], "previous": prev})
     except Exception as exc:  # the manifest is the source of truth; a registry hiccup is reported, not fatal
-        print(f"warning: could not move MLflow aliases ({type(exc).__name__}: {exc})")
+        print(redact_uri(f"warning: could not move MLflow aliases ({type(exc).__name__}: {exc})"))
 

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import QuantgateError, require
+from .util import redact_uri
 from .workspace import CANDIDATE_RECORD, RunFolder, Workspace
 
 
@@ -42,7 +43,7 @@ def check_reachable(uri: str, run_dir: Path, timeout: float = 3.0) -> None:
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
     except (urllib.error.URLError, OSError) as exc:
-        raise QuantgateError(f"MLflow tracking server {uri} is not reachable ({getattr(exc, 'reason', exc)}); "
+        raise QuantgateError(f"MLflow tracking server {redact_uri(uri)} is not reachable ({getattr(exc, 'reason', exc)}); "
                              f"every result is kept in {run_dir}; log it later with: quantgate track {run_dir}") from None
 
 
@@ -121,7 +122,7 @@ def log_run(recipe, workspace: Path, run_dir: Path, *, quantize_results: list[di
         # MLflow 3 opens GenAI experiments on an (empty) traces overview; this one is about runs
         client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
     except Exception as exc:  # an unreachable server: every result stays local; `quantgate track` later
-        raise QuantgateError(f"MLflow at {uri} is not reachable ({type(exc).__name__}); results are kept in "
+        raise QuantgateError(f"MLflow at {redact_uri(uri)} is not reachable ({type(exc).__name__}); results are kept in "
                              f"{run_dir}; log them later with: quantgate track {run_dir}") from None
     by_q = {q["name"]: q for q in quantize_results}
     calib_hash = next((q["record"].get("calib_hash") for q in quantize_results if q.get("record", {}).get("calib_hash")), None)
@@ -136,7 +137,7 @@ def log_run(recipe, workspace: Path, run_dir: Path, *, quantize_results: list[di
         tags["mlflow.source.git.commit"] = commit
     versions = next((q["record"].get("versions") for q in quantize_results if q.get("record")), {}) or {}
 
-    result = TrackingResult(uri, exp_name, exp_id, "", fingerprint=fingerprint)
+    result = TrackingResult(redact_uri(uri), exp_name, exp_id, "", fingerprint=fingerprint)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
     n = 1 + len(client.search_runs([exp_id], f"tags.`quantgate.recipe_hash` = '{recipe.recipe_hash}' "
                                              "and tags.`quantgate.kind` = 'recipe'"))
@@ -152,7 +153,7 @@ def log_run(recipe, workspace: Path, run_dir: Path, *, quantize_results: list[di
                 mlflow.log_artifact(str(card), artifact_path="engine_card")
         params = flatten(recipe.model_dump(mode="json", exclude={"candidates"}))
         params.update({f"version.{k}": v for k, v in versions.items()})
-        mlflow.log_params({_mlflow_key(k)[:250]: str(v)[:6000] for k, v in list(params.items())[:400]})
+        mlflow.log_params({_mlflow_key(k)[:250]: redact_uri(str(v))[:6000] for k, v in list(params.items())[:400]})
         for f in (run.recipe_file, run.compare_report, run.compare_file, run.quantize_file):
             if f.is_file():
                 mlflow.log_artifact(str(f))
@@ -204,7 +205,7 @@ def log_run(recipe, workspace: Path, run_dir: Path, *, quantize_results: list[di
                     mlflow.log_dict(reg, "evaluation/regression_outputs.json")
     result.registered_model = recipe.tracking.registered_model or recipe.name
     result.versions = register_passing(client, result, comparison, by_q, recipe.recipe_hash)
-    result.ui_hint = (f"quantgate ui -w {workspace}" if uri.startswith("sqlite") else uri) + f"  → experiment '{exp_name}'"
+    result.ui_hint = (f"quantgate ui -w {workspace}" if uri.startswith("sqlite") else redact_uri(uri)) + f"  → experiment '{exp_name}'"
     run.write_tracking(result.to_dict())
     return result
 
@@ -270,7 +271,7 @@ def already_logged(client, run: RunFolder, uri: str, fingerprint: str) -> Tracki
         prev = TrackingResult(**got)
     except (TypeError, ValueError):
         return None
-    if prev.uri != uri or prev.fingerprint != fingerprint:
+    if prev.uri != redact_uri(uri) or prev.fingerprint != fingerprint:  # the record keeps no credentials
         return None
     try:
         return prev if client.get_run(prev.parent_run_id).info.lifecycle_stage == "active" else None

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,8 +29,13 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file beside the target, fsync, then rename: old or new, never torn."""
+def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write to a temporary file beside the target, fsync, then rename: old or new, never torn.
+
+    The file gets `mode` (a temporary file is created 0600, which would stop a gateway running as
+    another user from reading a manifest after promote), and the folder is fsynced after the
+    rename so the new name survives a power cut.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -37,12 +43,28 @@ def atomic_write_text(path: Path, text: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
+            os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -86,3 +108,18 @@ def iter_jsonl(path: Path):
             if not isinstance(row, dict):
                 raise QuantgateError(f"{path}:{i}: each line must be a JSON object, not {type(row).__name__}")
             yield i, row
+
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(?P<pw>:[^/@\s]*)?@")
+
+
+def redact_uri(text: str) -> str:
+    """Hide credentials in URIs anywhere in `text`: scheme://user:password@host → scheme://user:***@host,
+    and scheme://token@host → scheme://***@host (a lone user part is often a token).
+
+    For whatever is printed, logged, sent to MLflow as a parameter or copied into a manifest: the
+    credentials stay in the environment or config they came from.
+    """
+    if "@" not in text:
+        return text
+    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@" if m["pw"] else f"{m['scheme']}***@", text)

@@ -12,6 +12,7 @@ a short built-in English text is used instead and a warning says how to get the 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -145,8 +146,10 @@ def register(app: typer.Typer) -> None:
         duration: Optional[float] = typer.Option(None, "--duration", help="Send for this many seconds instead."),
         arrival: Optional[str] = typer.Option(None, "--arrival", help="concurrency | poisson | burst"),
         rate: Optional[float] = typer.Option(None, "--rate", help="Requests/s for poisson and burst arrivals."),
-        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", show_envvar=False,
-                                              help="Bearer token, if the server wants one (env OPENAI_API_KEY)."),
+        api_key: Optional[str] = typer.Option(None, "--api-key", help="Bearer token, if the server wants one."),
+        env_key: bool = typer.Option(False, "--api-key-from-env",
+                                     help="Send $OPENAI_API_KEY as the bearer token (never sent unless asked: "
+                                          "--url may point anywhere)."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report (every request) here."),
     ):
         """Load-test an OpenAI-compatible server: TTFT, TPOT, ITL, E2E percentiles, throughput, goodput."""
@@ -162,6 +165,10 @@ def register(app: typer.Typer) -> None:
         spec = apply_overrides(spec, requests=requests, concurrency=concurrency, duration_s=duration,
                                arrival=arrival, rate=rate)
         prompts = load_prompts(spec, workload, warn=lambda m: err.print(f"[yellow]warning:[/] {m}", highlight=False))
+        if env_key and not api_key:
+            api_key = os.environ.get("OPENAI_API_KEY")
+            if not api_key:
+                raise QuantgateError("--api-key-from-env: OPENAI_API_KEY is not set")
         report = asyncio.run(_run(url, model, api_key, spec, prompts, err))
         for t in report_tables(report):
             out.print(t)

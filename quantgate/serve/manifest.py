@@ -112,6 +112,8 @@ class Deployment(Spec):
     model_version: str = Field("1", min_length=1, max_length=64)
     artifact: str | None = Field(None, description="checkpoint path or URI")
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    files: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] | None = Field(
+        None, description="sha256 of every file an engine reads in the artifact folder (quantgate.integrity)")
     method: str = "baseline"
     params: dict[str, Any] = Field(default_factory=dict)
     provider: EngineSpec = Field(default_factory=MockEngine)

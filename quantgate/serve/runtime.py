@@ -17,6 +17,7 @@ import logging
 import os
 from pathlib import Path
 
+from ..integrity import deployment_problems
 from .access import Principal, exposure_problem, key_table
 from .manifest import Deployment, Manifest, ManifestError, manifest_digest, parse_manifest
 from .providers import Provider, make_provider
@@ -83,6 +84,7 @@ class Runtime:
         problem = exposure_problem(manifest.serving, keys, bind_host)
         if problem:
             raise ManifestError(f"{source}: {problem}")
+        await verify_artifacts(manifest, source)
         rt = cls(manifest, digest, keys)
         rt._pool = pool
         roles = [("active", rt.active)] + ([("fallback", rt.fallback)] if rt.fallback else [])
@@ -123,6 +125,35 @@ class Runtime:
         self.providers = {}
 
 
+def artifact_to_check(d: Deployment) -> str | None:
+    """The local folder an engine reads for this deployment, when there is one to check."""
+    if d.provider.kind == "local":
+        return d.provider.model or d.artifact
+    # a remote engine, a CLI or a mock: the artifact is checked only when it is on this machine
+    return d.artifact if d.artifact and os.path.isdir(d.artifact) else None
+
+
+async def verify_artifacts(m: Manifest, source: str) -> None:
+    """Refuse (ManifestError) a manifest whose artifacts differ from the checksums it records.
+
+    Hashing reads every weight file, so it runs in a thread: the gateway keeps answering
+    with the runtime it has while a reload is verified.
+    """
+    roles = [("active", m.active)] + ([("serving.fallback", m.serving.fallback)] if m.serving.fallback else [])
+    for role, d in roles:
+        folder = artifact_to_check(d)
+        if folder is None:
+            continue
+        problems = await asyncio.to_thread(deployment_problems, folder, d.files, d.sha256)
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise ManifestError(f"{source}: {role} ({d.key}): the artifact does not match the manifest's "
+                                f"checksums: {shown}. Re-promote it (quantgate promote) if the change is intended")
+        if not d.files and not d.sha256:
+            log.warning("%s: %s (%s) has no checksums; its files are not verified (promote records them)",
+                        source, role, d.key)
+
+
 class ManifestFile:
     """Change detection for the manifest file: stat first (cheap), hash only when stat changed."""
 
@@ -155,12 +186,18 @@ class ManifestFile:
         the old one); the bad content is remembered so the error is reported once, not per poll.
         """
         sig = self._sig()
-        if sig is None or sig == self._stat:
+        if sig is None:
+            if self._stat is None:
+                return None  # already reported
+            self._stat = None
+            raise ManifestError(f"{self.path}: the manifest file is gone (deleted or moved); still serving "
+                                "what it said last — write it back to change anything")
+        if sig == self._stat:
             return None
         data = self.path.read_bytes()
         digest = manifest_digest(data)
-        self._stat = sig
-        if digest == self.digest:
+        was_missing, self._stat = self._stat is None, sig
+        if digest == self.digest and not was_missing:
             return None  # touched or rewritten with the same bytes
         self.digest = digest
         return parse_manifest(data, self.path), digest

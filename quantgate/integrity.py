@@ -1,0 +1,87 @@
+"""Checksums over every file an engine reads from an artifact folder, computed in one place.
+
+Promote records them in the manifest (`Deployment.files`: relative path → sha256); the gateway
+verifies them when it starts and on every hot reload, and refuses a deployment whose files
+changed (it keeps serving the one it has). Weights, config, tokenizer and generation files,
+and code an engine might import (trust_remote_code) are all covered: every regular file in the
+folder, except hidden files and prose (README, *.md) that no engine reads.
+
+`folder_checksums` reads files (blocking; call it off the event loop); `compare` is pure.
+Manifests written before per-file checksums keep their `sha256` (models.weights_sha256 over the
+top-level safetensors), which is still verified; `deployment_problems` handles both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .util import sha256_file
+
+SKIP_SUFFIXES = (".md", ".lock")
+# quantgate's own records beside the weights (rewritten by later stages; no engine reads them)
+SKIP_NAMES = ("candidate.json", "quantgate-source.json")
+
+
+def engine_files(folder: Path) -> list[Path]:
+    """The files an engine may read, in a stable order (relative paths sorted)."""
+    folder = Path(folder)
+    out = []
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+            continue
+        if p.suffix.lower() in SKIP_SUFFIXES or p.name.upper().startswith("README") or p.name in SKIP_NAMES:
+            continue
+        out.append(p)
+    return sorted(out, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def folder_checksums(folder: Path) -> dict[str, str]:
+    """Relative POSIX path → sha256 for every file an engine may read."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in engine_files(folder)}
+
+
+def compare(expected: dict[str, str], actual: dict[str, str]) -> list[str]:
+    """What differs, one line per file ('changed', 'missing', 'not in the manifest'); empty = identical."""
+    problems = []
+    for name in sorted(expected.keys() | actual.keys()):
+        e, a = expected.get(name), actual.get(name)
+        if e == a:
+            continue
+        if a is None:
+            problems.append(f"{name}: missing")
+        elif e is None:
+            problems.append(f"{name}: not in the manifest's checksums (added after promote)")
+        else:
+            problems.append(f"{name}: changed (sha256 {a[:12]}…, manifest says {e[:12]}…)")
+    return problems
+
+
+def verify_folder(folder: Path, expected: dict[str, str]) -> list[str]:
+    """Problems with `folder` against the manifest's per-file checksums (blocking)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [f"{folder}: artifact folder does not exist"]
+    return compare(expected, folder_checksums(folder))
+
+
+def deployment_problems(artifact: str | None, files: dict[str, str] | None, weights_sha256: str | None) -> list[str]:
+    """What is wrong with a deployment's artifact on disk, from what its manifest entry records (blocking).
+
+    Per-file checksums when the manifest has them; else the older whole-weights sha256; nothing to
+    check when the artifact is not a local folder (a remote engine, a CLI, a mock).
+    """
+    if not artifact or "://" in artifact:
+        return []
+    folder = Path(artifact)
+    if files:
+        return verify_folder(folder, files)
+    if weights_sha256:
+        if not folder.is_dir():
+            return [f"{folder}: artifact folder does not exist"]
+        from .models import weights_sha256 as whole
+
+        got = whole(folder)
+        return [] if got == weights_sha256 else [f"weights: sha256 {got[:12]}…, manifest says {weights_sha256[:12]}…"]
+    return []

@@ -1,0 +1,118 @@
+"""Security, manifest integrity (issue 10, findings 11, 13): a deleted manifest is reported, a
+written manifest is readable by a gateway running as another user and durable, and per-file
+checksums over everything an engine reads are verified at start and on every reload."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import httpx
+from gwkit import base_manifest, write
+
+from quantgate.serve.manifest import Manifest, write_manifest
+
+
+def test_a_deleted_manifest_is_reported_and_the_gateway_keeps_serving(serve, manifest_path):
+    srv = serve(base_manifest())
+    os.unlink(manifest_path)
+    assert srv.call(srv.gateway.reload_if_changed()) is False
+    r = httpx.get(srv.url + "/readyz").json()
+    assert "gone" in r["reload_error"]
+    assert httpx.post(srv.url + "/chat", json={"user_id": "u", "prompt": "still here"}).status_code == 200
+    write(manifest_path, base_manifest())  # written back: the error clears
+    assert srv.call(srv.gateway.reload_if_changed()) is True
+    assert "reload_error" not in httpx.get(srv.url + "/readyz").json()
+
+
+def test_a_written_manifest_is_world_readable(tmp_path):
+    """promote/rollback left the manifest at 0600, so a gateway running as another user could not reload it."""
+    p = tmp_path / "manifest.json"
+    write_manifest(p, Manifest.model_validate(base_manifest()))
+    assert stat.S_IMODE(p.stat().st_mode) == 0o644
+
+
+# ------------------------------------------------------------------------------ artifact checksums
+def artifact(tmp_path):
+    from quantgate.integrity import folder_checksums
+
+    d = tmp_path / "artifact"
+    (d / "sub").mkdir(parents=True)
+    (d / "model.safetensors").write_bytes(b"weights" * 100)
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    (d / "tokenizer.json").write_text('{"vocab": {}}')
+    (d / "sub" / "modeling_custom.py").write_text("print('remote code')")
+    (d / "README.md").write_text("about")
+    return d, folder_checksums(d)
+
+
+def with_artifact(folder, files=None, sha=None) -> dict:
+    m = base_manifest()
+    m["active"] = {**m["active"], "artifact": str(folder)}
+    if files is not None:
+        m["active"]["files"] = files
+    if sha is not None:
+        m["active"]["sha256"] = sha
+    return m
+
+
+def test_checksums_cover_every_file_an_engine_reads(tmp_path):
+    from quantgate.integrity import compare
+
+    d, files = artifact(tmp_path)
+    assert set(files) == {"model.safetensors", "config.json", "tokenizer.json", "sub/modeling_custom.py"}
+    changed = {**files, "tokenizer.json": "0" * 64}
+    assert compare(changed, files) == [f"tokenizer.json: changed (sha256 {files['tokenizer.json'][:12]}…, "
+                                       f"manifest says {'0' * 12}…)"]
+    assert "missing" in compare({**files, "extra.bin": "1" * 64}, files)[0]
+    assert "not in the manifest" in compare({k: v for k, v in files.items() if k != "config.json"}, files)[0]
+
+
+def test_a_tampered_artifact_refuses_to_start(tmp_path, manifest_path):
+    import pytest
+
+    from quantgate.serve.manifest import ManifestError
+    from quantgate.serve.server import ServerThread
+
+    d, files = artifact(tmp_path)
+    (d / "tokenizer.json").write_text('{"vocab": {"evil": 1}}')  # not a weight: the old checksum missed it
+    write(manifest_path, with_artifact(d, files))
+    with pytest.raises(ManifestError, match="tokenizer.json: changed"):
+        ServerThread(manifest_path).start()
+
+
+def test_a_reload_onto_a_tampered_artifact_is_refused_and_the_old_one_keeps_serving(serve, manifest_path, tmp_path):
+    d, files = artifact(tmp_path)
+    srv = serve(with_artifact(d, files))
+    (d / "config.json").write_text('{"model_type": "other"}')
+    m = with_artifact(d, files)
+    m["active"]["model_version"] = "2"
+    write(manifest_path, m)
+    assert srv.call(srv.gateway.reload_if_changed()) is False
+    ready = httpx.get(srv.url + "/readyz").json()
+    assert ready["active"] == "primary@1" and "config.json: changed" in ready["reload_error"]
+    assert httpx.post(srv.url + "/chat", json={"user_id": "u", "prompt": "hi"}).status_code == 200
+
+
+def test_an_old_manifest_with_only_the_weights_sha256_still_loads_and_is_checked(serve, manifest_path, tmp_path):
+    import pytest
+
+    from quantgate.models import weights_sha256
+    from quantgate.serve.manifest import ManifestError
+    from quantgate.serve.server import ServerThread
+
+    d, _ = artifact(tmp_path)
+    srv = serve(with_artifact(d, sha=weights_sha256(d)))
+    assert httpx.post(srv.url + "/chat", json={"user_id": "u", "prompt": "hi"}).status_code == 200
+    write(manifest_path, with_artifact(d, sha="f" * 64))
+    with pytest.raises(ManifestError, match="weights: sha256"):
+        ServerThread(manifest_path).start()
+
+
+def test_credentials_in_a_tracking_uri_are_redacted():
+    from quantgate.util import redact_uri
+
+    assert redact_uri("http://bob:s3cret@mlflow:5000") == "http://bob:***@mlflow:5000"
+    assert redact_uri("https://tok123@mlflow/") == "https://***@mlflow/"
+    assert redact_uri("sqlite:///ws/mlflow.db") == "sqlite:///ws/mlflow.db"
+    assert "s3cret" not in redact_uri("error talking to http://bob:s3cret@h: refused")
