@@ -14,14 +14,16 @@ from quantgate.serve.manifest import Manifest, write_manifest
 
 
 def test_a_deleted_manifest_is_reported_and_the_gateway_keeps_serving(serve, manifest_path):
-    srv = serve(base_manifest())
+    from gwkit import until
+
+    srv = serve(base_manifest())  # its watcher polls every 50 ms
+    gw = srv.gateway
     os.unlink(manifest_path)
-    assert srv.call(srv.gateway.reload_if_changed()) is False
-    r = httpx.get(srv.url + "/readyz").json()
-    assert "gone" in r["reload_error"]
+    srv.call(until(lambda: "gone" in (gw.last_reload_error or ""), 10, "the deletion reported"))
+    assert "gone" in httpx.get(srv.url + "/readyz").json()["reload_error"]
     assert httpx.post(srv.url + "/chat", json={"user_id": "u", "prompt": "still here"}).status_code == 200
     write(manifest_path, base_manifest())  # written back: the error clears
-    assert srv.call(srv.gateway.reload_if_changed()) is True
+    srv.call(until(lambda: gw.last_reload_error is None, 10, "the restored manifest loaded"))
     assert "reload_error" not in httpx.get(srv.url + "/readyz").json()
 
 
