@@ -38,6 +38,11 @@ perf = time.perf_counter
 __all__ = ["Gateway", "ChatCall", "Answer", "GatewayError"]
 
 
+# A timeout on an attempt given less than this says nothing about the upstream, however fast it
+# usually is (a fast upstream's estimate times two could otherwise be a few milliseconds).
+MIN_TIMEOUT_EVIDENCE_MS = 100.0
+
+
 def prompt_tokens(messages: list[dict[str, str]]) -> int:
     """The prompt's size in estimated tokens (about four characters a token), without joining it."""
     return estimate_tokens("") + sum(len(m["content"]) for m in messages) // 4
@@ -294,7 +299,7 @@ class Gateway:
     def _expected_ms(self, rt: Runtime, dep: Deployment, tokens: int) -> float:
         """How long an attempt must have had before its timeout says something about the upstream."""
         est = self.estimator.get(dep.key)
-        return 2 * est.predict_ms(tokens) if est else rt.serving.default_budget_ms / 2
+        return max(MIN_TIMEOUT_EVIDENCE_MS, 2 * est.predict_ms(tokens)) if est else rt.serving.default_budget_ms / 2
 
     def _failed(self, rt: Runtime, ctx: RequestState, att, kind: str, t_a: float, why: str, window_s: float,
                 trace: str) -> None:
