@@ -231,7 +231,7 @@ def main() -> None:
         return serve()
 
     from quantgate.evaluate.loadgen import PromptSource
-    from quantgate.evaluate.loadtest_cli import FALLBACK_TEXT
+    from quantgate.evaluate.prompts import FALLBACK_TEXT
     from quantgate.util import atomic_write_json
 
     n = 500 if args.quick else args.requests

@@ -132,26 +132,17 @@ def eval_key(recipe: Recipe, spec, artifact_record: dict) -> str:
     })
 
 
-def prompt_texts(recipe: Recipe) -> list[str]:
-    """Prompt text for the load test: the eval split of the workload's corpus (never calibration text)."""
-    from .data import split_documents
-    from .recipe import SourceSpec
-
-    w = recipe.evaluation.workload
-    if w is None or w.prompts_file:
-        return []
-    return [d.text for d in split_documents(SourceSpec(corpus=w.corpus), "eval")]
-
-
 def evaluate(recipe: Recipe, ws: Workspace, *, only: list[str] | None = None, device: str = "cpu",
              force: bool = False, log=print, view=None, echo=None) -> list[dict]:
     """Quantize (resuming) and evaluate each candidate in its own process; returns the records."""
+    from .evaluate.prompts import corpus_prompts
     from .isolate import run_in_child
 
     view = view or run_view(recipe, select(recipe, only), log, evaluate=True)
     results = quantize(recipe, ws, only=only, device=device, log=log, view=view, echo=echo)
     run = ws.run(recipe)
-    texts = prompt_texts(recipe)
+    w = recipe.evaluation.workload
+    texts = [] if w is None or w.prompts_file else corpus_prompts(w.corpus)  # a prompts file is read by the worker
     stages = eval_stages(recipe)
     records = []
     for res in results:

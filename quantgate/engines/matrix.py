@@ -10,7 +10,6 @@ Launched servers are always stopped, whatever happens to the measurement.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from datetime import datetime, timezone
@@ -315,23 +314,6 @@ def quality_verdicts(run: RunFolder) -> dict[str, dict]:
             for c in comp.get("candidates", [])}
 
 
-def prompt_texts(recipe, workload: WorkloadSpec, log=print) -> list[str]:
-    from ..evaluate.loadtest_cli import FALLBACK_TEXT
-    from ..pipeline import prompt_texts as eval_split
-
-    if workload.prompts_file:
-        rows = [json.loads(x) for x in Path(workload.prompts_file).read_text().splitlines() if x.strip()]
-        return [r["prompt"] for r in rows]
-    try:
-        texts = eval_split(recipe.model_copy(update={"evaluation": recipe.evaluation.model_copy(
-            update={"workload": workload})}))
-        if texts:
-            return texts
-    except QuantgateError as exc:
-        log(f"{exc}\nusing a short built-in English text for the prompts instead")
-    return list(FALLBACK_TEXT)
-
-
 def token_counter(recipe, log=print):
     """Count prompt tokens with the recipe model's tokenizer (falls back to ~4 chars/token)."""
     try:
@@ -363,6 +345,7 @@ def run_matrix(recipe, ws, selection: EngineSelectionSpec, *, engines: list[str]
                log=print) -> dict:
     """Measure the matrix and write engines/card.{json,md} in the run folder; returns the card."""
     from ..evaluate.loadgen import PromptSource
+    from ..evaluate.prompts import prompt_texts
     from .artifacts import candidate_artifacts, extra_artifacts
 
     unknown = set(engines or ()) - set(selection.engines)
@@ -387,7 +370,7 @@ def run_matrix(recipe, ws, selection: EngineSelectionSpec, *, engines: list[str]
     missing.update(extra_missing)
     for n, why in missing.items():
         log(f"! {n}: {why}")
-    texts = prompt_texts(recipe, workload, log)
+    texts, _ = prompt_texts(workload, warn=log)
     ctx = {"selection": selection, "workload": workload, "run": run, "cost": recipe.evaluation.cost,
            "prompts": PromptSource(texts, token_counter(recipe, log)), "prompt_texts": texts}
     quality = quality_verdicts(run)

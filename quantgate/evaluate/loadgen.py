@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from ..errors import QuantgateError
-from ..util import iter_jsonl
 from .engines.base import Engine, GenerationRequest
 from .stats import Aggregates, RequestRecord, aggregate, tpot_of
 from ..workload import LengthClass, WorkloadSpec
@@ -62,15 +61,9 @@ class PromptSource:
     def from_jsonl(cls, path: str | Path, count_tokens: Callable[[str], int] | None = None,
                    field_name: str = "prompt") -> "PromptSource":
         """Texts from a JSONL file whose rows carry the text in `field_name`."""
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise QuantgateError(f"prompts file {p} does not exist; give a JSONL file with a '{field_name}' field")
-        texts = []
-        for i, row in iter_jsonl(p):
-            if not isinstance(row.get(field_name), str):
-                raise QuantgateError(f"{p}:{i}: each line needs a string field '{field_name}' (got: {', '.join(row)})")
-            texts.append(row[field_name])
-        return cls(texts, count_tokens, origin=str(p))
+        from .prompts import jsonl_prompts
+
+        return cls(jsonl_prompts(path, field_name), count_tokens, origin=str(Path(path).expanduser()))
 
     def estimate_tokens(self, text: str) -> int:
         if self.count_tokens is not None:

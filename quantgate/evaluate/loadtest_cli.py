@@ -11,7 +11,6 @@ a short built-in English text is used instead and a warning says how to get the 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -19,24 +18,6 @@ from typing import Optional
 import typer
 
 from ..errors import QuantgateError
-
-FALLBACK_TEXT = [
-    "The river rises in the hills to the north and runs south through farmland and small towns "
-    "before it reaches the sea. In spring the water is high and fast; by late summer it is slow "
-    "enough that children wade across the shallows near the old stone bridge.",
-    "A good map leaves things out. It shows the roads a traveller needs, the rivers that must be "
-    "crossed and the towns where food and rest can be found, and it trusts the reader to ask for "
-    "more detail where more detail matters.",
-    "The committee met on Tuesday to review the budget for the coming year. Most of the discussion "
-    "concerned the cost of repairs to the library roof, which had leaked through the winter and "
-    "damaged a number of older books in the reading room.",
-    "Bread is made from flour, water, salt and yeast. The dough is kneaded until it is smooth, left "
-    "to rise in a warm place, shaped, left to rise again and then baked in a hot oven until the "
-    "crust is brown and the loaf sounds hollow when tapped.",
-    "Explain, step by step and in plain language, how a lighthouse keeper in the nineteenth century "
-    "would have kept the lamp burning through a long winter night, and what could go wrong.",
-]
-
 
 # ------------------------------------------------------------------------- workload
 def load_workload(path: Path):
@@ -61,25 +42,12 @@ def apply_overrides(spec, **options):
 
 
 def load_prompts(spec, workload_file: Path | None, warn=print):
-    """The PromptSource the workload asks for (see the module docstring)."""
+    """The PromptSource the workload asks for (quantgate.evaluate.prompts says where text comes from)."""
     from .loadgen import PromptSource
+    from .prompts import prompt_texts
 
-    if spec.prompts_file:
-        p = Path(spec.prompts_file).expanduser()
-        if not p.is_absolute() and workload_file is not None and (Path(workload_file).parent / p).is_file():
-            p = Path(workload_file).parent / p  # relative paths are read beside the workload file first
-        return PromptSource.from_jsonl(p)
-    from ..data import CORPORA, split_documents
-    from ..recipe import SourceSpec
-
-    try:
-        docs = split_documents(SourceSpec(corpus=spec.corpus), "eval")
-    except QuantgateError as exc:
-        if spec.corpus not in CORPORA:
-            raise
-        warn(f"{exc}\nusing a short built-in English text for the prompts instead")
-        return PromptSource(FALLBACK_TEXT, origin="built-in text")
-    return PromptSource([d.text for d in docs], origin=f"corpus {spec.corpus} (eval split)")
+    texts, origin = prompt_texts(spec, base=Path(workload_file).parent if workload_file else None, warn=warn)
+    return PromptSource(texts, origin=origin)
 
 
 # ---------------------------------------------------------------------------- output

@@ -13,7 +13,6 @@ silently ignored setting.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from datetime import datetime, timezone
 from pathlib import Path
