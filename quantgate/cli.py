@@ -411,7 +411,7 @@ def _register_plugins() -> None:
     from .evaluate.loadtest_cli import register as register_loadtest
 
     register_loadtest(app)
-    from .engines_cli import register as register_engines
+    from .engines.cli import register as register_engines
 
     register_engines(app)
     try:

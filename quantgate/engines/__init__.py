@@ -9,7 +9,11 @@ measure every candidate × engine pair under the recipe's workload, and write th
     launch.py     I/O: start a server on loopback, wait until it answers, watch memory, stop it
     artifacts.py  I/O: the candidates' folders, extra GGUFs (bundled, converted from a candidate)
     available.py  I/O: which engines this machine has (`quantgate engines --list`)
+    measure.py    I/O: the workload and the sweep on one started engine, through the load generator
+    pairs.py      I/O: one artifact × engine pair — launched, already running, or in-process
+    host.py       I/O: the machine's constraints for the card (CPU, memory, GPU)
     matrix.py     I/O: the whole matrix for one recipe, written to <run>/engines/
+    cli.py        `quantgate engines` and `quantgate engines --list`
     inproc.py     child process: the in-process transformers engine, measured like the servers
 
 Engines never load into quantgate's process (except the in-process transformers engine, in a

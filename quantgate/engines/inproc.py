@@ -28,9 +28,10 @@ def _hwm_mb() -> float | None:
 def execute(job: dict) -> dict:
     from ..evaluate.engines.transformers_local import TransformersEngine
     from ..evaluate.loadgen import PromptSource
-    from ..workload import WorkloadSpec
+    from ..evaluate.prompts import FALLBACK_TEXT
     from ..recipe import CostSpec
-    from .matrix import measure
+    from ..workload import WorkloadSpec
+    from .measure import measure
     from .spec import SweepSpec
 
     engine = TransformersEngine(job["artifact"], device=job["device"], threads=job.get("threads"))
@@ -38,7 +39,7 @@ def execute(job: dict) -> dict:
     asyncio.run(engine.start())
     load_s = round(time.perf_counter() - t0, 3)
     tok = engine.tokenizer
-    prompts = PromptSource(job["prompt_texts"] or ["hello world"],
+    prompts = PromptSource(job["prompt_texts"] or FALLBACK_TEXT,
                            lambda text: len(tok(text, add_special_tokens=False)["input_ids"]))
     kernel = _kernel(engine.model)
     sweep = SweepSpec.model_validate(job["sweep"]) if job.get("sweep") else None

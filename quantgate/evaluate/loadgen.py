@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from ..errors import QuantgateError
+from ..workload import LengthClass, WorkloadSpec
 from .engines.base import Engine, GenerationRequest
 from .stats import Aggregates, RequestRecord, aggregate, tpot_of
-from ..workload import LengthClass, WorkloadSpec
 
 __all__ = ["PromptSource", "RequestRecord", "LoadReport", "run_load", "kind_sequence", "arrival_offsets"]
 

@@ -92,7 +92,7 @@ def test_tail_of_reads_the_last_lines(tmp_path):
 def test_an_already_running_server_is_measured_without_a_launch(fake_cmd, tmp_path):
     from quantgate.engines.card import deployment_of
     from quantgate.formats import Artifact
-    from quantgate.engines.matrix import run_pair
+    from quantgate.engines.pairs import run_pair
     from quantgate.engines.spec import EngineSelectionSpec, LaunchSpec, SweepSpec
     from quantgate.evaluate.loadgen import PromptSource
     from quantgate.workload import LengthClass, WorkloadSpec

@@ -13,7 +13,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from quantgate.engines_cli import register
+from quantgate.engines.cli import register
 
 
 @pytest.fixture()

@@ -188,7 +188,7 @@ def test_failure_modes_name_queueing_contention_timeouts_and_slo_misses():
 
 
 def test_llamacpp_client_asks_for_the_full_output_with_min_tokens():
-    from quantgate.engines.matrix import client
+    from quantgate.engines.measure import client
     from quantgate.evaluate.engines.base import GenerationRequest
 
     req = GenerationRequest("r1", [{"role": "user", "content": "hi"}], max_tokens=48)
@@ -196,23 +196,6 @@ def test_llamacpp_client_asks_for_the_full_output_with_min_tokens():
     vllm = client("vllm", "http://127.0.0.1:1", "m", LaunchSpec(kind="vllm", extra_body={"top_k": 1}), 5).body(req)
     assert llama["min_tokens"] == 48 and llama["ignore_eos"] is True
     assert "min_tokens" not in vllm and vllm["top_k"] == 1
-
-
-def test_llamacpp_client_sends_a_uuid_request_id():
-    import uuid
-
-    from quantgate.engines.matrix import client
-
-    eng = client("llamacpp", "http://127.0.0.1:1", "m", LaunchSpec(kind="llamacpp"), 5)
-    seen = {}
-
-    class Session:  # _request only builds the request context; nothing is sent
-        def request(self, method, url, **kw):
-            seen.update(kw["headers"])
-
-    eng._session = Session()
-    eng._request("POST", "http://127.0.0.1:1/v1/chat/completions", headers={"X-Request-Id": "qg-1-r000001"})
-    uuid.UUID(seen["X-Request-Id"])  # llama-cpp-python's server rejects anything else with 400
 
 
 def test_tokenizer_is_normalized_for_the_gguf_converter():

@@ -27,7 +27,7 @@ def _need(kind: str) -> None:
 
 
 def _run_requests(kind: str, base_url: str, model: str, n: int = 4, concurrency: int = 2):
-    from quantgate.engines.matrix import client
+    from quantgate.engines.measure import client
     from quantgate.evaluate.loadgen import run_load
     from quantgate.workload import LengthClass, WorkloadSpec
 

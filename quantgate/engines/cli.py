@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import typer
 
-from .errors import QuantgateError
+from ..errors import QuantgateError
 
 
 def selection_file(recipe_path: Path, given: Path | None) -> Path | None:
@@ -46,11 +46,11 @@ def register(app: typer.Typer) -> None:
         from rich.markup import escape
         from rich.table import Table
 
-        from .engines.spec import load_selection, selection_for
+        from .spec import load_selection, selection_for
 
         err, out = Console(stderr=True), Console()
         if list_:
-            from .engines.available import available
+            from .available import available
 
             sel = load_selection(config) if config else None
             if sel is None and recipe is not None:
@@ -68,9 +68,9 @@ def register(app: typer.Typer) -> None:
             return
         if recipe is None:
             raise QuantgateError("give a recipe (quantgate engines RECIPE) or --list")
-        from .engines.matrix import run_matrix
-        from .recipe import load_recipe
-        from .workspace import Workspace
+        from ..recipe import load_recipe
+        from ..workspace import Workspace
+        from .matrix import run_matrix
 
         r = load_recipe(recipe)
         f = selection_file(recipe, config)
