@@ -66,6 +66,10 @@ def measured_price(run, name: str) -> PriceSpec | None:
     return PriceSpec(output_per_1m=round(float(usd), 6))
 
 
+# the manifest's serving fields a promotion takes from the recipe; every other one is the live manifest's
+RECIPE_OWNED = ("default_budget_ms", "max_budget_ms", "max_concurrency", "fallback")
+
+
 def serving_for(run_dir: Path, active: str) -> ServingSpec:
     recipe, _, _ = open_run(run_dir)
     fallback_name = recipe.card.rollback_to or (recipe.baseline.name if recipe.baseline else None)
@@ -123,9 +127,9 @@ def promote_candidate(run_dir: Path, name: str, manifest_path: Path, *, force: b
 
     def change(current):
         keep = serving
-        if current is not None:  # guards tuned by hand in the live manifest survive a promotion
-            keep = serving.model_copy(update={k: getattr(current.serving, k) for k in
-                                              ("cache", "budgets", "api_keys", "ladder", "price", "queue")})
+        if current is not None:  # guards tuned by hand in the live manifest survive a promotion:
+            # only what the recipe owns is taken from it, so a new guard needs no change here
+            keep = current.serving.model_copy(update={k: getattr(serving, k) for k in RECIPE_OWNED})
         return promote(current, dep, now=datetime.now(timezone.utc), by=by or getpass.getuser(), reason=reason,
                        failed_gates=failed, force=force, evidence=evidence, serving=keep)
 

@@ -245,7 +245,13 @@ class TrackingSpec(Spec):
     log_checkpoints: bool = Field(False, description="upload whole checkpoints as run artifacts (large)")
 
 
-class ServingSpec(Spec):
+class ServingDefaultsSpec(Spec):
+    """What the recipe proposes for the serving manifest's budgets when a candidate is promoted
+    (deploy.RECIPE_OWNED). Not the manifest's ServingSpec (serve/manifest.py), which owns every
+    live guard: these defaults suit a recipe's measured candidate on the machine it was measured
+    on (a tighter 30 s budget ceiling, 8 in flight), and changing them would move every recipe
+    hash, so the two keep their own defaults and their own names."""
+
     default_budget_ms: int = Field(2000, gt=0)
     max_budget_ms: int = Field(30_000, gt=0)
     max_concurrency: int = Field(8, gt=0)
@@ -260,7 +266,7 @@ class Recipe(Spec):
     candidates: list[CandidateSpec] = Field(..., min_length=1)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     card: TradeoffCardSpec = Field(default_factory=TradeoffCardSpec)
-    serving: ServingSpec = Field(default_factory=ServingSpec)
+    serving: ServingDefaultsSpec = Field(default_factory=ServingDefaultsSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     @model_validator(mode="after")

@@ -87,7 +87,9 @@ class Aggregates:
 
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The q-th percentile (0..100) with linear interpolation between closest ranks, the same
-    rule as numpy's default; None for no values."""
+    rule as numpy's default (and vLLM's benchmark), so reported P50/P95/P99 compare with other
+    tools' numbers; None for no values. The gateway's live ladder uses nearest rank instead
+    (serve/ladder.py says why)."""
     if not values:
         return None
     if not 0 <= q <= 100:

@@ -75,7 +75,13 @@ class Transition:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100); 0.0 for no values."""
+    """Nearest-rank percentile (q in 0..100); 0.0 for no values.
+
+    Deliberately not evaluate.stats.percentile (linear interpolation, numpy's default, used for
+    every reported measurement): the ladder compares a live window's P95 with a threshold to
+    decide a step down, and nearest rank returns a latency some request actually had — a window
+    of 20 fast requests and one slow one reads its real P95, not a value interpolated toward the
+    outlier — and serve/ imports nothing from evaluate/."""
     if not values:
         return 0.0
     s = sorted(values)
