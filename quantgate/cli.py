@@ -65,10 +65,13 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file.")):
     from .recipe import load_recipe
     from .validate import check_recipe
 
+    from .documents import read_mapping
+
     r = load_recipe(recipe)
-    problems = check_recipe(r)
+    _, root = read_mapping(recipe.read_text(encoding="utf-8"), recipe)
+    problems = check_recipe(r, recipe, root)
     if problems:
-        raise QuantgateError(f"{recipe}: the recipe cannot run on this model:\n" + "\n".join(problems))
+        raise QuantgateError(f"{recipe}: the recipe cannot run as written:\n" + "\n".join(problems))
     t = Table(title=f"{r.name}  (recipe_hash {r.recipe_hash[:12]})")
     for col in ("candidate", "method", "bits", "group", "sym", "backend"):
         t.add_column(col)
@@ -377,6 +380,13 @@ def manifest_validate(manifest: Path = typer.Argument(...)):
     from .serve.manifest import load_manifest
 
     m = load_manifest(manifest)
+    missing = [f"{manifest}: {role}: artifact folder {d.artifact} does not exist"
+               for role, d in [("active", m.active), ("serving.fallback", m.serving.fallback),
+                               *((f"previous.{i}", p) for i, p in enumerate(m.previous))]
+               if d is not None and d.artifact and "://" not in d.artifact and not Path(d.artifact).expanduser().is_dir()
+               and (d.provider.kind == "local" or role != "active")]
+    if missing:
+        raise QuantgateError("\n".join(missing))
     console.print(f"[green]✓[/] {manifest} is valid: active {m.active.key}, {len(m.previous)} rollback target(s)")
 
 

@@ -62,6 +62,11 @@ def read_mapping(text: str, source: str | Path, *, error: type[QuantgateError] =
             mark = getattr(exc, "problem_mark", None)
             where = f":{mark.line + 1}" if mark else ""
             raise error(f"{source}{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    dup = duplicate_key(root) if root is not None else None
+    if dup is not None:
+        loc, first, again = dup
+        raise error(f"{source}:{again}: {'.'.join(map(str, loc))}: '{loc[-1]}' is given twice (first on line "
+                    f"{first}); only the last would be read — keep one")
     if unwrap and isinstance(data, dict) and set(data) == {unwrap}:
         data = data[unwrap]
         root = _child(root, unwrap)
@@ -210,3 +215,32 @@ def _line_of(root, loc) -> int | None:
         else:
             return line
     return line
+
+
+def duplicate_key(node, path: tuple = ()) -> tuple[tuple, int, int] | None:
+    """The first key given twice in one mapping: (its field path, first line, second line), or None.
+
+    YAML and JSON loaders keep the last value silently, so `bits: 4 ... bits: 8` would run with 8
+    whatever the author meant."""
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for k, v in node.value:
+            key = getattr(k, "value", None)
+            if isinstance(key, str):
+                if key in seen:
+                    return (*path, key), seen[key], k.start_mark.line + 1
+                seen[key] = k.start_mark.line + 1
+            found = duplicate_key(v, (*path, key))
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            found = duplicate_key(v, (*path, i))
+            if found:
+                return found
+    return None
+
+
+line_of = _line_of  # public: validate.py places its own findings on the recipe's lines

@@ -1,7 +1,12 @@
-"""Checks a recipe against its model before any work starts (reads config.json, never weights)."""
+"""Checks a recipe before any work starts: against its model (reads config.json, never weights),
+and against what the run would fail on later — unknown corpora, missing files, gates on metrics
+that nothing measures."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from .documents import line_of, suggest
 from .models import layer_widths, read_config, valid_group_sizes
 from .recipe import Recipe
 
@@ -25,7 +30,88 @@ def group_size_problems(recipe: Recipe, config: dict) -> list[str]:
     return problems
 
 
-def check_recipe(recipe: Recipe) -> list[str]:
-    """Everything that can be checked without loading weights; empty means the recipe is runnable."""
+def check_recipe(recipe: Recipe, source: str | Path | None = None, root=None) -> list[str]:
+    """Everything that can be checked without loading weights; empty means the recipe is runnable.
+
+    With the recipe's file and YAML node tree (`documents.read_mapping`), messages start with
+    `file:line:` like the schema's own errors."""
+    early = _placed(data_problems(recipe) + gate_problems(recipe), source, root)
     config = read_config(recipe.model.ref, revision=recipe.model.revision)
-    return group_size_problems(recipe, config)
+    return early + group_size_problems(recipe, config)
+
+
+# ------------------------------------------------------------------ refused before the run, not during it
+# The metric names the evaluation stage produces (evaluate/worker.py), by what the recipe turns on.
+ALWAYS_MEASURED = frozenset({"weights_mb", "peak_rss_mb", "peak_cuda_mb"})
+LOAD_METRICS = frozenset({f"{m}_{q}_ms" for m in ("ttft", "tpot", "itl", "e2e") for q in ("p50", "p95", "p99")}
+                         | {"load_requests_n", "throughput_rps", "output_tok_s", "goodput_rps", "slo_attainment",
+                            "error_rate", "timeout_rate", "usd_per_1m_output_tokens", "usd_per_request"})
+
+
+def measured_metrics(ev) -> frozenset[str]:
+    out = set(ALWAYS_MEASURED)
+    if ev.perplexity:
+        out.add("perplexity")
+    if ev.regression:
+        out.add("regression_pass_rate")
+    if ev.offline:
+        out |= {"prefill_ms", "decode_ms_per_token"}
+    if ev.workload:
+        out |= LOAD_METRICS
+    return frozenset(out)
+
+
+def gate_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """Gates on a metric that nothing in this recipe measures (a typo would silently gate nothing)."""
+    measured = measured_metrics(recipe.evaluation)
+    tasks = set(recipe.evaluation.lm_eval.tasks) if recipe.evaluation.lm_eval else set()
+    out = []
+    for i, g in enumerate(recipe.card.gates):
+        parts = g.metric.split("/")
+        if g.metric in measured or (len(parts) == 3 and parts[0] == "lm_eval" and parts[1] in tasks):
+            continue
+        names = sorted(measured | {f"lm_eval/{t}/acc" for t in tasks})
+        out.append((("card", "gates", i, "metric"),
+                    f"card.gates.{i}.metric: '{g.metric}' is not measured by this recipe's evaluation"
+                    + suggest(g.metric, names) + f" (measured: {', '.join(names)})"))
+    return out
+
+
+def data_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """Corpora, calibration files and the regression set that the run would fail to find."""
+    from .data import CORPORA
+
+    out = []
+    for i, src in enumerate(recipe.calibration.sources):
+        if src.corpus and src.corpus not in CORPORA:
+            out.append((("calibration", "sources", i, "corpus"),
+                        f"calibration.sources.{i}.corpus: unknown bundled corpus '{src.corpus}'"
+                        + suggest(src.corpus, CORPORA) + f"; bundled: {', '.join(CORPORA)}"))
+        if src.path and not Path(src.path).expanduser().exists():
+            out.append((("calibration", "sources", i, "path"),
+                        f"calibration.sources.{i}.path: '{src.path}' does not exist (relative paths are "
+                        "read from the folder you run quantgate in)"))
+    reg = recipe.evaluation.regression
+    if reg and not Path(reg.path).expanduser().is_file():
+        out.append((("evaluation", "regression", "path"),
+                    f"evaluation.regression.path: '{reg.path}' does not exist"))
+    w = recipe.evaluation.workload
+    if w is not None:
+        corpus = getattr(w, "corpus", None)
+        if corpus and corpus not in CORPORA:
+            out.append((("evaluation", "workload", "corpus"),
+                        f"evaluation.workload.corpus: unknown bundled corpus '{corpus}'" + suggest(corpus, CORPORA)))
+        pf = getattr(w, "prompts_file", None)
+        if pf and not Path(pf).expanduser().is_file():
+            out.append((("evaluation", "workload", "prompts_file"),
+                        f"evaluation.workload.prompts_file: '{pf}' does not exist"))
+    return out
+
+
+def _placed(problems: list[tuple[tuple, str]], source, root) -> list[str]:
+    """'file:line: message' where the line is known (the recipe's YAML node tree)."""
+    out = []
+    for loc, msg in problems:
+        line = line_of(root, loc) if root is not None else None
+        out.append(f"{source}:{line}: {msg}" if source and line else (f"{source}: {msg}" if source else msg))
+    return out
