@@ -130,7 +130,10 @@ def _fit(est: Estimate, ms: float, tokens: int, min_tokens: int, reasons: list[s
     """The most output tokens the estimate says fit in `ms` (at least min_tokens)."""
     if est.ms_per_token <= 0:
         return tokens
-    fit = max(min_tokens, min(tokens, math.floor((ms * FIT_SAFETY - est.ttft_ms) / est.ms_per_token)))
+    room = (ms * FIT_SAFETY - est.ttft_ms) / est.ms_per_token
+    if not math.isfinite(room):  # a per-token time so small the quotient overflows (found by Hypothesis)
+        room = tokens if room > 0 else min_tokens
+    fit = max(min_tokens, min(tokens, math.floor(room)))
     if fit < tokens:
         reasons.append(f"budget: max_tokens {tokens}→{fit}")
     return fit
