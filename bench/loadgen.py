@@ -147,10 +147,10 @@ async def _fetch_timings(url: str) -> dict:
 
 
 async def _load(url, spec, prompts, extra=None):
-    from quantgate.evaluate.engines.openai_http import OpenAIEngine
+    from quantgate.evaluate.clients.openai_http import OpenAIClient
     from quantgate.evaluate.loadgen import run_load
 
-    async with OpenAIEngine(url, "bench", extra_body=extra) as eng:
+    async with OpenAIClient(url, "bench", extra_body=extra) as eng:
         return await run_load(eng, spec, prompts)
 
 

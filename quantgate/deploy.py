@@ -18,7 +18,15 @@ from .errors import QuantgateError
 from .formats import artifact_of_candidate, provider_support
 from .integrity import folder_checksums
 from .models import weights_sha256
-from .serve.manifest import Deployment, LocalEngine, Manifest, PriceSpec, ServingSpec, load_manifest, write_manifest
+from .serve.manifest import (
+    Deployment,
+    LocalProviderSpec,
+    Manifest,
+    PriceSpec,
+    ServingSpec,
+    load_manifest,
+    write_manifest,
+)
 from .serve.promote import promote, rollback
 from .util import redact_uri
 from .workspace import candidate_record, open_run, read_json
@@ -54,7 +62,7 @@ def deployment_for(run_dir: Path, name: str) -> Deployment:
         name=name, model_version=version or recipe.recipe_hash[:12], artifact=res.artifact,
         sha256=weights_sha256(Path(res.artifact)), files=folder_checksums(Path(res.artifact)),
         method=rec.get("method", ""), params=params,
-        provider=LocalEngine(kind="local"), price=measured_price(run, name),
+        provider=LocalProviderSpec(kind="local"), price=measured_price(run, name),
     )
 
 

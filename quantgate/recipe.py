@@ -176,7 +176,11 @@ class OfflineSpec(Spec):
     repeats: int = Field(3, ge=1)
 
 
-class EngineSpec(Spec):
+class EvaluationClientSpec(Spec):
+    """Which load-test client measures a candidate's speed (evaluate/clients/): in-process
+    transformers, or an OpenAI-compatible server. The recipe field keeps its name,
+    `evaluation.engines`, so recipes and their hashes stay as they are."""
+
     kind: Literal["transformers", "openai"] = "transformers"
     base_url: str | None = None
     model: str | None = None
@@ -197,7 +201,7 @@ class EvaluationSpec(Spec):
     regression: RegressionSpec | None = None
     offline: OfflineSpec | None = Field(default_factory=OfflineSpec)
     workload: WorkloadSpec | None = Field(default_factory=lambda: WorkloadSpec(requests=8, concurrency=2))
-    engines: dict[str, EngineSpec] = Field(default_factory=lambda: {"transformers": EngineSpec()})
+    engines: dict[str, EvaluationClientSpec] = Field(default_factory=lambda: {"transformers": EvaluationClientSpec()})
     cost: CostSpec = Field(default_factory=lambda: CostSpec(usd_per_hour=0.10))
 
 

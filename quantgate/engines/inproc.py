@@ -26,7 +26,7 @@ def _hwm_mb() -> float | None:
 
 
 def execute(job: dict) -> dict:
-    from ..evaluate.engines.transformers_local import TransformersEngine
+    from ..evaluate.clients.transformers_local import TransformersClient
     from ..evaluate.loadgen import PromptSource
     from ..evaluate.prompts import FALLBACK_TEXT
     from ..recipe import CostSpec
@@ -34,7 +34,7 @@ def execute(job: dict) -> dict:
     from .measure import measure
     from .spec import SweepSpec
 
-    engine = TransformersEngine(job["artifact"], device=job["device"], threads=job.get("threads"))
+    engine = TransformersClient(job["artifact"], device=job["device"], threads=job.get("threads"))
     t0 = time.perf_counter()
     asyncio.run(engine.start())
     load_s = round(time.perf_counter() - t0, 3)

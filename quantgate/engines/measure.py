@@ -3,7 +3,7 @@ one load generator; and the HTTP client each kind of server is measured with."""
 
 from __future__ import annotations
 
-from ..evaluate.engines.openai_http import OpenAIEngine
+from ..evaluate.clients.openai_http import OpenAIClient
 from ..workload import WorkloadSpec
 from . import sweep as sw
 from .spec import LaunchSpec
@@ -67,7 +67,7 @@ async def measure(engine, workload: WorkloadSpec, sweep_spec, prompts, *, cost=N
 
 
 # ------------------------------------------------------------------------------- clients
-class LlamaCppClient(OpenAIEngine):
+class LlamaCppClient(OpenAIClient):
     """llama-cpp-python's server ignores `ignore_eos` but honours `min_tokens`, so it is asked for
     the full output length that way (every engine then produces the lengths the workload asks for)."""
 
@@ -78,7 +78,7 @@ class LlamaCppClient(OpenAIEngine):
         return b
 
 
-def client(kind: str, base_url: str, model: str, spec: LaunchSpec, timeout_s: float) -> OpenAIEngine:
+def client(kind: str, base_url: str, model: str, spec: LaunchSpec, timeout_s: float) -> OpenAIClient:
     """The HTTP client a server of `kind` is measured with."""
-    cls = LlamaCppClient if kind == "llamacpp" else OpenAIEngine
+    cls = LlamaCppClient if kind == "llamacpp" else OpenAIClient
     return cls(base_url, model, timeout=timeout_s, extra_body=spec.extra_body)

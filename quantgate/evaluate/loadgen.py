@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Sequence
 
 from ..errors import QuantgateError
 from ..workload import LengthClass, WorkloadSpec
-from .engines.base import Engine, GenerationRequest
+from .clients.base import Client, GenerationRequest
 from .stats import Aggregates, RequestRecord, aggregate, tpot_of
 
 __all__ = ["PromptSource", "RequestRecord", "LoadReport", "run_load", "kind_sequence", "arrival_offsets"]
@@ -176,7 +176,7 @@ def _describe(exc: BaseException) -> str:
     return msg if msg and type(exc).__module__.startswith("quantgate") else f"{type(exc).__name__}: {msg or repr(exc)}"
 
 
-async def measure(engine: Engine, req: GenerationRequest, *, timeout_s: float, t0: float,
+async def measure(engine: Client, req: GenerationRequest, *, timeout_s: float, t0: float,
                   clock: Callable[[], float] = time.perf_counter, tokens_in: int | None = None) -> RequestRecord:
     """Send one request and time it. Never raises for the request's own failure: an engine
     exception becomes outcome 'error', running past `timeout_s` outcome 'timeout'."""
@@ -261,7 +261,7 @@ class LoadReport:
 
 
 # -------------------------------------------------------------------------- the run
-async def run_load(engine: Engine, workload: WorkloadSpec, prompts: PromptSource | Sequence[str], *,
+async def run_load(engine: Client, workload: WorkloadSpec, prompts: PromptSource | Sequence[str], *,
                    progress: Callable[[int, int | None], None] | None = None,
                    clock: Callable[[], float] = time.perf_counter,
                    sleep: Callable[[float], object] = asyncio.sleep) -> LoadReport:

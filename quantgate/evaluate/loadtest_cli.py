@@ -153,10 +153,10 @@ def register(app: typer.Typer) -> None:
 async def _run(url, model, api_key, spec, prompts, console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .engines.openai_http import OpenAIEngine
+    from .clients.openai_http import OpenAIClient
     from .loadgen import run_load
 
-    engine = OpenAIEngine(url, model, api_key=api_key, timeout=max(spec.timeout_s, 1.0))
+    engine = OpenAIClient(url, model, api_key=api_key, timeout=max(spec.timeout_s, 1.0))
     await engine.start()
     try:
         if engine.model is None:

@@ -12,7 +12,7 @@ import time
 
 from ..isolate import child_main
 from ..progress import emit
-from ..recipe import EngineSpec, EvaluationSpec
+from ..recipe import EvaluationClientSpec, EvaluationSpec
 from . import memory
 from .cost import cost_metrics
 
@@ -31,7 +31,7 @@ def _progress(stage):
 
 
 async def _generate(engine, messages, max_tokens) -> str:
-    from .engines.base import GenerationRequest
+    from .clients.base import GenerationRequest
 
     parts = []
     async for chunk in engine.stream(GenerationRequest("regression", messages, max_tokens, ignore_eos=False)):
@@ -112,7 +112,7 @@ def speed(engine, spec: EvaluationSpec, prompts_texts: list[str]) -> tuple[dict,
 
 def _offline(engine, spec, section, flat):
     if spec.offline and getattr(engine, "model", None) is not None:
-        from .engines.transformers_local import offline_timings
+        from .clients.transformers_local import offline_timings
 
         off = offline_timings(engine.model, spec.offline.prompt_tokens, spec.offline.output_tokens, spec.offline.repeats)
         section["offline"] = off.to_dict()
@@ -172,21 +172,21 @@ def load_metrics(report: dict) -> dict:
 
 def execute(job: dict) -> dict:
     spec = EvaluationSpec.model_validate(job["evaluation"])
-    engine_spec = EngineSpec.model_validate(job["engine"])
+    engine_spec = EvaluationClientSpec.model_validate(job["engine"])
     cand = job["candidate"]
-    from .engines.transformers_local import TransformersEngine
+    from .clients.transformers_local import TransformersClient
 
     t0 = time.perf_counter()
-    local = TransformersEngine(cand["artifact"], device=job["device"], threads=engine_spec.threads)
+    local = TransformersClient(cand["artifact"], device=job["device"], threads=engine_spec.threads)
     t_load = time.perf_counter()
     asyncio.run(local.start())
     TIMINGS["model_load"] = round(time.perf_counter() - t_load, 2)
     q_section, flat = quality(local, spec, cand["name"])
     speed_engine = local
     if engine_spec.kind == "openai":
-        from .engines.openai_http import OpenAIEngine
+        from .clients.openai_http import OpenAIClient
 
-        speed_engine = OpenAIEngine(engine_spec.base_url, engine_spec.model or cand["name"])
+        speed_engine = OpenAIClient(engine_spec.base_url, engine_spec.model or cand["name"])
     s_section, s_flat = speed(speed_engine, spec, job.get("prompt_texts") or [])
     flat.update(s_flat)
     mem = {"weights_bytes": memory.weights_bytes(cand["artifact"]), **memory.process_peak()}

@@ -32,7 +32,7 @@ class ManifestError(QuantgateError):
 
 
 # ------------------------------------------------------------------------------ providers
-class MockEngine(Spec):
+class MockProviderSpec(Spec):
     """The chapter's mock mode: deterministic text, configurable delay, pace and error rate."""
 
     kind: Literal["mock"] = "mock"
@@ -44,7 +44,7 @@ class MockEngine(Spec):
     reply_tokens: int = Field(32, ge=1, description="reply length before max_tokens caps it")
 
 
-class OpenAIEngine(Spec):
+class OpenAIProviderSpec(Spec):
     """Any OpenAI-compatible upstream: vLLM, SGLang, TensorRT-LLM, TGI, llama.cpp's server."""
 
     kind: Literal["openai"]
@@ -62,7 +62,7 @@ class OpenAIEngine(Spec):
         return v.rstrip("/")
 
 
-class LocalEngine(Spec):
+class LocalProviderSpec(Spec):
     """In-process transformers on the deployment's checkpoint (CPU or CUDA)."""
 
     kind: Literal["local"]
@@ -72,7 +72,7 @@ class LocalEngine(Spec):
     max_new_tokens: int = Field(128, ge=1)
 
 
-class CommandEngine(Spec):
+class CommandProviderSpec(Spec):
     """A CLI called as a subprocess (the chapter's gemini CLI): stdout is the answer."""
 
     kind: Literal["command"]
@@ -81,13 +81,14 @@ class CommandEngine(Spec):
     stdin: bool = Field(False, description="send the prompt on stdin instead of through '{prompt}'")
 
     @model_validator(mode="after")
-    def _prompt_goes_somewhere(self) -> "CommandEngine":
+    def _prompt_goes_somewhere(self) -> "CommandProviderSpec":
         if not self.stdin and not any("{prompt}" in a for a in self.argv):
             raise ValueError("argv must contain '{prompt}' somewhere, or set stdin: true")
         return self
 
 
-EngineSpec = Annotated[Union[MockEngine, OpenAIEngine, LocalEngine, CommandEngine], Field(discriminator="kind")]
+ProviderSpec = Annotated[Union[MockProviderSpec, OpenAIProviderSpec, LocalProviderSpec, CommandProviderSpec],
+                         Field(discriminator="kind")]
 PROVIDER_KINDS = ("mock", "openai", "local", "command")
 
 
@@ -115,7 +116,7 @@ class Deployment(Spec):
         None, description="sha256 of every file an engine reads in the artifact folder (quantgate.integrity)")
     method: str = "baseline"
     params: dict[str, Any] = Field(default_factory=dict)
-    provider: EngineSpec = Field(default_factory=MockEngine)
+    provider: ProviderSpec = Field(default_factory=MockProviderSpec)
     price: PriceSpec | None = Field(None, description="overrides serving.price for this deployment")
     max_tokens: int | None = Field(None, ge=1, description="cap on output tokens for this deployment")
     shared_cache: bool = Field(False, description="cached answers may be served to every tenant (public, "

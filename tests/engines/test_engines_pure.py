@@ -189,7 +189,7 @@ def test_failure_modes_name_queueing_contention_timeouts_and_slo_misses():
 
 def test_llamacpp_client_asks_for_the_full_output_with_min_tokens():
     from quantgate.engines.measure import client
-    from quantgate.evaluate.engines.base import GenerationRequest
+    from quantgate.evaluate.clients.base import GenerationRequest
 
     req = GenerationRequest("r1", [{"role": "user", "content": "hi"}], max_tokens=48)
     llama = client("llamacpp", "http://127.0.0.1:1", "m", LaunchSpec(kind="llamacpp"), 5).body(req)

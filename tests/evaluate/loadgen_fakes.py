@@ -15,7 +15,7 @@ import uuid
 
 from aiohttp import web
 
-from quantgate.evaluate.engines.base import Chunk, GenerationRequest
+from quantgate.evaluate.clients.base import Chunk, GenerationRequest
 
 
 class FakeOpenAI:

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from quantgate.evaluate.engines.base import GenerationRequest
-from quantgate.evaluate.engines.openai_http import (
-    DONE, EngineRequestError, OpenAIEngine, SSEDecoder, chat_url, chunk_of,
+from quantgate.evaluate.clients.base import GenerationRequest
+from quantgate.evaluate.clients.openai_http import (
+    DONE, EngineRequestError, OpenAIClient, SSEDecoder, chat_url, chunk_of,
 )
 
 VLLM_STREAM = (
@@ -75,7 +75,7 @@ def test_chat_url(base):
 
 
 def test_request_body():
-    eng = OpenAIEngine("http://h:1", "m", extra_body={"temperature": 0.0})
+    eng = OpenAIClient("http://h:1", "m", extra_body={"temperature": 0.0})
     req = GenerationRequest(id="r1", messages=[{"role": "user", "content": "hi"}], max_tokens=12)
     body = eng.body(req)
     assert body == {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "stream": True,
@@ -83,4 +83,4 @@ def test_request_body():
     assert "ignore_eos" not in eng.body(GenerationRequest(id="r", messages=[], max_tokens=1, ignore_eos=False))
     json.dumps(body)
     with pytest.raises(Exception, match="scheme"):
-        OpenAIEngine("localhost:8000", "m")
+        OpenAIClient("localhost:8000", "m")

@@ -13,7 +13,7 @@ import pytest
 
 from loadgen_fakes import FakeOpenAI, InstantEngine, VirtualClock
 from quantgate.errors import QuantgateError
-from quantgate.evaluate.engines.openai_http import OpenAIEngine
+from quantgate.evaluate.clients.openai_http import OpenAIClient
 from quantgate.evaluate.loadgen import PromptSource, arrival_offsets, kind_sequence, run_load
 from quantgate.workload import LengthClass, SLOSpec, WorkloadSpec
 
@@ -31,7 +31,7 @@ def wl(**kw) -> WorkloadSpec:
 
 async def load(server: FakeOpenAI, workload: WorkloadSpec, url: str | None = None, **kw):
     async with server:
-        async with OpenAIEngine(url or server.url, "fake-model") as eng:
+        async with OpenAIClient(url or server.url, "fake-model") as eng:
             return await run_load(eng, workload, TEXTS, **kw)
 
 
@@ -137,7 +137,7 @@ def test_connection_refused_gives_error_outcomes():
 
 
 def test_an_engine_that_was_not_started_is_an_error_not_a_crash():
-    rep = asyncio.run(run_load(OpenAIEngine("http://127.0.0.1:9", "m"), wl(requests=1), TEXTS))
+    rep = asyncio.run(run_load(OpenAIClient("http://127.0.0.1:9", "m"), wl(requests=1), TEXTS))
     assert rep.records[0].outcome == "error" and "start()" in rep.records[0].error
 
 

@@ -35,7 +35,7 @@ class _QueueStreamer:
         pass
 
 
-class TransformersEngine:
+class TransformersClient:
     name = "transformers"
 
     def __init__(self, model_path: str | Path, device: str = "cpu", threads: int | None = None):

@@ -1,7 +1,7 @@
-"""The engine contract every speed measurement goes through.
+"""The load-test client contract every speed measurement goes through.
 
-An engine turns one GenerationRequest into a stream of text chunks; the load generator, not
-the engine, holds the clock (TTFT, inter-token gaps, E2E), so every engine is timed the same way.
+A client turns one GenerationRequest into a stream of text chunks; the load generator, not
+the client, holds the clock (TTFT, inter-token gaps, E2E), so every backend is timed the same way.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ class Chunk:
     usage: dict | None = None  # {"prompt_tokens": n, "completion_tokens": m} at the end
 
 
-class Engine(Protocol):
-    """The caller starts the engine before use and closes it after (the load generator does neither)."""
+class Client(Protocol):
+    """The caller starts the client before use and closes it after (the load generator does neither)."""
 
     name: str
 

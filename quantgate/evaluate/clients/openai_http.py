@@ -157,8 +157,8 @@ def api_root(base_url: str) -> str:
     return b if b.endswith("/v1") else b + "/v1"
 
 
-class OpenAIEngine:
-    """Engine protocol over HTTP. `timeout` bounds connecting and each wait for more bytes;
+class OpenAIClient:
+    """The client contract over HTTP, to any OpenAI-compatible server. `timeout` bounds connecting and each wait for more bytes;
     the load generator's per-request timeout bounds the whole request."""
 
     name = "openai"
@@ -200,7 +200,7 @@ class OpenAIEngine:
             await self._session.close()
             self._session = None
 
-    async def __aenter__(self) -> "OpenAIEngine":
+    async def __aenter__(self) -> "OpenAIClient":
         await self.start()
         return self
 
@@ -224,7 +224,7 @@ class OpenAIEngine:
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
         if self.model is None:
-            raise QuantgateError("OpenAIEngine: no model name; pass model= (or --model)")
+            raise QuantgateError("OpenAIClient: no model name; pass model= (or --model)")
         async with self._request("POST", self.url, json=self.body(req), headers={"X-Request-Id": str(uuid.uuid4()),
                                                                                 "X-Quantgate-Request": self._tag + req.id}) as resp:
             await self._check(resp)
@@ -263,7 +263,7 @@ class OpenAIEngine:
     # ------------------------------------------------------------------ internals
     def _request(self, method: str, url: str, **kw):
         if self._session is None:
-            raise QuantgateError("OpenAIEngine: call `await engine.start()` before sending requests")
+            raise QuantgateError("OpenAIClient: call `await engine.start()` before sending requests")
         return _Guarded(self._session.request(method, url, **kw), url, self._client_errors())
 
     @staticmethod

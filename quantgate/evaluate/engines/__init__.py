@@ -1,1 +1,0 @@
-"""Engines behind one narrow streaming interface; see base.py. Chosen by name, loaded lazily."""
