@@ -394,9 +394,9 @@ def manifest_validate(manifest: Path = typer.Argument(...)):
 def manifest_diff(a: Path = typer.Argument(...), b: Path = typer.Argument(...)):
     """What changed between two manifests."""
     from .serve.manifest import load_manifest
-    from .serve.promote import diff
+    from .serve.promote import diff_report
 
-    lines = diff(load_manifest(a), load_manifest(b))
+    lines = diff_report(load_manifest(a), load_manifest(b))
     for line in lines or ["(no differences)"]:
         out.print(line, highlight=False)
 
@@ -437,6 +437,9 @@ _register_plugins()
 def main() -> None:
     # before torch loads: spinning OpenMP waits collapse throughput on a shared or oversubscribed CPU
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from .progress import quiet_libraries
+
+    quiet_libraries()
     try:
         app()
     except QuantgateError as exc:

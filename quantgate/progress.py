@@ -70,6 +70,23 @@ NOISE = [re.compile(p) for p in (
 ERROR = re.compile(r"error|exception|traceback|fatal|killed|out of memory|segmentation", re.I)
 
 
+def quiet_libraries() -> None:
+    """The parent process imports transformers for tokenizers: keep its known notices off the console.
+
+    Only named, known-harmless sources are lowered to errors; anything else still shows.
+    """
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in ("torchao", "torchao.kernel.intmm", "torch.utils._pytree", "tokenicer"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*Enum subclass.*register_constant.*")
+    warnings.filterwarnings("ignore", message=r".*_pytree.*deprecated.*")
+
+
 def is_noise(line: str) -> bool:
     if ERROR.search(line):
         return False

@@ -11,7 +11,7 @@ import pytest
 from quantgate.deploy import edit_manifest, verify
 from quantgate.errors import QuantgateError
 from quantgate.serve.manifest import Deployment, load_manifest, write_manifest
-from quantgate.serve.promote import PromotionRefused, diff, promote, rollback
+from quantgate.serve.promote import PromotionRefused, diff, diff_report, promote, rollback
 
 NOW = datetime(2026, 11, 24, tzinfo=timezone.utc)
 
@@ -55,6 +55,11 @@ def test_promoting_the_active_deployment_is_refused_and_diff_reads():
     m2 = promote(m, dep("gptq4", "2"), now=NOW, by="a")
     lines = diff(m, m2)
     assert "active.name: 'base' → 'gptq4'" in lines and any(l.startswith("history +: promote gptq4@2") for l in lines)
+    report = diff_report(m, m2)
+    assert report[0] == "active: base@1 → gptq4@2; rollback target: none → base@1"
+    assert "active deployment (" in report[1] and "  active.name: 'base' → 'gptq4'" in report
+    assert any(r.startswith("rollback targets (") for r in report) and report[-2].startswith("history (1 new)")
+    assert diff_report(m2, m2) == []
 
 
 def test_verify_refuses_changed_weights(tmp_path):

@@ -67,6 +67,36 @@ def _validated(m: Manifest) -> Manifest:
     return Manifest.model_validate(m.model_dump(by_alias=True))
 
 
+SECTIONS = (("active", "active deployment"), ("previous", "rollback targets"), ("serving", "serving settings"),
+            ("evidence", "evidence"))
+
+
+def diff_report(a: Manifest, b: Manifest) -> list[str]:
+    """`manifest diff` for people: a headline (what serves, what a rollback restores), then the
+    field changes grouped by section, then the history entries that B adds."""
+    lines = diff(a, b)
+    if not lines:
+        return []
+    head = (f"active: {a.active.key} → {b.active.key}" if a.active.key != b.active.key
+            else f"active: {b.active.key} (unchanged)")
+    prev_a = a.previous[0].key if a.previous else "none"
+    prev_b = b.previous[0].key if b.previous else "none"
+    head += f"; rollback target: {prev_a} → {prev_b}" if prev_a != prev_b else f"; rollback target: {prev_b}"
+    out = [head]
+    for key, title in SECTIONS:
+        group = [ln for ln in lines if ln.split(":", 1)[0].split(".", 1)[0] == key]
+        if group:
+            out += [f"{title} ({len(group)} field{'s' if len(group) != 1 else ''}):"] + [f"  {ln}" for ln in group]
+    rest = [ln for ln in lines if ln.split(":", 1)[0].split(".", 1)[0] not in {k for k, _ in SECTIONS}
+            and not ln.startswith("history +")]
+    if rest:
+        out += [f"other ({len(rest)}):"] + [f"  {ln}" for ln in rest]
+    hist = [ln for ln in lines if ln.startswith("history +")]
+    if hist:
+        out += [f"history ({len(hist)} new):"] + [f"  {ln.removeprefix('history +: ')}" for ln in hist]
+    return out
+
+
 def diff(a: Manifest, b: Manifest) -> list[str]:
     """Human-readable differences between two manifests (field path: old → new)."""
     out: list[str] = []

@@ -26,10 +26,13 @@ def smollm2_run(tmp_path_factory):
     root = Path(os.environ.get("QUANTGATE_TEST_WORKSPACE") or tmp_path_factory.mktemp("ws"))
     proc = subprocess.run([sys.executable, "-m", "quantgate", "run", str(RECIPE), "-w", str(root), "--device", "cpu"],
                           cwd=REPO, capture_output=True, text=True, timeout=3600)
-    sys.stdout.write(proc.stdout[-6000:])
+    sys.stdout.write(proc.stdout[-6000:] + proc.stderr[-6000:])
     assert proc.returncode == 0, proc.stderr[-6000:]
     ws = Workspace(root)
     run_dir = ws.run_dir(recipe)
+    # the run's per-stage wall times, for bench/main_job.py (QUANTGATE_TIMINGS_OUT=path keeps a copy)
+    if out := os.environ.get("QUANTGATE_TIMINGS_OUT"):
+        Path(out).write_text((run_dir / "timings.json").read_text())
     quantized = {r["name"]: r for r in json.loads((run_dir / "quantize.json").read_text())["results"]}
     return {"recipe": recipe, "ws": ws, "run_dir": run_dir, "stdout": proc.stdout, "stderr": proc.stderr,
             "quantized": quantized, "compare": json.loads((run_dir / "compare.json").read_text())}

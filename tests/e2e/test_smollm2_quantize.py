@@ -29,6 +29,22 @@ def test_every_candidate_is_made_with_its_record(smollm2_run):
     assert results["gptq-w4g64"]["record"]["size_bytes"] < results["baseline-fp32"]["record"]["size_bytes"] / 3
 
 
+def test_checkpoint_files_are_true_for_every_reader(smollm2_run):
+    from transformers import AutoTokenizer
+
+    results = smollm2_run["quantized"]
+    for name in ("gptq-w4g64", "awq-w4g64"):
+        assert results[name]["record"]["quantized_modules"] == 30 * 7, name  # every decoder linear
+    for name, r in results.items():
+        cfg = json.loads((Path(r["artifact"]) / "config.json").read_text())
+        # transformers 4.57 reads the top-level key, 5.x rope_parameters: both say 100000
+        assert cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"] == 100000.0, name
+        assert "offload_to_disk_path" not in json.dumps(cfg), name
+        tok = AutoTokenizer.from_pretrained(r["artifact"])
+        gen = json.loads((Path(r["artifact"]) / "generation_config.json").read_text())
+        assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == cfg["eos_token_id"] == gen["eos_token_id"] == 2
+
+
 def test_quantized_checkpoints_load_with_transformers_and_answer(smollm2_run):
     from transformers import AutoTokenizer
 
