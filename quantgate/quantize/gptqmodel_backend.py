@@ -51,6 +51,12 @@ class GPTQModelQuantizer:
             f"{spec.method.upper()} {spec.name} via GPTQModel {gptqmodel.__version__} on {device}: "
             f"{len(calib)} windows × {len(ctx.calibration[0])} tokens"
         )
+        notes = []
+        if spec.method == "awq":
+            from . import awq_clip
+
+            if awq_clip.install():  # same search, as matmuls: the clip search was 95% of AWQ on CPU
+                notes.append("AWQ clip search: quantgate.quantize.awq_clip (batched matmul, same result)")
         model = GPTQModel.load(str(ctx.source), qc, device=device)
         backend = BACKEND.AWQ_TORCH if (spec.method == "awq" and device == "cpu") else BACKEND.AUTO
         model.quantize(calib, batch_size=1, backend=backend, calibration_sort=None)
@@ -58,5 +64,5 @@ class GPTQModelQuantizer:
         copy_tokenizer(ctx.source, out)
         return QuantizeOutcome(
             format="gptq" if spec.method == "gptq" else "awq-gemm",
-            backend_versions={"gptqmodel": gptqmodel.__version__},
+            backend_versions={"gptqmodel": gptqmodel.__version__}, notes=notes,
         )
