@@ -37,8 +37,11 @@ def rows(timings: dict) -> dict[str, float]:
     """{stage label: seconds}: quantize per candidate, each evaluation part summed over candidates, totals."""
     out: dict[str, float] = {}
     latest: dict[tuple[str, str], dict] = {}
-    for s in timings["stages"]:  # a resumed run appends: the latest entry of each step counts
-        latest[(s["stage"], s["candidate"])] = s
+    for s in timings["stages"]:  # a resumed run appends: the latest measured entry of each step counts
+        key = (s["stage"], s["candidate"])
+        if s.get("status") != "cached" or key not in latest:
+            latest[key] = s
+    cpu = sum(s.get("cpu_s") or 0.0 for s in latest.values())
     for (stage, cand), s in latest.items():
         if stage == "quantize":
             out[f"quantize {cand}"] = s["wall_s"]
@@ -52,6 +55,8 @@ def rows(timings: dict) -> dict[str, float]:
     out["evaluate total"] = sum(v for k, v in out.items() if k.startswith("evaluate "))
     if "run" in out:
         out["total (quantgate run)"] = out.pop("run")
+    if cpu:
+        out["worker CPU seconds (all)"] = cpu  # on a busy machine, what the work itself cost
     return out
 
 

@@ -7,6 +7,7 @@ can be resumed, inspected and logged after the fact.
 from __future__ import annotations
 
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def quantize(recipe: Recipe, ws: Workspace, *, only: list[str] | None = None, de
     run.add_timing("prepare", "-", time.perf_counter() - t0, "done")
     results: list[CandidateResult] = []
     for spec in chosen:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _children_cpu()
         res = run_candidate(
             spec, source=source, calibration_file=calib_file if needs_calibration(spec) else None,
             artifacts=ws.artifacts, meta=meta, device=device, force=force, log=lambda *_: None,
@@ -81,13 +82,19 @@ def quantize(recipe: Recipe, ws: Workspace, *, only: list[str] | None = None, de
             on_start=lambda n=spec.name, m=spec.method: view.set(n, "quantize", "running", detail=m),
         )
         view.set(spec.name, "quantize", res.status, detail=_failure(res.error, run.log_file(spec.name, "quantize")))
-        run.add_timing("quantize", spec.name, time.perf_counter() - t0, res.status)
+        run.add_timing("quantize", spec.name, time.perf_counter() - t0, res.status, cpu_s=_children_cpu() - c0)
         results.append(res)
         # written after every candidate: an interrupted run keeps what it finished
         run.write_quantize(recipe, results)
         if on_result:
             on_result(res)
     return results
+
+
+def _children_cpu() -> float:
+    """CPU seconds used by finished worker processes: on a shared machine, what wall time hides."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def _failure(error: str | None, log_file: Path) -> str:
@@ -169,12 +176,12 @@ def evaluate(recipe: Recipe, ws: Workspace, *, only: list[str] | None = None, de
             "engine": recipe.evaluation.engines[spec.engine].model_dump(mode="json"),
             "device": device, "eval_key": key, "prompt_texts": texts,
         }
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _children_cpu()
         log_file = run.log_file(res.name, "evaluate")
         got = run_in_child("quantgate.evaluate.worker", job, run.evaluate_dir, log_file=log_file,
                            on_event=lambda ev, n=res.name: view.set(n, ev.pop("stage"), ev.pop("state"), **ev), echo=echo)
         run.add_timing("evaluate", res.name, time.perf_counter() - t0, "failed" if got.get("error") else "done",
-                       (got.get("record") or {}).get("timings_s"))
+                       (got.get("record") or {}).get("timings_s"), cpu_s=_children_cpu() - c0)
         if got.get("error"):
             for s in stages:  # the stage that broke is failed; the ones it never reached are skipped
                 cell = view.cells.get((res.name, s))

@@ -210,9 +210,11 @@ class RunFolder:
     def comparison(self, required: bool = True) -> dict | None:
         return self._require(self.compare_file) if required else read_json(self.compare_file)
 
-    def add_timing(self, stage: str, candidate: str, wall_s: float, status: str, parts: dict | None = None) -> None:
+    def add_timing(self, stage: str, candidate: str, wall_s: float, status: str, parts: dict | None = None,
+                   cpu_s: float | None = None) -> None:
         data = read_json(self.timings_file) or {"stages": []}
         data["stages"].append({"stage": stage, "candidate": candidate, "wall_s": round(wall_s, 2), "status": status,
+                               **({"cpu_s": round(cpu_s, 2)} if cpu_s is not None else {}),
                                **({"parts_s": parts} if parts else {})})
         atomic_write_json(self.timings_file, data)
 

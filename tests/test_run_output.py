@@ -70,6 +70,10 @@ def test_piped_run_prints_one_line_per_state_change_logs_the_backend_and_ends_wi
     parts = {t["candidate"]: t["parts_s"] for t in timings if t["stage"] == "evaluate"}
     assert set(parts["rtn4"]) >= {"model_load", "perplexity", "regression", "offline", "load_test"}
 
+    # `compare` ends like `run`: the recommendation, why, and the next command
+    comp = run_cli("compare", recipe, "-w", ws, cwd=tmp_path)
+    assert comp.returncode == 0 and re.search(r"recommended: \S+ — ", comp.stdout + comp.stderr)
+
     # a resume measures nothing again and says so, one line per step
     again = run_cli("run", recipe, "-w", ws, "--no-track", "--device", "cpu", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]

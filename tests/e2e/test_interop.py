@@ -1,6 +1,7 @@
 """quantgate's 4-bit checkpoints in the libraries users load them with: transformers 4.57 + optimum 1.24
 (+ auto-gptq 0.7.1), in a second venv made by scripts/setup-interop-venv.sh. Same windows, same
-perplexity within 0.1% of quantgate's own number.
+perplexity within 0.1% of quantgate's own number, computed in the dtype the checkpoint's config names
+(as quantgate's evaluation does).
 
 AWQ is not covered: transformers 4.57 loads AWQ only through autoawq, which needs CUDA or Intel's
 extension on CPU. The test skips (with the reason) where the venv is absent.
@@ -22,7 +23,10 @@ import json, math, sys
 import torch
 from transformers import AutoModelForCausalLM
 job = json.load(open(sys.argv[1]))
-model = AutoModelForCausalLM.from_pretrained(job["folder"], device_map="cpu", torch_dtype=torch.float32).eval()
+# the dtype the checkpoint's config names, which is what quantgate's evaluation (transformers 5) runs in
+cfg = json.load(open(job["folder"] + "/config.json"))
+dtype = getattr(torch, cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+model = AutoModelForCausalLM.from_pretrained(job["folder"], device_map="cpu", torch_dtype=dtype).eval()
 nll, n = 0.0, 0
 for i in range(0, len(job["windows"]), 4):
     ids = torch.tensor(job["windows"][i:i + 4])
