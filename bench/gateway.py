@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 API_KEY = "qg-bench-key-0123456789"
+ADMIN_KEY = "qg-bench-admin-0123456789"  # /metrics needs an admin key once keys are configured
 LITELLM_KEY = "sk-bench-0123456789abcdef"
 LITELLM_BIN = Path("/tmp/litellm-venv/bin/litellm")
 PATH = "/v1/chat/completions"
@@ -119,6 +120,7 @@ def gateway_manifest(kind: str, upstream: str) -> dict:
             "cache": {"enabled": True, "ttl_s": 60, "max_entries": 100000},
             "budgets": {"tenants": {"bench": big, "*": big}, "per_user": big, "global": big},
             "api_keys": {"bench": [{"sha256": hashlib.sha256(API_KEY.encode()).hexdigest()}]},
+            "admin_keys": [{"sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest()}],
             "ladder": {"enabled": True, "window_s": 30, "min_samples": 50},
             "fallback": {"name": "bench-fallback", "provider": {"kind": "mock", "delay_ms": 0}},
         },
@@ -250,7 +252,8 @@ def gateway_counts(url: str) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 
     out = {"429": 0.0, "errors": 0.0}
-    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=5).text):
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=5,
+                                                             headers={"x-api-key": ADMIN_KEY}).text):
         for s in fam.samples:
             if s.name == "quantgate_429_total":
                 out["429"] += s.value
