@@ -390,6 +390,21 @@ def manifest_validate(manifest: Path = typer.Argument(...)):
     console.print(f"[green]✓[/] {manifest} is valid: active {m.active.key}, {len(m.previous)} rollback target(s)")
 
 
+@manifest_app.command("migrate")
+def manifest_migrate(manifest: Path = typer.Argument(..., help="The manifest to rewrite in the current schema."),
+                     by: Optional[str] = typer.Option(None, "--by", help="Who (default: the current user).")):
+    """Rewrite an older manifest in the current schema version, atomically, keeping its history."""
+    from .deploy import migrate
+
+    m, steps = migrate(manifest, by=by)
+    if not steps:
+        console.print(f"[green]✓[/] {manifest} is already schema version {m.schema_version}: nothing to do")
+        return
+    for step in steps:
+        console.print(f"  {step}")
+    console.print(f"[green]✓[/] {manifest} rewritten as schema version {m.schema_version} (history kept)")
+
+
 @manifest_app.command("diff")
 def manifest_diff(a: Path = typer.Argument(...), b: Path = typer.Argument(...)):
     """What changed between two manifests."""

@@ -25,6 +25,7 @@ from .serve.manifest import (
     PriceSpec,
     ServingSpec,
     load_manifest,
+    migrate_manifest,
     write_manifest,
 )
 from .serve.promote import promote, rollback
@@ -39,6 +40,13 @@ def edit_manifest(path: Path, change) -> Manifest:
         new = change(current)
         write_manifest(path, new)
     return new
+
+
+def migrate(path: Path, *, by: str | None = None):
+    """`quantgate manifest migrate`: an older manifest rewritten in the current schema, under the lock."""
+    path = Path(path)
+    with FileLock(str(path) + ".lock", timeout=60):
+        return migrate_manifest(path, now=datetime.now(timezone.utc), by=by or getpass.getuser())
 
 
 def deployment_for(run_dir: Path, name: str) -> Deployment:

@@ -21,7 +21,7 @@ def test_engine_selection_errors_carry_the_line_and_the_variant_fields(tmp_path)
 
 def test_json_manifest_errors_point_at_the_line(tmp_path):
     p = tmp_path / "manifest.json"
-    doc = {"schema_version": 1, "active": {"name": "a", "model_version": "1", "provider": {"kind": "mokc"}}}
+    doc = {"schema_version": 2, "active": {"name": "a", "model_version": "1", "provider": {"kind": "mokc"}}}
     p.write_text(json.dumps(doc, indent=2))
     with pytest.raises(ManifestError, match=r"manifest\.json:7: active\.provider: unknown kind 'mokc'; "
                                             r"did you mean 'mock'\?"):

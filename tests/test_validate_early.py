@@ -77,7 +77,7 @@ def test_duplicate_keys_are_refused_with_both_lines(tmp_path):
 
 
 def test_manifest_validate_checks_the_artifact_folder(tmp_path):
-    m = {"schema_version": 1, "active": {"name": "a", "artifact": str(tmp_path / "gone"),
+    m = {"schema_version": 2, "active": {"name": "a", "artifact": str(tmp_path / "gone"),
                                          "provider": {"kind": "local"}}}
     p = tmp_path / "manifest.json"
     p.write_text(json.dumps(m))

@@ -14,6 +14,10 @@ import asyncio
 import math
 from collections import deque
 from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .manifest import Deployment
 
 
 class Admit(Enum):
@@ -103,3 +107,13 @@ class ConcurrencyGate:
             if not fut.done():
                 self.in_flight += 1
                 fut.set_result(None)
+
+
+def input_cap(gateway_cap: int, dep: "Deployment") -> tuple[int, str]:
+    """The prompt cap (tokens) for a request `dep` serves, and what sets it, for the client's message:
+    the gateway's serving.max_input_tokens, or the deployment's engine (max model length less max_tokens)."""
+    engine_cap = dep.max_input_tokens
+    if engine_cap is not None and engine_cap < gateway_cap:
+        return engine_cap, (f"the '{dep.name}' deployment's engine takes (max_model_len={dep.engine.max_model_len} "
+                            f"less max_tokens={dep.max_tokens or 0}: {engine_cap})")
+    return gateway_cap, f"this gateway accepts (max_input_tokens={gateway_cap})"

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import AsyncIterator
 
-from .admission import Admit, ConcurrencyGate, effective_limit, retry_after_s
+from .admission import Admit, ConcurrencyGate, effective_limit, input_cap, retry_after_s
 from .budget import Estimator, plan_request, trim_context
 from .cache import cache_key, make_cache
 from .ladder import Ladder, Level, Sample, upstream_fault
@@ -229,12 +229,12 @@ class Gateway:
             raise GatewayError(400, "invalid_request_error",
                                f"max_tokens: {max_tokens} is more than this gateway allows ({s.max_tokens_limit})",
                                "max_tokens")
-        tokens_in = prompt_tokens(call.messages)
-        if tokens_in > s.max_input_tokens:
-            raise GatewayError(413, "invalid_request_error",
-                               f"messages: about {tokens_in} tokens, more than this gateway accepts "
-                               f"(max_input_tokens={s.max_input_tokens}); shorten the prompt", "messages")
         lookup = rt.fallback if (self.ladder.level == Level.BREAKER and rt.fallback) else rt.active
+        tokens_in = prompt_tokens(call.messages)
+        cap, what = input_cap(s.max_input_tokens, lookup)
+        if tokens_in > cap:
+            raise GatewayError(413, "invalid_request_error",
+                               f"messages: about {tokens_in} tokens, more than {what}; shorten the prompt", "messages")
         ctx.budget_ms, ctx.deadline, ctx.max_tokens, ctx.lookup = budget_ms, call.t0 + budget_ms / 1000, max_tokens, lookup
         ctx.reserved_tokens = tokens_in + max_tokens
         now = self.wall()

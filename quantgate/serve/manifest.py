@@ -13,6 +13,7 @@ silently ignored setting.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +25,7 @@ from ..documents import Spec, read_mapping, validate
 from ..errors import QuantgateError
 from ..util import atomic_write_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: deployments name their engine (`Deployment.engine`); 1 migrates
 
 
 class ManifestError(QuantgateError):
@@ -92,6 +93,55 @@ ProviderSpec = Annotated[Union[MockProviderSpec, OpenAIProviderSpec, LocalProvid
 PROVIDER_KINDS = ("mock", "openai", "local", "command")
 
 
+# -------------------------------------------------------------------------------- engines
+ENGINE_KINDS = ("vllm", "llamacpp", "transformers", "openai-url")
+# the provider the gateway talks to each engine kind through
+ENGINE_PROVIDER = {"vllm": "openai", "llamacpp": "openai", "openai-url": "openai", "transformers": "local"}
+
+
+class ServingEngineSpec(Spec):
+    """The engine that serves a deployment, and how: its kind, arguments, environment and start deadline.
+
+    vllm and llamacpp are servers quantgate starts (`argv`, in the engine's own interpreter, as the
+    launchers in quantgate.engines resolve it) and talks to through the `openai` provider on `port`;
+    transformers is the in-process `local` provider; openai-url is a server someone else runs (a
+    Kubernetes service, a hosted API): nothing to start.
+    """
+
+    kind: Literal["vllm", "llamacpp", "transformers", "openai-url"]
+    quantization: str | None = Field(None, description="the engine's quantization/kernel argument the matrix "
+                                     "found working (vLLM --quantization); none = the engine picks")
+    kernel: str | None = Field(None, description="the kernel the engine reported (informational)")
+    dtype: str = Field("auto", max_length=32)
+    max_model_len: int | None = Field(None, ge=64, description="context the engine reserves; caps the prompt")
+    threads: int | None = Field(None, ge=1)
+    device: Literal["cpu", "cuda"] = "cpu"
+    python: str | None = Field(None, description="the engine's own interpreter (vllm, llamacpp)")
+    argv: list[str] = Field(default_factory=list, description="the command line that starts the engine "
+                            "(vllm, llamacpp), as the engine matrix ran it")
+    env: dict[str, str] = Field(default_factory=dict, description="environment the engine starts with")
+    port: int | None = Field(None, ge=1, le=65535, description="the port a started engine serves on (loopback)")
+    startup_timeout_s: float = Field(900.0, gt=0, description="deadline for a started engine to answer")
+    source: str = Field("", description="where this choice came from: the card row, --engine, a migration")
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in v if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k)]
+        if bad:
+            raise ValueError(f"not environment variable names: {', '.join(map(repr, bad))}")
+        return v
+
+    @model_validator(mode="after")
+    def _launched_needs_argv(self) -> "ServingEngineSpec":
+        if self.kind in ("vllm", "llamacpp") and not self.argv:
+            raise ValueError(f"a '{self.kind}' engine is started by the gateway: give 'argv' (its command line; "
+                             "`quantgate promote` writes it from the engine card or --engine)")
+        if self.kind in ("transformers", "openai-url") and self.argv:
+            raise ValueError(f"a '{self.kind}' engine is not started as a process: remove 'argv'")
+        return self
+
+
 class PriceSpec(Spec):
     """USD per million tokens, for cost accounting (budgets, the cost-rate signal, metrics)."""
 
@@ -117,6 +167,8 @@ class Deployment(Spec):
     method: str = "baseline"
     params: dict[str, Any] = Field(default_factory=dict)
     provider: ProviderSpec = Field(default_factory=MockProviderSpec)
+    engine: ServingEngineSpec | None = Field(None, description="the engine that serves this deployment and how; "
+                                     "none for mock and command providers")
     price: PriceSpec | None = Field(None, description="overrides serving.price for this deployment")
     max_tokens: int | None = Field(None, ge=1, description="cap on output tokens for this deployment")
     shared_cache: bool = Field(False, description="cached answers may be served to every tenant (public, "
@@ -128,7 +180,21 @@ class Deployment(Spec):
         # remote engines, CLIs and the mock serve whatever they serve.
         if self.provider.kind == "local" and not (self.artifact or self.provider.model):
             raise ValueError("a 'local' deployment needs 'artifact' (or provider.model): the checkpoint folder")
+        if self.engine is not None:
+            want = ENGINE_PROVIDER[self.engine.kind]
+            if self.provider.kind != want:
+                raise ValueError(f"engine '{self.engine.kind}' is served through a '{want}' provider, "
+                                 f"not '{self.provider.kind}'")
+            if self.engine.kind in ("vllm", "llamacpp") and not self.artifact:
+                raise ValueError(f"a '{self.engine.kind}' deployment needs 'artifact': the checkpoint it serves")
         return self
+
+    @property
+    def max_input_tokens(self) -> int | None:
+        """The longest prompt this deployment's engine takes: its context minus the output it may write."""
+        if self.engine is None or self.engine.max_model_len is None:
+            return None
+        return max(1, self.engine.max_model_len - (self.max_tokens or 0))
 
     @property  # not cached: model_copy(update=...) would carry a stale cached value along
     def key(self) -> str:
@@ -299,7 +365,7 @@ class HistoryEvent(Spec):
 
 
 class Manifest(Spec):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     active: Deployment
     serving: ServingSpec = ServingSpec()
     evidence: dict[str, Any] = Field(default_factory=dict)
@@ -323,10 +389,78 @@ def parse_manifest(data: bytes | str, source: str | Path = "<manifest>") -> Mani
     syntax = "yaml" if Path(str(source)).suffix.lower() in (".yaml", ".yml") else "json"
     obj, root = read_mapping(text, source, error=ManifestError, name="manifest", syntax=syntax,
                              shape="a mapping with at least 'active'")
-    if obj.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
-        raise ManifestError(f"{source}: schema_version: {obj.get('schema_version')!r} is not supported "
+    version = obj.get("schema_version", SCHEMA_VERSION)
+    if version in MIGRATIONS:
+        raise ManifestError(f"{source}: schema_version: {version} is an older manifest format (this quantgate "
+                            f"reads version {SCHEMA_VERSION}); rewrite it with `quantgate manifest migrate {source}` "
+                            "(history kept)")
+    if version != SCHEMA_VERSION:
+        raise ManifestError(f"{source}: schema_version: {version!r} is not supported "
                             f"(this quantgate reads version {SCHEMA_VERSION})")
     return validate(Manifest, obj, source, root, error=ManifestError)
+
+
+# ------------------------------------------------------------------------------ migration
+def _engine_of_v1(dep: dict) -> dict | None:
+    """The engine a version-1 deployment was served by, from its provider (pure)."""
+    p = dep.get("provider") or {"kind": "mock"}
+    if not isinstance(p, dict):
+        return None
+    if p.get("kind") == "local":
+        return {"kind": "transformers", "dtype": p.get("dtype", "auto"),
+                "device": "cuda" if p.get("device") == "cuda" else "cpu", "source": "migrated from schema 1"}
+    if p.get("kind") == "openai":
+        return {"kind": "openai-url", "source": "migrated from schema 1"}
+    return None
+
+
+def _migrate_1(obj: dict) -> tuple[dict, str]:
+    def dep(d):
+        if not isinstance(d, dict) or "engine" in d:
+            return d
+        eng = _engine_of_v1(d)
+        return {**d, "engine": eng} if eng else d
+
+    out = {**obj, "schema_version": 2, "active": dep(obj.get("active"))}
+    if isinstance(obj.get("previous"), list):
+        out["previous"] = [dep(d) for d in obj["previous"]]
+    if isinstance(obj.get("serving"), dict) and obj["serving"].get("fallback") is not None:
+        out["serving"] = {**obj["serving"], "fallback": dep(obj["serving"]["fallback"])}
+    return out, "schema 1 → 2: each deployment names its engine (local → transformers, openai → openai-url)"
+
+
+MIGRATIONS = {1: _migrate_1}  # version → (document → next version's document, what changed)
+
+
+def migrate_document(obj: dict, *, now: datetime, by: str) -> tuple[dict, list[str]]:
+    """An older manifest document (a mapping) → the current version, with a history event per step (pure)."""
+    steps = []
+    while obj.get("schema_version", SCHEMA_VERSION) in MIGRATIONS:
+        obj, what = MIGRATIONS[obj["schema_version"]](obj)
+        steps.append(what)
+        event = HistoryEvent(what="migrate", when=now, why=what, by=by).model_dump(mode="json", exclude_none=True)
+        obj["history"] = [*(obj.get("history") or []), event]
+    return obj, steps
+
+
+def migrate_manifest(path: str | Path, *, now: datetime, by: str) -> tuple[Manifest, list[str]]:
+    """Rewrite an older manifest file in the current version, atomically; (the manifest, the steps taken).
+
+    The caller holds the manifest's lock; a current manifest is left as it is (no steps).
+    """
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no such manifest file") from None
+    syntax = "yaml" if path.suffix.lower() in (".yaml", ".yml") else "json"
+    obj, _ = read_mapping(text, path, error=ManifestError, name="manifest", syntax=syntax,
+                          shape="a mapping with at least 'active'")
+    new, steps = migrate_document(obj, now=now, by=by)
+    m = parse_manifest(json.dumps(new, default=str), path)  # JSON is YAML too
+    if steps:
+        write_manifest(path, m)
+    return m, steps
 
 
 def load_manifest(path: str | Path) -> Manifest:

@@ -25,7 +25,7 @@ def base_manifest(**serving) -> dict:
     s = {"default_budget_ms": 2000, "max_budget_ms": 10000, "max_concurrency": 32, "anonymous": True,
          "reload_interval_s": 0.05, "fallback": mock("fallback", reply_tokens=4)}
     s.update(serving)
-    return {"schema_version": 1, "active": mock("primary", reply_tokens=8), "serving": s}
+    return {"schema_version": 2, "active": mock("primary", reply_tokens=8), "serving": s}
 
 
 def write(path: Path, manifest: dict) -> Path:

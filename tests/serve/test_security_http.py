@@ -105,6 +105,19 @@ def test_a_prompt_over_the_input_cap_is_refused_before_admission(serve):
     assert srv.gateway.rt.providers["active"].entered == 0
 
 
+def test_the_engines_context_caps_the_prompt_per_deployment(serve, upstream):
+    """A prompt the engine's max model length cannot hold is the client's 413 before admission, never an
+    upstream error; the gateway-wide cap stays when it is the smaller one."""
+    m = base_manifest(max_input_tokens=8192)
+    m["active"] = {"name": "remote", "max_tokens": 64, "engine": {"kind": "openai-url", "max_model_len": 128},
+                   "provider": {"kind": "openai", "base_url": upstream.base_url, "model": "ok"}}
+    srv = serve(m)
+    r = httpx.post(srv.url + "/chat", json=chat_body("x" * 400))  # about 100 tokens > 128 - 64
+    assert r.status_code == 413 and r.json()["error"]["param"] == "messages"
+    assert "'remote' deployment's engine takes (max_model_len=128 less max_tokens=64: 64)" in r.json()["error"]["message"]
+    assert httpx.post(srv.url + "/chat", json=chat_body("short")).status_code == 200
+
+
 def test_one_tenant_cannot_take_every_slot(serve):
     srv = serve(base_manifest(max_concurrency=4, cache={"enabled": False},
                               tenant_limits={"*": {"concurrency_share": 0.5}}))

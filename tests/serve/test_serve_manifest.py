@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_example_manifest_loads_and_uses_mock_for_both():
     m = load_manifest(REPO / "examples" / "manifest.mock.json")
-    assert m.schema_version == 1
+    assert m.schema_version == 2
     assert m.active.provider.kind == "mock" and m.serving.fallback.provider.kind == "mock"
     # the fallback is the faster, cheaper one
     assert m.serving.fallback.provider.delay_ms < m.active.provider.delay_ms
@@ -82,8 +82,8 @@ def test_unreadable_files(tmp_path):
         load_manifest(p)
     with pytest.raises(ManifestError, match="no such manifest file"):
         load_manifest(tmp_path / "missing.json")
-    p.write_text(json.dumps({**base_manifest(), "schema_version": 2}))
-    with pytest.raises(ManifestError, match="schema_version: 2 is not supported"):
+    p.write_text(json.dumps({**base_manifest(), "schema_version": 3}))
+    with pytest.raises(ManifestError, match="schema_version: 3 is not supported"):
         load_manifest(p)
 
 
@@ -96,3 +96,82 @@ def test_yaml_manifest_and_deployment_key(tmp_path):
     assert Deployment(name="m").key == "m@1"
     # promote/rollback edit deployments with model_copy: the key must follow
     assert Deployment(name="m").model_copy(update={"model_version": "2"}).key == "m@2"
+
+
+# ------------------------------------------------------------------ engines and migration
+VLLM = {"kind": "vllm", "argv": ["/opt/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"],
+        "max_model_len": 2048, "quantization": None, "port": 8000}
+
+
+def test_engine_deployment_round_trips_and_caps_the_prompt(tmp_path):
+    m = base_manifest()
+    m["active"] = {"name": "gptq4", "artifact": str(tmp_path), "max_tokens": 256, "engine": VLLM,
+                   "provider": {"kind": "openai", "base_url": "http://127.0.0.1:8000/v1", "model": "gptq4"}}
+    p = write(tmp_path / "manifest.json", m)
+    got = load_manifest(p)
+    assert got.active.engine.kind == "vllm" and got.active.max_input_tokens == 2048 - 256
+    write_manifest(p, got)
+    assert load_manifest(p) == got
+    assert Deployment(name="x").max_input_tokens is None  # a mock: no engine, no engine cap
+
+
+def test_engine_errors_name_the_field(tmp_path):
+    m = base_manifest()
+    m["active"]["engine"] = VLLM  # a mock provider cannot reach a vLLM server
+    assert "engine 'vllm' is served through a 'openai' provider, not 'mock'" in _error(tmp_path, m)
+    m["active"]["engine"] = {"kind": "vllm"}
+    assert "active.engine" in _error(tmp_path, m) and "give 'argv'" in _error(tmp_path, m)
+    m["active"]["engine"] = {"kind": "sglang"}
+    assert "active.engine.kind" in _error(tmp_path, m)
+    m["active"]["engine"] = {"kind": "openai-url", "env": {"BAD NAME": "1"}}
+    assert "not environment variable names: 'BAD NAME'" in _error(tmp_path, m)
+
+
+def _v1(tmp_path) -> dict:
+    return {"schema_version": 1,
+            "active": {"name": "gptq4", "artifact": str(tmp_path), "provider": {"kind": "local", "dtype": "float32"}},
+            "previous": [{"name": "remote", "provider": {"kind": "openai", "base_url": "http://10.0.0.5:8000/v1",
+                                                         "model": "m"}}],
+            "serving": {"fallback": {"name": "fb", "provider": {"kind": "mock"}}},
+            "history": [{"what": "promote", "when": "2026-11-01T00:00:00Z", "why": "gates", "by": "ana",
+                         "deployment": "gptq4@1"}]}
+
+
+def test_old_manifest_is_refused_with_the_migrate_command(tmp_path):
+    p = write(tmp_path / "manifest.json", _v1(tmp_path))
+    msg = _error(tmp_path, _v1(tmp_path))
+    assert "schema_version: 1 is an older manifest format" in msg and f"quantgate manifest migrate {p}" in msg
+
+
+def test_migrate_rewrites_atomically_and_keeps_history(tmp_path):
+    from datetime import datetime, timezone
+
+    from quantgate.serve.manifest import migrate_manifest
+
+    p = write(tmp_path / "manifest.json", _v1(tmp_path))
+    m, steps = migrate_manifest(p, now=datetime(2026, 11, 30, tzinfo=timezone.utc), by="ops")
+    assert len(steps) == 1 and "schema 1 → 2" in steps[0]
+    again = load_manifest(p)
+    assert again == m and again.schema_version == 2
+    assert again.active.engine.kind == "transformers" and again.active.engine.dtype == "float32"
+    assert again.previous[0].engine.kind == "openai-url" and again.serving.fallback.engine is None
+    assert [e.what for e in again.history] == ["promote", "migrate"] and again.history[0].by == "ana"
+    assert sorted(x.name for x in tmp_path.iterdir() if x.is_file()) == ["manifest.json"]
+    # a current manifest is left as it is
+    before = p.read_bytes()
+    _, steps = migrate_manifest(p, now=datetime(2026, 12, 1, tzinfo=timezone.utc), by="ops")
+    assert steps == [] and p.read_bytes() == before
+
+
+def test_migrate_of_a_broken_old_manifest_names_the_field_and_writes_nothing(tmp_path):
+    from datetime import datetime, timezone
+
+    from quantgate.serve.manifest import migrate_manifest
+
+    bad = _v1(tmp_path)
+    bad["active"]["provider"]["dtype"] = "int3"
+    p = write(tmp_path / "manifest.json", bad)
+    before = p.read_bytes()
+    with pytest.raises(ManifestError, match="active.provider.dtype"):
+        migrate_manifest(p, now=datetime(2026, 11, 30, tzinfo=timezone.utc), by="ops")
+    assert p.read_bytes() == before
