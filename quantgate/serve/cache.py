@@ -111,10 +111,12 @@ class RedisCache:
         await self._r.aclose()
 
 
-def make_cache(spec) -> MemoryCache | RedisCache | None:
-    """From a manifest CacheSpec; None when caching is off."""
+def make_cache(spec, state=None) -> MemoryCache | RedisCache | None:
+    """From a manifest CacheSpec (and StateSpec: replicas sharing a Redis share the cache too by
+    default); None when caching is off."""
     if not spec.enabled:
         return None
-    if spec.backend == "redis":
-        return RedisCache(spec.url, spec.ttl_s)
+    shared = state is not None and state.redis
+    if spec.backend == "redis" or (spec.backend is None and shared):
+        return RedisCache(spec.url or state.redis, spec.ttl_s, prefix=(state.prefix if shared else "quantgate:") + "cache:")
     return MemoryCache(spec.ttl_s, spec.max_entries)

@@ -29,7 +29,8 @@ from .providers.base import estimate_tokens, within
 from .records import Answer, ChatCall, GatewayError, RequestState
 from .runtime import ManifestFile, ProviderPool, Runtime
 from .streaming import stream_attempts
-from .limits import TenantLimiter
+from .limits import Limited, TenantLimiter
+from .state import LocalState, Unavailable, make_state
 from .tenants import Ledger, OverBudget
 
 log = logging.getLogger("quantgate.serve")
@@ -62,6 +63,7 @@ class Gateway:
         self.gate = ConcurrencyGate(1)
         self.ledger: Ledger | None = None
         self.limiter = TenantLimiter({})
+        self.state: LocalState | None = None  # where budgets and rate buckets live (state.py)
         self.cache = None
         self.ladder: Ladder | None = None
         self.last_reload_error: str | None = None
@@ -84,6 +86,8 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.cache is not None:
             await self.cache.close()
+        if self.state is not None:
+            await self.state.close()
         await self.pool.close()
 
     def _configure(self, m: Manifest, old: Runtime | None) -> None:
@@ -99,10 +103,14 @@ class Gateway:
         else:
             self.ledger.configure(s.budgets)  # usage so far is kept across reloads
         self.limiter.configure(s.tenant_limits)
-        if old is None or old.serving.cache != s.cache:
+        if old is None or old.serving.state != s.state:
+            if self.state is not None:
+                asyncio.get_running_loop().create_task(self.state.close())
+            self.state = make_state(s.state, self.ledger, self.limiter, self.metrics)
+        if old is None or old.serving.cache != s.cache or old.serving.state != s.state:
             if self.cache is not None:
                 asyncio.get_running_loop().create_task(self.cache.close())
-            self.cache = make_cache(s.cache)
+            self.cache = make_cache(s.cache, s.state)
         self.metrics.set_active(m.active, old.active if old is not None else None)
 
     def _set_limit(self) -> None:
@@ -171,6 +179,8 @@ class Gateway:
             out["fallback_ready"] = (await rt.providers["fallback"].ready())[1]
         if self.last_reload_error:
             out["reload_error"] = self.last_reload_error
+        await self.state.probe()
+        out["shared_state"] = self.state.status()
         return ok, out
 
     # ------------------------------------------------------------------ requests
@@ -197,9 +207,9 @@ class Gateway:
             self.gate.release()
         if ctx.tenant_slot:
             ctx.tenant_slot = False
-            self.limiter.release(call.tenant, ctx.reserved_tokens, ctx.used_tokens)
+            self.limiter.release(call.tenant)
         if ctx.reservation is not None:
-            self.ledger.settle(ctx.reservation, ctx.used_tokens, ctx.used_usd, self.wall())
+            self.state.settle(ctx.reservation, ctx.used_tokens, ctx.used_usd, self.wall())
 
     def _client_closed(self, rt: Runtime, call: ChatCall, ctx: RequestState) -> None:
         if ctx.lookup is None:
@@ -212,7 +222,8 @@ class Gateway:
     def _refuse(self, reason: str, status: int, type_: str, message: str, retry_after_s: float,
                 extra: dict | None = None) -> GatewayError:
         self.metrics.rejected.labels(reason).inc()
-        self.metrics.throttled.labels(reason).inc()
+        if status == 429:
+            self.metrics.throttled.labels(reason).inc()
         return GatewayError(status, type_, message, None, {"Retry-After": str(max(1, math.ceil(retry_after_s)))},
                             extra)
 
@@ -238,17 +249,22 @@ class Gateway:
         ctx.budget_ms, ctx.deadline, ctx.max_tokens, ctx.lookup = budget_ms, call.t0 + budget_ms / 1000, max_tokens, lookup
         ctx.reserved_tokens = tokens_in + max_tokens
         now = self.wall()
-        held = self.ledger.reserve(call.tenant, call.user_id, ctx.reserved_tokens,
-                                   (lookup.price or s.price).cost(tokens_in, max_tokens), now)
-        if isinstance(held, OverBudget):
-            raise self._refuse("budget", 429, "budget_exceeded", held.message(now), held.reset_at - now,
-                               {"account": held.account, "reset_at": held.reset_iso})
-        ctx.reservation = held
-        limited = self.limiter.admit(call.tenant, ctx.reserved_tokens, s.max_concurrency, self.clock())
+        limited = self.limiter.take_slot(call.tenant, s.max_concurrency, self.clock())
         if limited is not None:
             raise self._refuse(limited.limit, 429, "rate_limited", limited.message, limited.retry_after_s,
                                {"limit": limited.limit})
         ctx.tenant_slot = True
+        held = await self.state.admit(call.tenant, call.user_id, ctx.reserved_tokens,
+                                      (lookup.price or s.price).cost(tokens_in, max_tokens), now, self.clock())
+        if isinstance(held, OverBudget):
+            raise self._refuse("budget", 429, "budget_exceeded", held.message(now), held.reset_at - now,
+                               {"account": held.account, "reset_at": held.reset_iso})
+        if isinstance(held, Limited):
+            raise self._refuse(held.limit, 429, "rate_limited", held.message, held.retry_after_s,
+                               {"limit": held.limit})
+        if isinstance(held, Unavailable):
+            raise self._refuse("shared_state", 503, "service_unavailable", held.message, held.retry_after_s)
+        ctx.reservation = held
         if self.cache is not None:
             ctx.key = cache_key(lookup.key, call.messages, max_tokens, call.temperature, call.top_p, call.stop,
                                 call.seed, None if lookup.shared_cache else call.tenant)
@@ -320,7 +336,7 @@ class Gateway:
         s = rt.serving
         cost = (dep.price or s.price).cost(res.tokens_in, res.tokens_out)
         ctx.used_tokens, ctx.used_usd = res.tokens_in + res.tokens_out, cost
-        self.ledger.settle(ctx.reservation, ctx.used_tokens, cost, self.wall())
+        self.state.settle(ctx.reservation, ctx.used_tokens, cost, self.wall())
         self.estimator.observe(dep.key, res.ttft_ms, res.generation_ms, res.tokens_out)
         t_end = perf()
         if att.target == "active":

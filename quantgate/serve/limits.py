@@ -87,6 +87,10 @@ class TenantLimiter:
 
     def admit(self, tenant: str, tokens: int, max_concurrency: int, now: float) -> Limited | None:
         """Take one slot, one request and `tokens` from the tenant's share; or say which limit refused."""
+        return self.take_slot(tenant, max_concurrency, now) or self.take_rate(tenant, tokens, now, slot_taken=True)
+
+    def take_slot(self, tenant: str, max_concurrency: int, now: float) -> Limited | None:
+        """The tenant's share of this gateway's slots (always per replica: slots are local)."""
         spec = self.spec(tenant)
         t = self._get(tenant, spec, now)
         slots = max(1, math.floor(max_concurrency * spec.concurrency_share))
@@ -94,26 +98,35 @@ class TenantLimiter:
             return Limited("concurrency_share", 1, f"tenant {tenant!r} has {t.in_flight} requests in flight, its "
                            f"share of this gateway (concurrency_share={spec.concurrency_share}); retry after "
                            "one finishes")
+        t.in_flight += 1
+        return None
+
+    def take_rate(self, tenant: str, tokens: int, now: float, slot_taken: bool = False) -> Limited | None:
+        """One request and `tokens` from the tenant's buckets (a refusal frees a slot just taken)."""
+        spec = self.spec(tenant)
+        t = self._get(tenant, spec, now)
+        limited = refused(tenant, spec, *self._step(t, spec, tokens, now))
+        if limited is not None and slot_taken:
+            t.in_flight = max(0, t.in_flight - 1)
+        return limited
+
+    @staticmethod
+    def _step(t: _Tenant, spec: RateSpec, tokens: int, now: float) -> tuple[str | None, float]:
         if spec.requests_per_s is not None:
             ok, level, wait = take(t.req, t.req_t, now, spec.requests_per_s, _burst(spec), 1)
             if not ok:
                 t.req, t.req_t = level, now
-                return Limited("requests_per_s", max(1, math.ceil(wait)),
-                               f"tenant {tenant!r} is over its request rate (requests_per_s={spec.requests_per_s})")
+                return "requests_per_s", wait
         else:
             level = 0.0
         if spec.tokens_per_min is not None:
             ok, tok, wait = take(t.tok, t.tok_t, now, spec.tokens_per_min / 60, spec.tokens_per_min, tokens)
-            t.tok_t = now
+            t.tok, t.tok_t = tok, now
             if not ok:
-                t.tok = tok
-                return Limited("tokens_per_min", max(1, math.ceil(wait)),
-                               f"tenant {tenant!r} is over its token rate (tokens_per_min={spec.tokens_per_min})")
-            t.tok = tok
+                return "tokens_per_min", wait
         if spec.requests_per_s is not None:
             t.req, t.req_t = level, now
-        t.in_flight += 1
-        return None
+        return None, 0.0
 
     def release(self, tenant: str, reserved_tokens: int = 0, used_tokens: int = 0) -> None:
         """The request ended: free its slot; give back the tokens reserved but not used."""
@@ -121,10 +134,29 @@ class TenantLimiter:
         if t is None:
             return
         t.in_flight = max(0, t.in_flight - 1)
+        self.refund(tenant, reserved_tokens, used_tokens)
+
+    def refund(self, tenant: str, reserved_tokens: int, used_tokens: int) -> None:
+        t = self._t.get(tenant)
         spec = self.spec(tenant)
-        if spec.tokens_per_min is not None and reserved_tokens > used_tokens:
+        if t is not None and spec.tokens_per_min is not None and reserved_tokens > used_tokens:
             t.tok = min(float(spec.tokens_per_min), t.tok + reserved_tokens - used_tokens)
 
     def in_flight(self, tenant: str) -> int:
         t = self._t.get(tenant)
         return t.in_flight if t is not None else 0
+
+
+def refused(tenant: str, spec: RateSpec, limit: str | None, wait_s: float) -> Limited | None:
+    """The client's message for a bucket that refused (None when none did); shared by every backend."""
+    if limit == "requests_per_s":
+        return Limited(limit, max(1, math.ceil(wait_s)),
+                       f"tenant {tenant!r} is over its request rate (requests_per_s={spec.requests_per_s})")
+    if limit == "tokens_per_min":
+        return Limited(limit, max(1, math.ceil(wait_s)),
+                       f"tenant {tenant!r} is over its token rate (tokens_per_min={spec.tokens_per_min})")
+    return None
+
+
+def burst(spec: RateSpec) -> float:
+    return _burst(spec)

@@ -212,14 +212,21 @@ class CacheSpec(Spec):
     enabled: bool = True
     ttl_s: float = Field(300.0, gt=0)
     max_entries: int = Field(10_000, ge=1)
-    backend: Literal["memory", "redis"] = "memory"
-    url: str | None = Field(None, description="redis://host:port/db when backend is redis")
+    backend: Literal["memory", "redis"] | None = Field(
+        None, description="default: redis when serving.state names one (shared by the replicas), else memory")
+    url: str | None = Field(None, description="redis://host:port/db when backend is redis (default: serving.state.redis)")
 
-    @model_validator(mode="after")
-    def _redis_url(self) -> "CacheSpec":
-        if self.backend == "redis" and not self.url:
-            raise ValueError("backend 'redis' needs 'url', e.g. redis://127.0.0.1:6379/0")
-        return self
+
+class StateSpec(Spec):
+    """Where replicas share budgets, rate buckets, the cache and breaker signals (none: in memory)."""
+
+    redis: str | None = Field(None, pattern=r"^(redis|rediss|unix)://", description="redis://host:port/db")
+    on_redis_down: Literal["open", "closed"] = Field(
+        "open", description="open: keep serving with this replica's own (local) budgets and rate limits; "
+        "closed: refuse requests that draw on a budget until Redis answers again")
+    prefix: str = Field("quantgate:", min_length=1, max_length=64)
+    timeout_ms: int = Field(250, ge=1, le=10_000, description="one Redis call; longer counts as Redis down")
+    retry_s: float = Field(1.0, gt=0, le=300, description="while down, how often a request tries Redis again")
 
 
 class BudgetSpec(Spec):
@@ -334,6 +341,7 @@ class ServingSpec(Spec):
     default_max_tokens: int = Field(256, ge=1)
     max_tokens_limit: int = Field(4096, ge=1)
     cache: CacheSpec = CacheSpec()
+    state: StateSpec = StateSpec()
     budgets: BudgetsSpec = BudgetsSpec()
     max_input_tokens: int = Field(8192, ge=1, description="prompt size cap (estimated tokens), checked before admission")
     api_keys: dict[str, list[ApiKeyRef]] = Field(default_factory=dict, description="tenant → keys")
@@ -350,6 +358,9 @@ class ServingSpec(Spec):
     def _budgets(self) -> "ServingSpec":
         if self.default_budget_ms > self.max_budget_ms:
             raise ValueError(f"default_budget_ms={self.default_budget_ms} exceeds max_budget_ms={self.max_budget_ms}")
+        if self.cache.backend == "redis" and not (self.cache.url or self.state.redis):
+            raise ValueError("cache: backend 'redis' needs 'url' (or serving.state.redis), "
+                             "e.g. redis://127.0.0.1:6379/0")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(f"default_max_tokens={self.default_max_tokens} exceeds max_tokens_limit="
                              f"{self.max_tokens_limit}")

@@ -146,6 +146,12 @@ class GatewayMetrics:
         self.transitions = Counter("quantgate_degrade_transitions", "Ladder transitions",
                                    ("from_level", "to_level"), registry=r)
         self.reloads = Counter("quantgate_manifest_reloads", "Manifest reloads, by result", ("result",), registry=r)
+        self.state_up = Gauge("quantgate_shared_state_up", "1 while the replicas' shared state (Redis) answers, "
+                              "0 while this replica serves with local limits; absent without shared state",
+                              ("backend",), registry=r)
+        self.state_local = Counter("quantgate_shared_state_local", "Requests decided with local limits (or "
+                                   "refused, on_redis_down=closed) because Redis did not answer", ("mode",),
+                                   registry=r)
         self.active = Gauge("quantgate_active_deployment", "1 for the deployment the manifest makes active",
                             DEP, registry=r)
 

@@ -135,3 +135,110 @@ async def post(s: aiohttp.ClientSession, url: str, body: dict, **kw) -> tuple[in
     async with s.post(url, json=body, **kw) as r:
         data = await r.json(content_type=None)
         return r.status, data, dict(r.headers), time.perf_counter() - t
+
+
+# ------------------------------------------------------------------------------ real processes
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _poll(ok, proc, what: str, timeout_s: float) -> None:
+    """Poll a readiness check until it passes (the process must stay alive meanwhile)."""
+    deadline = time.monotonic() + timeout_s
+    while not ok():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not ready within {timeout_s} s")
+        time.sleep(0.02)
+
+
+def _stop(proc, timeout_s: float = 10) -> None:
+    import signal
+    import subprocess
+
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+class RedisServer:
+    """A real redis-server on a loopback port, no persistence; stop() and start() keep the port."""
+
+    def __init__(self, binary: str, workdir: Path):
+        self.binary, self.workdir, self.port, self.proc = binary, workdir, free_port(), None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _pong(self) -> bool:
+        import socket
+
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def start(self) -> "RedisServer":
+        import subprocess
+
+        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+                                      "--protected-mode", "yes"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _poll(self._pong, self.proc, "redis-server", 20)
+        return self
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+class GatewayProcess:
+    """`quantgate serve MANIFEST` in its own process on a loopback port (a real replica)."""
+
+    def __init__(self, manifest: Path, log_path: Path):
+        self.manifest, self.log_path, self.port, self.proc = manifest, log_path, free_port(), None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _healthy(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.url + "/healthz", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def start(self) -> "GatewayProcess":
+        import os
+        import subprocess
+        import sys
+
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "quantgate", "serve", str(self.manifest), "--port",
+                                      str(self.port), "--log-level", "warning"], cwd=REPO, env=env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        _poll(self._healthy, self.proc, f"gateway on port {self.port} (log: {self.log_path})", 60)
+        return self
+
+    def stop(self) -> None:
+        _stop(self.proc)
+        self._log.close()

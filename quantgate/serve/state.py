@@ -1,0 +1,364 @@
+"""Where the gateway keeps budgets and rate buckets: in this process, or in Redis for every replica.
+
+The reserve/settle rules are the ledger's (tenants.py) and the bucket step is limits.py's `take`;
+this module only decides *where* they run. `LocalState` is the single-replica behaviour: the
+`Ledger` and the `TenantLimiter` buckets in memory. `RedisState` runs the same rules as two Lua
+scripts, so a check-and-reserve over every account a request draws on (global, tenant, user) and
+both of its buckets is one atomic round trip shared by all replicas, and a settle is a second one,
+sent in the background (the answer does not wait for it).
+
+Budget windows are keys named by their start, so a period's reset is the key changing (the old
+one expires a minute after its window ends). A request is settled in the window it was admitted in.
+
+When Redis does not answer (down, or slower than `timeout_ms`), the replica keeps serving by the
+manifest's `on_redis_down`: `open` decides with its own local ledger and buckets (each replica
+then enforces the limits on its own, so together they may let through up to N times a budget);
+`closed` refuses requests that draw on a budget (503) and serves the rest with local rate limits.
+It tries Redis again at most every `retry_s` (one request or /readyz probe at a time), and
+settles that could not be sent are replayed when it is back. The tenant's share of concurrent
+slots stays per replica: slots are this process's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .limits import Limited, TenantLimiter, burst, refused
+from .manifest import StateSpec
+from .tenants import Ledger, OverBudget, Reservation, window_start
+
+log = logging.getLogger("quantgate.serve")
+
+_KEEP_S = 60  # a budget window's key outlives its window by this much (settles of late answers)
+
+# KEYS: n budget accounts (one hash per window: t, u used; rt, ru reserved), the request bucket,
+# the token bucket. ARGV: n, tokens, usd, now, then (limit_tokens, limit_usd, expire_at) per account
+# (-1 = no limit), then req rate, req capacity, token rate, token capacity (-1 = no bucket), bucket ttl.
+ADMIT = """
+local n = tonumber(ARGV[1])
+local tokens, usd, now = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+for i = 1, n do
+  local lt, lu = tonumber(ARGV[2 + 3 * i]), tonumber(ARGV[3 + 3 * i])
+  local v = redis.call('HMGET', KEYS[i], 't', 'u', 'rt', 'ru')
+  local t, u = tonumber(v[1] or '0'), tonumber(v[2] or '0')
+  local rt, ru = tonumber(v[3] or '0'), tonumber(v[4] or '0')
+  if lt >= 0 and t + rt >= lt then return {1, i, 'tokens', tostring(t), tostring(rt)} end
+  if lu >= 0 and u + ru >= lu then return {1, i, 'usd', tostring(u), tostring(ru)} end
+end
+local b = 5 + 3 * n
+local rr, rc, tr, tc, ttl = tonumber(ARGV[b]), tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]),
+                            tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
+local function step(key, rate, cap, cost)
+  local v = redis.call('HMGET', key, 'l', 'ts')
+  local level, last = tonumber(v[1] or tostring(cap)), tonumber(v[2] or ARGV[4])
+  level = math.min(cap, level + math.max(0, now - last) * rate)
+  cost = math.min(cost, cap)
+  if level >= cost then return true, level - cost, 0 end
+  if rate > 0 then return false, level, (cost - level) / rate end
+  return false, level, 1e9
+end
+local function store(key, level)
+  redis.call('HSET', key, 'l', tostring(level), 'ts', ARGV[4])
+  redis.call('EXPIRE', key, ttl)
+end
+local req_level
+if rr >= 0 then
+  local ok, level, wait = step(KEYS[n + 1], rr, rc, 1)
+  if not ok then store(KEYS[n + 1], level); return {2, 'requests_per_s', tostring(wait)} end
+  req_level = level
+end
+if tr >= 0 then
+  local ok, level, wait = step(KEYS[n + 2], tr, tc, tokens)
+  store(KEYS[n + 2], level)
+  if not ok then return {2, 'tokens_per_min', tostring(wait)} end
+end
+if rr >= 0 then store(KEYS[n + 1], req_level) end
+for i = 1, n do
+  redis.call('HINCRBY', KEYS[i], 'rt', tokens)
+  redis.call('HINCRBYFLOAT', KEYS[i], 'ru', ARGV[3])
+  redis.call('EXPIREAT', KEYS[i], ARGV[4 + 3 * i])
+end
+return {0}
+"""
+
+# KEYS: n budget accounts, the token bucket. ARGV: n, reserved tokens, reserved usd, used tokens,
+# used usd, token capacity (-1 = no bucket), then expire_at per account.
+SETTLE = """
+local n = tonumber(ARGV[1])
+local rt, ru, t, u, cap = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
+                          tonumber(ARGV[6])
+for i = 1, n do
+  if redis.call('HINCRBY', KEYS[i], 'rt', -rt) < 0 then redis.call('HSET', KEYS[i], 'rt', 0) end
+  if tonumber(redis.call('HINCRBYFLOAT', KEYS[i], 'ru', -ru)) < 0 then redis.call('HSET', KEYS[i], 'ru', 0) end
+  redis.call('HINCRBY', KEYS[i], 't', t)
+  redis.call('HINCRBYFLOAT', KEYS[i], 'u', u)
+  redis.call('EXPIREAT', KEYS[i], ARGV[6 + i])
+end
+if cap >= 0 and rt > t and redis.call('EXISTS', KEYS[n + 1]) == 1 then
+  local level = tonumber(redis.call('HGET', KEYS[n + 1], 'l') or '0')
+  redis.call('HSET', KEYS[n + 1], 'l', tostring(math.min(cap, level + rt - t)))
+end
+return 0
+"""
+
+
+@dataclass(slots=True)
+class Unavailable:
+    """on_redis_down=closed and Redis does not answer: a budgeted request is refused (503)."""
+
+    retry_after_s: float
+    message: str = ("budgets are shared by the gateway's replicas and their store does not answer; "
+                    "this gateway refuses budgeted requests until it is back (on_redis_down=closed)")
+
+
+@dataclass(slots=True)
+class Held:
+    """What an admitted request holds until it is settled: a local reservation or a Redis one."""
+
+    tenant: str
+    tokens: int
+    usd: float
+    local: Reservation | None = None
+    remote: tuple | None = None   # (account keys, token bucket key, token capacity, expire_at per account)
+    settled: bool = field(default=False)
+
+
+class LocalState:
+    """Today's single-replica behaviour: the ledger and the buckets in this process."""
+
+    kind = "local"
+
+    def __init__(self, ledger: Ledger, limiter: TenantLimiter):
+        self.ledger, self.limiter = ledger, limiter
+
+    async def admit(self, tenant: str, user_id: str | None, tokens: int, usd: float, wall: float,
+                    mono: float) -> Held | OverBudget | Limited | Unavailable:
+        return self.admit_now(tenant, user_id, tokens, usd, wall, mono)
+
+    def admit_now(self, tenant, user_id, tokens, usd, wall, mono) -> Held | OverBudget | Limited:
+        r = self.ledger.reserve(tenant, user_id, tokens, usd, wall)
+        if isinstance(r, OverBudget):
+            return r
+        limited = self.limiter.take_rate(tenant, tokens, mono)
+        if limited is not None:
+            self.ledger.settle(r, 0, 0.0, wall)
+            return limited
+        return Held(tenant, tokens, usd, local=r)
+
+    def settle(self, held: Held, tokens: int, usd: float, wall: float) -> None:
+        """Replace the reservation by what the request cost; once (later calls do nothing)."""
+        if held.settled:
+            return
+        held.settled = True
+        self.ledger.settle(held.local, tokens, usd, wall)
+        self.limiter.refund(held.tenant, held.tokens, tokens)
+
+    def status(self) -> dict:
+        return {"backend": "local"}
+
+    async def probe(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisState(LocalState):
+    """Budgets and buckets in Redis for every replica; the local ones stand in while it is down."""
+
+    kind = "redis"
+
+    def __init__(self, spec: StateSpec, ledger: Ledger, limiter: TenantLimiter, metrics=None,
+                 clock=time.monotonic, client=None):
+        from ..errors import require
+
+        super().__init__(ledger, limiter)
+        aioredis = require("redis.asyncio", what="shared gateway state (serving.state.redis)", extra="redis")
+        self.exceptions = require("redis.exceptions", what="shared gateway state", extra="redis")
+        self.spec, self.metrics, self.clock = spec, metrics, clock
+        if client is None:
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+
+            t = spec.timeout_ms / 1000
+            # A slow Redis costs one timeout, then the local path (a timed-out script may have run:
+            # never resend it). A closed connection is retried once at once: after Redis restarts,
+            # the pool's old connections fail once each, and that is not Redis being down.
+            client = aioredis.from_url(spec.redis, socket_timeout=t, socket_connect_timeout=t,
+                                       retry=Retry(NoBackoff(), 1, supported_errors=(self.exceptions.ConnectionError,)),
+                                       health_check_interval=0)
+        self.redis = client
+        self._admit = self.redis.register_script(ADMIT)
+        self._settle = self.redis.register_script(SETTLE)
+        self.up = True
+        self.down_since: float | None = None
+        self.last_error: str | None = None
+        self._next_try = 0.0
+        self._unsettled: deque[tuple] = deque(maxlen=100_000)  # settles to replay when Redis is back
+        self._pending: set[asyncio.Task] = set()
+        if metrics is not None:
+            metrics.state_up.labels("redis").set(1)
+
+    # ------------------------------------------------------------------ availability
+    def _errors(self) -> tuple:
+        return (self.exceptions.RedisError, OSError, asyncio.TimeoutError)
+
+    def _use_redis(self) -> bool:
+        if self.up:
+            return True
+        now = self.clock()
+        if now < self._next_try:
+            return False
+        self._next_try = now + self.spec.retry_s  # one try per interval; the others stay local
+        return True
+
+    def _down(self, exc: BaseException) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self._next_try = self.clock() + self.spec.retry_s
+        if self.up:
+            self.up, self.down_since = False, self.clock()
+            self._spawn(self._drop_connections())
+            if self.metrics is not None:
+                self.metrics.state_up.labels("redis").set(0)
+            log.error("shared state: Redis does not answer (%s); serving with %s until it does",
+                      self.last_error, "local limits" if self.spec.on_redis_down == "open"
+                      else "budgeted requests refused")
+
+    async def _drop_connections(self) -> None:
+        """Close the pool's idle connections: they point at a Redis that is gone."""
+        try:
+            await self.redis.connection_pool.disconnect(inuse_connections=False)
+        except Exception:  # noqa: BLE001 - best effort; a stale connection is retried once anyway
+            pass
+
+    def _up(self) -> None:
+        if self.up:
+            return
+        self.up, self.down_since, self.last_error = True, None, None
+        if self.metrics is not None:
+            self.metrics.state_up.labels("redis").set(1)
+        log.warning("shared state: Redis answers again; budgets and rate limits are shared again "
+                    "(%d settles to replay)", len(self._unsettled))
+        while self._unsettled:
+            self._spawn(self._send_settle(*self._unsettled.popleft()))
+
+    def status(self) -> dict:
+        out = {"backend": "redis", "up": self.up, "on_redis_down": self.spec.on_redis_down}
+        if not self.up:
+            out["down_for_s"] = round(self.clock() - self.down_since, 1)
+            out["serving_with"] = ("local budgets and rate limits" if self.spec.on_redis_down == "open"
+                                   else "budgeted requests refused; local rate limits")
+            out["error"] = self.last_error
+        return out
+
+    async def probe(self) -> None:
+        """While down, try Redis (at most every retry_s) so recovery is seen without traffic."""
+        if self.up or not self._use_redis():
+            return
+        try:
+            await self.redis.ping()
+        except self._errors() as exc:
+            self._down(exc)
+        else:
+            self._up()
+
+    # ------------------------------------------------------------------ admit / settle
+    def _keys(self, tenant: str, user_id: str | None, wall: float) -> tuple[list, list, list]:
+        keys, limits, expire = [], [], []
+        p = self.spec.prefix
+        for account, spec in self.ledger.accounts(tenant, user_id):
+            start = int(window_start(wall, spec.period_s))
+            keys.append(f"{p}budget:{account}:{start}")
+            limits.append((spec.tokens if spec.tokens is not None else -1,
+                           repr(spec.usd) if spec.usd is not None else -1))
+            expire.append(start + spec.period_s + _KEEP_S)
+        return keys, limits, expire
+
+    async def admit(self, tenant: str, user_id: str | None, tokens: int, usd: float, wall: float,
+                    mono: float) -> Held | OverBudget | Limited | Unavailable:
+        if not self._use_redis():
+            return self._local(tenant, user_id, tokens, usd, wall, mono)
+        keys, limits, expire = self._keys(tenant, user_id, wall)
+        rate = self.limiter.spec(tenant)
+        p = self.spec.prefix
+        bucket_keys = [f"{p}rate:req:{tenant}", f"{p}rate:tok:{tenant}"]
+        rr = rate.requests_per_s if rate.requests_per_s is not None else -1
+        tr = rate.tokens_per_min / 60 if rate.tokens_per_min is not None else -1
+        tc = rate.tokens_per_min if rate.tokens_per_min is not None else -1
+        args: list = [len(keys), tokens, repr(float(usd)), repr(wall)]
+        for (lt, lu), e in zip(limits, expire):
+            args += [lt, lu, e]
+        args += [rr, burst(rate) if rr != -1 else -1, tr, tc, 120]
+        try:
+            out = await self._admit(keys=keys + bucket_keys, args=args)
+        except self._errors() as exc:
+            self._down(exc)
+            return self._local(tenant, user_id, tokens, usd, wall, mono)
+        self._up()
+        code = int(out[0])
+        if code == 1:
+            i, what, used, held = int(out[1]) - 1, _s(out[2]), float(out[3]), float(out[4])
+            account, spec = self.ledger.accounts(tenant, user_id)[i]
+            start = window_start(wall, spec.period_s)
+            if what == "tokens":
+                text = f"{int(used)}/{spec.tokens} tokens" + (f", {int(held)} reserved" if held else "")
+            else:
+                text = f"${used:.6f}/${spec.usd:.6f}" + (f", ${held:.6f} reserved" if held else "")
+            return OverBudget(account, text, start + spec.period_s)
+        if code == 2:
+            return refused(tenant, rate, _s(out[1]), float(out[2]))
+        return Held(tenant, tokens, usd, remote=(keys, bucket_keys[1], tc, expire))
+
+    def _local(self, tenant, user_id, tokens, usd, wall, mono) -> Held | OverBudget | Limited | Unavailable:
+        mode = self.spec.on_redis_down
+        if self.metrics is not None:
+            self.metrics.state_local.labels(mode).inc()
+        if mode == "closed" and self.ledger.accounts(tenant, user_id):
+            return Unavailable(self.spec.retry_s)
+        return self.admit_now(tenant, user_id, tokens, usd, wall, mono)
+
+    def settle(self, held: Held, tokens: int, usd: float, wall: float) -> None:
+        if held.remote is None:
+            return super().settle(held, tokens, usd, wall)
+        if held.settled:
+            return
+        held.settled = True
+        keys, bucket, cap, expire = held.remote
+        args = (keys + [bucket], [len(keys), held.tokens, repr(float(held.usd)), tokens, repr(float(usd)), cap,
+                                  *expire])
+        self._spawn(self._send_settle(*args))
+
+    async def _send_settle(self, keys: list, args: list) -> None:
+        try:
+            await self._settle(keys=keys, args=args)
+        except self._errors() as exc:
+            self._unsettled.append((keys, args))
+            self._down(exc)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._pending.add(task)  # keep a reference until done, or the task may be collected
+        task.add_done_callback(self._pending.discard)
+
+    async def drain(self) -> None:
+        """Wait for the settles in flight (tests and shutdown)."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.drain()
+        await self.redis.aclose()
+
+
+def _s(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def make_state(spec: StateSpec, ledger: Ledger, limiter: TenantLimiter, metrics=None) -> LocalState:
+    if spec.redis:
+        return RedisState(spec, ledger, limiter, metrics)
+    return LocalState(ledger, limiter)
