@@ -1,11 +1,15 @@
 """MLflow tracking from finished records: a real sqlite store, and a real `mlflow server` on loopback."""
 
+import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
+from datetime import datetime, timezone
 
 import pytest
 
@@ -117,30 +121,94 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_logs_to_a_real_mlflow_server_on_loopback(tmp_path):
-    recipe, ws, run_dir, q, records, comp = make_run(tmp_path)
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, artifacts, log_path):
+    """A real `mlflow server` on loopback that proxies artifacts (clients never see the store)."""
     port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
-         "--artifacts-destination", str(tmp_path / "srv-artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+             "--artifacts-destination", str(artifacts), "--serve-artifacts", "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while True:  # readiness poll with a deadline: the server answers /health once it is up
             try:
                 urllib.request.urlopen(uri + "/health", timeout=2).read()
                 break
             except OSError:
                 if time.monotonic() > deadline or server.poll() is not None:
-                    pytest.fail("mlflow server did not start")
+                    pytest.fail(f"mlflow server did not start (log: {log_path})")
                 time.sleep(0.5)
-        res = log_run(recipe, ws, run_dir, quantize_results=q, records=records, comparison=comp, uri=uri,
-                      log=lambda *_: None)
-        check_logged(uri, res, comp)
+        yield uri
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_logs_to_a_real_mlflow_server_on_loopback(tmp_path):
+    recipe, ws, run_dir, q, records, comp = make_run(tmp_path)
+    with mlflow_server(f"sqlite:///{tmp_path / 'srv.db'}", tmp_path / "srv-artifacts", tmp_path / "srv.log") as uri:
+        res = log_run(recipe, ws, run_dir, quantize_results=q, records=records, comparison=comp, uri=uri,
+                      log=lambda *_: None)
+        check_logged(uri, res, comp)
+
+
+@pytest.fixture()
+def postgres_db():
+    """A fresh database on the PostgreSQL that .ci/run starts (QUANTGATE_TEST_PG_URI, a superuser URI)."""
+    base = os.environ.get("QUANTGATE_TEST_PG_URI")
+    if not base:
+        pytest.skip("QUANTGATE_TEST_PG_URI is not set (.ci/run starts PostgreSQL and sets it; locally: "
+                    "source .ci/postgres.sh && start_postgres)")
+    psycopg = pytest.importorskip("psycopg", reason="psycopg (the `server` extra) talks to PostgreSQL")
+    name = f"qg_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield base.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_postgres_backed_server_with_proxied_artifacts_and_promote_rollback_move_aliases(tmp_path, postgres_db):
+    """MLflow as teams run it: runs, registry and aliases in PostgreSQL, artifacts through the server."""
+    from mlflow.tracking import MlflowClient
+
+    from quantgate.deploy import move_aliases
+    from quantgate.serve.manifest import Deployment
+    from quantgate.serve.promote import promote, rollback
+
+    recipe, ws, run_dir, q, records, comp = make_run(tmp_path)
+    store = tmp_path / "srv-artifacts"
+    with mlflow_server(postgres_db, store, tmp_path / "srv.log") as uri:
+        res = log_run(recipe, ws, run_dir, quantize_results=q, records=records, comparison=comp, uri=uri,
+                      log=lambda *_: None)
+        check_logged(uri, res, comp)
+        # artifacts went through the server into its own store, and the run only knows the proxy URI
+        client = MlflowClient(uri)
+        assert client.get_run(res.parent_run_id).info.artifact_uri.startswith("mlflow-artifacts:")
+        assert any(p.name == "compare.json" for p in store.rglob("compare.json"))
+
+        def dep(name):
+            return Deployment.model_validate({"name": name, "model_version": res.versions[name], "provider": {
+                "kind": "mock"}, "params": {"mlflow": {"uri": uri, "model": "demo", "version": res.versions[name]}}})
+
+        def alias(a):
+            return str(client.get_model_version_by_alias("demo", a).version)
+
+        now = datetime.now(timezone.utc)
+        m1 = promote(None, dep("base"), now=now, by="t")
+        move_aliases(m1)
+        m2 = promote(m1, dep("gptq4"), now=now, by="t")
+        move_aliases(m2)
+        assert (alias("champion"), alias("previous")) == (res.versions["gptq4"], res.versions["base"])
+        assert alias("challenger") == res.versions["gptq4"]
+        m3 = rollback(m2, now=now, by="t", reason="p95 regression")
+        move_aliases(m3)
+        assert alias("champion") == res.versions["base"]
+        with pytest.raises(Exception, match="previous"):
+            alias("previous")  # nothing left to roll back to
 
 
 def test_server_down_keeps_results_and_says_how_to_log_later(tmp_path):
