@@ -9,7 +9,9 @@ connections and spreads requests round-robin over the replicas (a client-side ba
 process to share the cores with). Variants are measured in interleaved rounds, so a change in the
 machine's other load hits them alike; read the ratios.
 
-Redis round trips per request = Redis's own `total_commands_processed` over a round / requests.
+Redis round trips per request: the replicas' own count (`quantgate_redis_round_trips_total`, a batch
+of background writes counts once) over the requests they answered; Redis commands per request
+(Redis's `total_commands_processed`, which counts the commands the Lua scripts run) beside it.
 
 Every process (load generator, Redis, each replica) shares the machine's cores: with 2 cores, two
 replicas cannot get a core each while the load generator and Redis also need CPU, so the replica
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import platform
@@ -38,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway import API_KEY, PATH, REPO, Target, free_port, gateway_manifest  # noqa: E402
 
+ADMIN_KEY = "qg-bench-admin-0123456789"
 VARIANTS = {"local-1": (False, 1), "redis-1": (True, 1), "redis-2": (True, 2), "redis-3": (True, 3)}
 
 
@@ -49,6 +53,18 @@ def redis_info(port: int) -> int:
             buf += s.recv(65536)
     line = next(x for x in buf.decode().splitlines() if x.startswith("total_commands_processed:"))
     return int(line.split(":")[1])
+
+
+def round_trips(urls: list[str]) -> float:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    n = 0.0
+    for u in urls:
+        text = httpx.get(u + "/metrics", timeout=5, headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
+        for fam in text_string_to_metric_families(text):
+            n += sum(s.value for s in fam.samples if s.name == "quantgate_redis_round_trips_total")
+    return n
 
 
 def load(urls: list[str], conc: int, duration: float, tag: str) -> dict:
@@ -112,6 +128,7 @@ def main() -> None:
     groups: dict[str, list[Target]] = {}
     for name, (shared, n) in VARIANTS.items():
         m = gateway_manifest("mock", "")
+        m["serving"]["admin_keys"] = [{"sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest()}]  # /metrics
         if shared:
             m["serving"]["state"] = {"redis": f"redis://127.0.0.1:{rport}/0"}
         path = work / f"manifest.{name}.json"
@@ -123,6 +140,7 @@ def main() -> None:
                                        "/healthz", auth=API_KEY))
     rows = {name: [] for name in VARIANTS}
     trips = {name: [] for name in VARIANTS}
+    cmds = {name: [] for name in VARIANTS}
     try:
         for ts in groups.values():
             for t in ts:
@@ -131,9 +149,11 @@ def main() -> None:
             load([t.url for t in ts], a.concurrency, 1.0, f"warm-{name}")
         for r in range(a.rounds):
             for name, ts in groups.items():
-                before = redis_info(rport)
-                row = load([t.url for t in ts], a.concurrency, a.duration / a.rounds, f"{r}-{name}")
-                trips[name].append((redis_info(rport) - before - 1) / max(1, row["requests"]))
+                urls = [t.url for t in ts]
+                before, rt0 = redis_info(rport), round_trips(urls)
+                row = load(urls, a.concurrency, a.duration / a.rounds, f"{r}-{name}")
+                cmds[name].append((redis_info(rport) - before - 1) / max(1, row["requests"]))
+                trips[name].append((round_trips(urls) - rt0) / max(1, row["requests"]))
                 rows[name].append(row)
     finally:
         for ts in groups.values():
@@ -149,17 +169,19 @@ def main() -> None:
             "replicas": VARIANTS[name][1], "shared": VARIANTS[name][0], "requests": n, "rps": n / secs,
             "p50_ms": sorted(p["p50_ms"] for p in parts)[len(parts) // 2],
             "non2xx": sum(p["non2xx"] for p in parts), "socket_errors": sum(p["socket_errors"] for p in parts),
-            "redis_commands_per_request": round(sum(trips[name]) / len(trips[name]), 2)}
+            "redis_round_trips_per_request": round(sum(trips[name]) / len(trips[name]), 2),
+            "redis_commands_per_request": round(sum(cmds[name]) / len(cmds[name]), 2)}
     v = report["variants"]
     report["ratios"] = {"redis-1 / local-1": v["redis-1"]["rps"] / v["local-1"]["rps"],
                         "redis-2 / redis-1": v["redis-2"]["rps"] / v["redis-1"]["rps"],
                         "redis-3 / redis-1": v["redis-3"]["rps"] / v["redis-1"]["rps"]}
     print(f"concurrency {a.concurrency}, {a.rounds} interleaved rounds of {a.duration / a.rounds:.1f} s, "
           f"{os.cpu_count()} cores shared by the load generator, Redis and every replica")
-    print(f"{'variant':10} {'replicas':>8} {'req/s':>9} {'p50 ms':>8} {'non2xx':>7} {'redis cmds/req':>15}")
+    print(f"{'variant':10} {'replicas':>8} {'req/s':>9} {'p50 ms':>8} {'non2xx':>7} {'round trips/req':>16} "
+          f"{'redis cmds/req':>15}")
     for name, x in v.items():
         print(f"{name:10} {x['replicas']:>8} {x['rps']:>9.0f} {x['p50_ms']:>8.1f} {x['non2xx']:>7} "
-              f"{x['redis_commands_per_request']:>15.2f}")
+              f"{x['redis_round_trips_per_request']:>16.2f} {x['redis_commands_per_request']:>15.2f}")
     for k, x in report["ratios"].items():
         print(f"{k:20} {x:.2f}")
     out = REPO / "bench" / "results" / f"replicas-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -65,6 +65,10 @@ class MemoryCache:
     async def get(self, key: str) -> Any | None:
         return self.get_now(key)
 
+    def lookup(self, key: str):
+        """Start a lookup now, await it later (in memory it is done at once)."""
+        return self.get(key)
+
     async def put(self, key: str, value: Any) -> None:
         self.put_now(key, value)
 
@@ -79,14 +83,32 @@ class MemoryCache:
 class RedisCache:
     """Shared cache for several replicas; values are JSON, expiry is Redis's own (SET EX)."""
 
-    def __init__(self, url: str, ttl_s: float, prefix: str = "quantgate:cache:"):
+    def __init__(self, url: str, ttl_s: float, prefix: str = "quantgate:cache:", state=None):
         from ..errors import require
 
         aioredis = require("redis.asyncio", what="the redis cache backend", extra="redis")
-        self._r = aioredis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        # with the replicas' shared state on the same Redis: its client, and its batched writes
+        self._state = state
+        self._r = state.redis if state is not None else aioredis.from_url(url, socket_timeout=0.5,
+                                                                             socket_connect_timeout=0.5)
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self.prefix = prefix
         self._pending: set[asyncio.Task] = set()
+
+    def lookup(self, key: str):
+        """Start a lookup now and await it later: with the shared state it joins the same batch as the
+        request's budget check (one round trip for both)."""
+        if self._state is None:
+            return self.get(key)
+        return self._decode(self._state.call_soon(("GET", self.prefix + key)))
+
+    @staticmethod
+    async def _decode(fut) -> Any | None:
+        try:
+            raw = await fut
+        except Exception:
+            return None  # a cache that is down is a miss, never a failed request
+        return None if raw is None or isinstance(raw, Exception) else json.loads(raw)
 
     async def get(self, key: str) -> Any | None:
         try:
@@ -103,20 +125,27 @@ class RedisCache:
 
     def put_soon(self, key: str, value: Any) -> None:
         """Store in the background: the answer does not wait for Redis."""
+        if self._state is not None:
+            self._state.store_soon(self.prefix + key, json.dumps(value), self.ttl_ms)
+            return
         task = asyncio.get_running_loop().create_task(self.put(key, value))
         self._pending.add(task)  # keep a reference until done, or the task may be collected
         task.add_done_callback(self._pending.discard)
 
     async def close(self) -> None:
-        await self._r.aclose()
+        if self._state is None:  # a shared client is the state's to close
+            await self._r.aclose()
 
 
-def make_cache(spec, state=None) -> MemoryCache | RedisCache | None:
+def make_cache(spec, state=None, shared_state=None) -> MemoryCache | RedisCache | None:
     """From a manifest CacheSpec (and StateSpec: replicas sharing a Redis share the cache too by
-    default); None when caching is off."""
+    default, through the state's client when it is the same Redis); None when caching is off."""
     if not spec.enabled:
         return None
     shared = state is not None and state.redis
     if spec.backend == "redis" or (spec.backend is None and shared):
-        return RedisCache(spec.url or state.redis, spec.ttl_s, prefix=(state.prefix if shared else "quantgate:") + "cache:")
+        url = spec.url or state.redis
+        same = shared and url == state.redis and getattr(shared_state, "kind", None) == "redis"
+        return RedisCache(url, spec.ttl_s, prefix=(state.prefix if shared else "quantgate:") + "cache:",
+                          state=shared_state if same else None)
     return MemoryCache(spec.ttl_s, spec.max_entries)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import socket
 import time
 from pathlib import Path
 from typing import AsyncIterator
@@ -30,7 +32,7 @@ from .records import Answer, ChatCall, GatewayError, RequestState
 from .runtime import ManifestFile, ProviderPool, Runtime
 from .streaming import stream_attempts
 from .limits import Limited, TenantLimiter
-from .state import LocalState, Unavailable, make_state
+from .state import Held, LocalState, Unavailable, make_state
 from .tenants import Ledger, OverBudget
 
 log = logging.getLogger("quantgate.serve")
@@ -67,6 +69,8 @@ class Gateway:
         self.cache = None
         self.ladder: Ladder | None = None
         self.last_reload_error: str | None = None
+        self.replica_id = f"{socket.gethostname()}/{os.getpid()}"
+        self._breaker_seen: str | None = None  # the last breaker opening shared through the state
         self._tasks: list[asyncio.Task] = []
         self._reloading = asyncio.Lock()  # one reload at a time, so the newest file always wins
         self.metrics.in_flight.set_function(lambda: self.gate.in_flight)
@@ -110,7 +114,7 @@ class Gateway:
         if old is None or old.serving.cache != s.cache or old.serving.state != s.state:
             if self.cache is not None:
                 asyncio.get_running_loop().create_task(self.cache.close())
-            self.cache = make_cache(s.cache, s.state)
+            self.cache = make_cache(s.cache, s.state, self.state)
         self.metrics.set_active(m.active, old.active if old is not None else None)
 
     def _set_limit(self) -> None:
@@ -158,7 +162,24 @@ class Gateway:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self.ladder.spec.eval_interval_s)
-            self._apply(self.ladder.evaluate(self.clock()))
+            transitions = self.ladder.evaluate(self.clock())
+            self._apply(transitions)
+            await self._share_breaker(transitions)
+
+    async def _share_breaker(self, transitions) -> None:
+        """Replicas share breaker openings: one that opens it says so for one cool-down; the others
+        open theirs too (once per opening) and then probe and close on their own evidence."""
+        key, spec = self.rt.active.key, self.ladder.spec
+        if not spec.enabled:
+            return
+        if any(t.to == Level.BREAKER and t.frm != Level.BREAKER for t in transitions):
+            self._breaker_seen = f"{self.replica_id}:{self.clock():.3f}"
+            await self.state.publish_breaker(key, self._breaker_seen, spec.breaker_cooldown_s)
+            return
+        event = await self.state.breaker_event(key)
+        if event is not None and event != self._breaker_seen:
+            self._breaker_seen = event
+            self._apply(self.ladder.trip(self.clock(), f"breaker opened by replica {event.split(':')[0]}"))
 
     def _apply(self, transitions) -> None:
         for t in transitions:
@@ -254,8 +275,20 @@ class Gateway:
             raise self._refuse(limited.limit, 429, "rate_limited", limited.message, limited.retry_after_s,
                                {"limit": limited.limit})
         ctx.tenant_slot = True
-        held = await self.state.admit(call.tenant, call.user_id, ctx.reserved_tokens,
-                                      (lookup.price or s.price).cost(tokens_in, max_tokens), now, self.clock())
+        pending = None
+        if self.cache is not None:  # looked up beside the budget check (one Redis round trip for both)
+            ctx.key = cache_key(lookup.key, call.messages, max_tokens, call.temperature, call.top_p, call.stop,
+                                call.seed, None if lookup.shared_cache else call.tenant)
+            pending = self.cache.lookup(ctx.key)
+        try:
+            held = await self.state.admit(call.tenant, call.user_id, ctx.reserved_tokens,
+                                          (lookup.price or s.price).cost(tokens_in, max_tokens), now, self.clock())
+        except BaseException:
+            if pending is not None:
+                pending.close()
+            raise
+        if not isinstance(held, Held) and pending is not None:
+            pending.close()
         if isinstance(held, OverBudget):
             raise self._refuse("budget", 429, "budget_exceeded", held.message(now), held.reset_at - now,
                                {"account": held.account, "reset_at": held.reset_iso})
@@ -265,10 +298,8 @@ class Gateway:
         if isinstance(held, Unavailable):
             raise self._refuse("shared_state", 503, "service_unavailable", held.message, held.retry_after_s)
         ctx.reservation = held
-        if self.cache is not None:
-            ctx.key = cache_key(lookup.key, call.messages, max_tokens, call.temperature, call.top_p, call.stop,
-                                call.seed, None if lookup.shared_cache else call.tenant)
-            hit = await self.cache.get(ctx.key)
+        if pending is not None:
+            hit = await pending
             series = self.metrics.for_deployment(lookup)
             if hit is not None:
                 series.cache_hit.inc()

@@ -214,6 +214,12 @@ class Ladder:
             return [self._move(now, Level.HEAVY, f"{self.probe_ok} probes succeeded: breaker closed")]
         return []
 
+    def trip(self, now: float, why: str) -> list[Transition]:
+        """Open the breaker on another replica's word (shared state); nothing if it is open already."""
+        if not self.spec.enabled or self.level == Level.BREAKER:
+            return []
+        return [self._move(now, Level.BREAKER, why)]
+
     def probe_abandoned(self) -> None:
         """A 'probe' request that never reached the active deployment: free the slot, judge nothing."""
         self.probe_in_flight = False

@@ -152,6 +152,9 @@ class GatewayMetrics:
         self.state_local = Counter("quantgate_shared_state_local", "Requests decided with local limits (or "
                                    "refused, on_redis_down=closed) because Redis did not answer", ("mode",),
                                    registry=r)
+        self.redis_round_trips = Counter("quantgate_redis_round_trips", "Round trips to the shared state's "
+                                         "Redis, by what they were for (a batch of background writes is one)",
+                                         ("op",), registry=r)
         self.active = Gauge("quantgate_active_deployment", "1 for the deployment the manifest makes active",
                             DEP, registry=r)
 

@@ -4,8 +4,14 @@ The reserve/settle rules are the ledger's (tenants.py) and the bucket step is li
 this module only decides *where* they run. `LocalState` is the single-replica behaviour: the
 `Ledger` and the `TenantLimiter` buckets in memory. `RedisState` runs the same rules as two Lua
 scripts, so a check-and-reserve over every account a request draws on (global, tenant, user) and
-both of its buckets is one atomic round trip shared by all replicas, and a settle is a second one,
+both of its buckets is one atomic script shared by all replicas, and a settle is a second one,
 sent in the background (the answer does not wait for it).
+
+Round trips are batched: the commands issued in one event-loop turn (admits and cache lookups)
+go out as one pipeline, and background writes (settles, cache stores) queue while a batch is in
+flight and go in the next. Each script stays atomic on its own; under load many requests share a
+round trip (bench/replicas.py counts them). The breaker signal is shared too: a replica that
+opens its breaker says so for one cool-down, and the others open theirs once per opening.
 
 Budget windows are keys named by their start, so a period's reset is the key changing (the old
 one expires a minute after its window ends). A request is settled in the window it was admitted in.
@@ -22,6 +28,7 @@ slots stays per replica: slots are this process's own.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import deque
@@ -160,6 +167,12 @@ class LocalState:
     def status(self) -> dict:
         return {"backend": "local"}
 
+    async def publish_breaker(self, deployment: str, event: str, ttl_s: float) -> None:
+        return None
+
+    async def breaker_event(self, deployment: str) -> str | None:
+        return None
+
     async def probe(self) -> None:
         return None
 
@@ -192,18 +205,26 @@ class RedisState(LocalState):
                                        retry=Retry(NoBackoff(), 1, supported_errors=(self.exceptions.ConnectionError,)),
                                        health_check_interval=0)
         self.redis = client
-        self._admit = self.redis.register_script(ADMIT)
-        self._settle = self.redis.register_script(SETTLE)
+        self._sha = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()}
+        self._calls: list[tuple[tuple, asyncio.Future]] = []  # commands waiting for the next batch
+        self._batch_soon = False
         self.up = True
         self.down_since: float | None = None
         self.last_error: str | None = None
         self._next_try = 0.0
         self._unsettled: deque[tuple] = deque(maxlen=100_000)  # settles to replay when Redis is back
         self._pending: set[asyncio.Task] = set()
+        self._queue: list[tuple[str, tuple]] = []  # background writes waiting for the next batch
+        self._flusher: asyncio.Task | None = None
         if metrics is not None:
             metrics.state_up.labels("redis").set(1)
 
     # ------------------------------------------------------------------ availability
+    def trip(self, op: str) -> None:
+        """Count one round trip to Redis (admit, writes, cache_get, breaker, ping)."""
+        if self.metrics is not None:
+            self.metrics.redis_round_trips.labels(op).inc()
+
     def _errors(self) -> tuple:
         return (self.exceptions.RedisError, OSError, asyncio.TimeoutError)
 
@@ -244,7 +265,7 @@ class RedisState(LocalState):
         log.warning("shared state: Redis answers again; budgets and rate limits are shared again "
                     "(%d settles to replay)", len(self._unsettled))
         while self._unsettled:
-            self._spawn(self._send_settle(*self._unsettled.popleft()))
+            self._write(("settle", self._unsettled.popleft()))
 
     def status(self) -> dict:
         out = {"backend": "redis", "up": self.up, "on_redis_down": self.spec.on_redis_down}
@@ -259,12 +280,97 @@ class RedisState(LocalState):
         """While down, try Redis (at most every retry_s) so recovery is seen without traffic."""
         if self.up or not self._use_redis():
             return
+        self.trip("ping")
         try:
             await self.redis.ping()
         except self._errors() as exc:
             self._down(exc)
         else:
             self._up()
+
+    # ------------------------------------------------------------------ batched calls
+    async def _script(self, name: str, keys: list, args: list):
+        """Run a script, batched with the other calls made in the same event-loop turn: under load
+        many requests share one pipeline (one round trip), each script still atomic on its own."""
+        for again in (False, True):
+            try:
+                out = await self._call(("EVALSHA", self._sha[name], len(keys), *keys, *args))
+            except self.exceptions.NoScriptError as exc:
+                out = exc
+            if not _noscript(out) or again:
+                break
+            await self._load_scripts()  # a new or restarted Redis has no scripts yet: load, send again
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    async def _load_scripts(self) -> None:
+        for name, src in SCRIPTS.items():
+            self._sha[name] = await self.redis.script_load(src)
+
+    def call_soon(self, cmd: tuple) -> asyncio.Future:
+        """One command in the next batch; its reply (or its own error) is the future's result."""
+        return self._call(cmd)
+
+    def _call(self, cmd: tuple) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        fut.add_done_callback(_retrieved)  # a caller that gave up need not read a failure
+        self._calls.append((cmd, fut))
+        if not self._batch_soon:
+            self._batch_soon = True
+            loop.call_soon(self._send_batch)
+        return fut
+
+    def _send_batch(self) -> None:
+        self._batch_soon = False
+        calls, self._calls = self._calls, []
+        if calls:
+            self._spawn(self._execute(calls))
+
+    async def _execute(self, calls: list[tuple[tuple, asyncio.Future]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for cmd, _ in calls:
+            pipe.execute_command(*cmd)
+        self.trip("batch")
+        try:
+            out = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:  # noqa: BLE001 - every waiting request hears of it (and goes local)
+            for _, fut in calls:
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, fut), r in zip(calls, out):
+            if not fut.done():
+                fut.set_result(r)  # a command's own error comes back as its result
+
+    # ------------------------------------------------------------------ breaker signal
+    async def publish_breaker(self, deployment: str, event: str, ttl_s: float) -> None:
+        """Tell the other replicas this one opened the breaker on `deployment` (for one cool-down)."""
+        if not self._use_redis():
+            return
+        self.trip("breaker")
+        try:
+            await self.redis.set(f"{self.spec.prefix}breaker:{deployment}", event, px=max(1, int(ttl_s * 1000)))
+        except self._errors() as exc:
+            self._down(exc)
+        else:
+            self._up()
+
+    async def breaker_event(self, deployment: str) -> str | None:
+        """The breaker another replica opened on `deployment` within its cool-down, if any."""
+        if not self._use_redis():
+            return None
+        self.trip("breaker")
+        try:
+            got = await self.redis.get(f"{self.spec.prefix}breaker:{deployment}")
+        except self._errors() as exc:
+            self._down(exc)
+            return None
+        self._up()
+        return None if got is None else _s(got)
 
     # ------------------------------------------------------------------ admit / settle
     def _keys(self, tenant: str, user_id: str | None, wall: float) -> tuple[list, list, list]:
@@ -294,7 +400,7 @@ class RedisState(LocalState):
             args += [lt, lu, e]
         args += [rr, burst(rate) if rr != -1 else -1, tr, tc, 120]
         try:
-            out = await self._admit(keys=keys + bucket_keys, args=args)
+            out = await self._script("admit", keys + bucket_keys, args)
         except self._errors() as exc:
             self._down(exc)
             return self._local(tenant, user_id, tokens, usd, wall, mono)
@@ -330,14 +436,45 @@ class RedisState(LocalState):
         keys, bucket, cap, expire = held.remote
         args = (keys + [bucket], [len(keys), held.tokens, repr(float(held.usd)), tokens, repr(float(usd)), cap,
                                   *expire])
-        self._spawn(self._send_settle(*args))
+        self._write(("settle", args))
 
-    async def _send_settle(self, keys: list, args: list) -> None:
-        try:
-            await self._settle(keys=keys, args=args)
-        except self._errors() as exc:
-            self._unsettled.append((keys, args))
-            self._down(exc)
+    def store_soon(self, key: str, value: str, ttl_ms: int) -> None:
+        """A cache entry, written with the next batch (the answer does not wait for Redis)."""
+        self._write(("set", (key, value, ttl_ms)))
+
+    def _write(self, item: tuple[str, tuple]) -> None:
+        self._queue.append(item)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        """Send what is queued as one pipeline; what queues meanwhile goes in the next one. Under
+        load many requests' settles and cache stores share one round trip."""
+        while self._queue:
+            batch, self._queue = self._queue, []
+            settles = [a for kind, a in batch if kind == "settle"]
+            if not self._use_redis():
+                self._unsettled.extend(settles)  # cache stores are simply dropped
+                continue
+            pipe = self.redis.pipeline(transaction=False)
+            for kind, a in batch:
+                if kind == "settle":
+                    pipe.execute_command("EVALSHA", self._sha["settle"], len(a[0]), *a[0], *a[1])
+                else:
+                    pipe.set(a[0], a[1], px=a[2])
+            self.trip("writes")
+            try:
+                out = await pipe.execute(raise_on_error=False)
+            except self.exceptions.NoScriptError:
+                out = [self.exceptions.NoScriptError()] * len(batch)
+            except self._errors() as exc:
+                self._unsettled.extend(settles)
+                self._down(exc)
+                continue
+            self._up()
+            if any(_noscript(r) for r in out):  # Redis restarted empty: load the scripts, send again
+                await self._load_scripts()
+                self._queue[:0] = [(kind, a) for (kind, a), r in zip(batch, out) if _noscript(r)]
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -345,13 +482,28 @@ class RedisState(LocalState):
         task.add_done_callback(self._pending.discard)
 
     async def drain(self) -> None:
-        """Wait for the settles in flight (tests and shutdown)."""
-        while self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
+        """Wait for the settles and stores in flight (tests and shutdown)."""
+        while self._pending or (self._flusher is not None and not self._flusher.done()):
+            await asyncio.gather(*list(self._pending), *([self._flusher] if self._flusher else []),
+                                 return_exceptions=True)
 
     async def close(self) -> None:
         await self.drain()
         await self.redis.aclose()
+
+
+SCRIPTS = {"admit": ADMIT, "settle": SETTLE}
+
+
+def _retrieved(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _noscript(r) -> bool:
+    from redis.exceptions import NoScriptError
+
+    return isinstance(r, NoScriptError) or (isinstance(r, Exception) and str(r).startswith("NOSCRIPT"))
 
 
 def _s(v) -> str:

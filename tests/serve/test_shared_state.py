@@ -290,3 +290,26 @@ async def test_redis_stopped_mid_load_replicas_answer_per_choice_and_recover(red
     assert down == ({200} if choice == "open" else {503}), down
     mode_total = sum(metric(t, "quantgate_shared_state_local_total", mode=choice) for t in texts)
     assert mode_total >= 50
+
+
+@aio
+async def test_a_breaker_one_replica_opens_opens_on_the_others_once(redis_server, tmp_path):
+    from quantgate.serve.gateway import Gateway
+    from quantgate.serve.ladder import Level
+
+    m = shared_manifest(redis_server.url, ladder={"enabled": True, "breaker_cooldown_s": 30})
+    a, b = (Gateway(write(tmp_path / f"m{i}.json", m)) for i in range(2))
+    await a.start()
+    await b.start()
+    try:
+        a.replica_id = "replica-a"
+        await a._share_breaker(a.ladder.trip(a.clock(), "test: upstream failing"))
+        assert a.ladder.level == Level.BREAKER
+        await b._share_breaker([])  # b's next ladder tick hears of it
+        assert b.ladder.level == Level.BREAKER and b.ladder.route() == "fallback"
+        b.ladder._move(b.clock(), Level.HEAVY, "test: b's own probes succeeded")
+        await b._share_breaker([])  # the same opening does not trip b again
+        assert b.ladder.level == Level.HEAVY
+    finally:
+        await a.close()
+        await b.close()
