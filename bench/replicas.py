@@ -55,6 +55,12 @@ def redis_info(port: int) -> int:
     return int(line.split(":")[1])
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def round_trips(urls: list[str]) -> float:
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
@@ -141,6 +147,7 @@ def main() -> None:
     rows = {name: [] for name in VARIANTS}
     trips = {name: [] for name in VARIANTS}
     cmds = {name: [] for name in VARIANTS}
+    cpu = {name: {"gateway": 0.0, "redis": 0.0} for name in VARIANTS}
     try:
         for ts in groups.values():
             for t in ts:
@@ -151,7 +158,10 @@ def main() -> None:
             for name, ts in groups.items():
                 urls = [t.url for t in ts]
                 before, rt0 = redis_info(rport), round_trips(urls)
+                g0, r0 = sum(cpu_s(t.proc.pid) for t in ts), cpu_s(redis.pid)
                 row = load(urls, a.concurrency, a.duration / a.rounds, f"{r}-{name}")
+                cpu[name]["gateway"] += sum(cpu_s(t.proc.pid) for t in ts) - g0
+                cpu[name]["redis"] += cpu_s(redis.pid) - r0
                 cmds[name].append((redis_info(rport) - before - 1) / max(1, row["requests"]))
                 trips[name].append((round_trips(urls) - rt0) / max(1, row["requests"]))
                 rows[name].append(row)
@@ -170,20 +180,27 @@ def main() -> None:
             "p50_ms": sorted(p["p50_ms"] for p in parts)[len(parts) // 2],
             "non2xx": sum(p["non2xx"] for p in parts), "socket_errors": sum(p["socket_errors"] for p in parts),
             "redis_round_trips_per_request": round(sum(trips[name]) / len(trips[name]), 2),
-            "redis_commands_per_request": round(sum(cmds[name]) / len(cmds[name]), 2)}
+            "redis_commands_per_request": round(sum(cmds[name]) / len(cmds[name]), 2),
+            # CPU per request does not depend on who else wanted the cores: the cost to compare
+            "gateway_cpu_us_per_request": round(cpu[name]["gateway"] / max(1, n) * 1e6, 1),
+            "redis_cpu_us_per_request": round(cpu[name]["redis"] / max(1, n) * 1e6, 1)}
     v = report["variants"]
     report["ratios"] = {"redis-1 / local-1": v["redis-1"]["rps"] / v["local-1"]["rps"],
+                        "CPU per request, redis-1 (gateway + redis) / local-1": (
+                            v["redis-1"]["gateway_cpu_us_per_request"] + v["redis-1"]["redis_cpu_us_per_request"])
+                        / max(1e-9, v["local-1"]["gateway_cpu_us_per_request"]),
                         "redis-2 / redis-1": v["redis-2"]["rps"] / v["redis-1"]["rps"],
                         "redis-3 / redis-1": v["redis-3"]["rps"] / v["redis-1"]["rps"]}
     print(f"concurrency {a.concurrency}, {a.rounds} interleaved rounds of {a.duration / a.rounds:.1f} s, "
           f"{os.cpu_count()} cores shared by the load generator, Redis and every replica")
     print(f"{'variant':10} {'replicas':>8} {'req/s':>9} {'p50 ms':>8} {'non2xx':>7} {'round trips/req':>16} "
-          f"{'redis cmds/req':>15}")
+          f"{'redis cmds/req':>15} {'gw CPU us/req':>14} {'redis CPU us/req':>17}")
     for name, x in v.items():
         print(f"{name:10} {x['replicas']:>8} {x['rps']:>9.0f} {x['p50_ms']:>8.1f} {x['non2xx']:>7} "
-              f"{x['redis_round_trips_per_request']:>16.2f} {x['redis_commands_per_request']:>15.2f}")
+              f"{x['redis_round_trips_per_request']:>16.2f} {x['redis_commands_per_request']:>15.2f} "
+              f"{x['gateway_cpu_us_per_request']:>14.0f} {x['redis_cpu_us_per_request']:>17.0f}")
     for k, x in report["ratios"].items():
-        print(f"{k:20} {x:.2f}")
+        print(f"{k:52} {x:.2f}")
     out = REPO / "bench" / "results" / f"replicas-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
