@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import os
 import platform
@@ -39,9 +38,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gateway import API_KEY, PATH, REPO, Target, free_port, gateway_manifest  # noqa: E402
+from gateway import ADMIN_KEY, API_KEY, PATH, REPO, Target, free_port, gateway_manifest  # noqa: E402
 
-ADMIN_KEY = "qg-bench-admin-0123456789"
 VARIANTS = {"local-1": (False, 1), "redis-1": (True, 1), "redis-2": (True, 2), "redis-3": (True, 3)}
 
 
@@ -134,7 +132,6 @@ def main() -> None:
     groups: dict[str, list[Target]] = {}
     for name, (shared, n) in VARIANTS.items():
         m = gateway_manifest("mock", "")
-        m["serving"]["admin_keys"] = [{"sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest()}]  # /metrics
         if shared:
             m["serving"]["state"] = {"redis": f"redis://127.0.0.1:{rport}/0"}
         path = work / f"manifest.{name}.json"
