@@ -46,7 +46,7 @@ def key(tenant: str) -> str:
 def manifest() -> dict:
     keys = {t: [{"sha256": hashlib.sha256(key(t).encode()).hexdigest()}] for t in GOOD + [ABUSER]}
     return {
-        "schema_version": 1,
+        "schema_version": 2,
         "active": {"name": "mock", "provider": {"kind": "mock", "delay_ms": 20, "tokens_per_s": 400,
                                                   "reply_tokens": 16}},
         "serving": {

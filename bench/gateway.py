@@ -111,7 +111,7 @@ def gateway_manifest(kind: str, upstream: str) -> dict:
         provider = {"kind": "mock", "delay_ms": 0, "reply_tokens": 11}
     big = {"tokens": 10**12, "usd": 10**9, "period_s": 86400}
     return {
-        "schema_version": 1,
+        "schema_version": 2,
         "active": {"name": f"bench-{kind}", "model_version": "1", "provider": provider,
                    "price": {"input_per_1m": 0.2, "output_per_1m": 0.6}},
         "serving": {
