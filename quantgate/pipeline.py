@@ -51,7 +51,7 @@ def prepare(recipe: Recipe, ws: Workspace, log=print) -> tuple[Path, dict, Path 
         else:
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(source)
+            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=recipe.model.trust_remote_code)
             cs = build_calibration(recipe.calibration, tok)
             calib = {**cs.describe(), "spec": recipe.calibration.model_dump(mode="json"), "windows": cs.windows}
             atomic_write_json(calib_file, calib)
@@ -78,6 +78,7 @@ def quantize(recipe: Recipe, ws: Workspace, *, only: list[str] | None = None, de
         res = run_candidate(
             spec, source=source, calibration_file=calib_file if needs_calibration(spec) else None,
             artifacts=ws.artifacts, meta=meta, device=device, force=force, log=lambda *_: None,
+            load={"trust_remote_code": recipe.model.trust_remote_code, "allow_pickle": recipe.model.allow_pickle},
             log_file=run.log_file(spec.name, "quantize"), echo=echo,
             on_start=lambda n=spec.name, m=spec.method: view.set(n, "quantize", "running", detail=m),
         )

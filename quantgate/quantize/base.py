@@ -41,6 +41,13 @@ class QuantizeContext:
     calibration: list[list[int]] | None
     device: str = "cpu"
     progress: Progress = field(default_factory=PlainProgress)
+    trust_remote_code: bool = False  # recipe model.trust_remote_code: run the checkpoint's own code
+    allow_pickle: bool = False       # recipe model.allow_pickle: also read .bin/.pt (pickle) weights
+
+    def load_kwargs(self) -> dict:
+        """What every loader of the source model is given, so the recipe's choices hold everywhere."""
+        return {"trust_remote_code": self.trust_remote_code,
+                "use_safetensors": None if self.allow_pickle else True}
 
 
 @dataclass

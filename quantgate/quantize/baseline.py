@@ -17,7 +17,7 @@ class BaselineQuantizer:
 
         dtype = getattr(torch, spec.dtype)
         ctx.progress.log(f"baseline {spec.name}: saving the source model as {spec.dtype}")
-        model = AutoModelForCausalLM.from_pretrained(ctx.source, dtype=dtype, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(ctx.source, dtype=dtype, **ctx.load_kwargs())
         model.save_pretrained(out, safe_serialization=True)
         copy_tokenizer(ctx.source, out)
         return QuantizeOutcome(format="dense")

@@ -57,7 +57,7 @@ class GPTQModelQuantizer:
 
             if awq_clip.install():  # same search, as matmuls: the clip search was 95% of AWQ on CPU
                 notes.append("AWQ clip search: quantgate.quantize.awq_clip (batched matmul, same result)")
-        model = GPTQModel.load(str(ctx.source), qc, device=device)
+        model = GPTQModel.load(str(ctx.source), qc, device=device, trust_remote_code=ctx.trust_remote_code)
         backend = BACKEND.AWQ_TORCH if (spec.method == "awq" and device == "cpu") else BACKEND.AUTO
         model.quantize(calib, batch_size=1, backend=backend, calibration_sort=None)
         model.save(str(out))

@@ -51,7 +51,7 @@ class LLMCompressorQuantizer:
         windows = ctx.calibration or []
         ds = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
         model = AutoModelForCausalLM.from_pretrained(ctx.source, dtype=torch.float32 if ctx.device == "cpu" else "auto",
-                                                     device_map=ctx.device)
+                                                     device_map=ctx.device, **ctx.load_kwargs())
         ctx.progress.log(f"{spec.method.upper()} {spec.name} via llm-compressor {llmc.__version__} on {ctx.device}")
         oneshot(model=model, dataset=ds, recipe=Modifier(**modifier_kwargs(spec)),
                 num_calibration_samples=len(windows), max_seq_length=len(windows[0]) if windows else None,

@@ -36,7 +36,7 @@ def find_existing(folder: Path) -> dict | None:
 
 def run_candidate(spec, *, source: Path, calibration_file: Path | None, artifacts: Path, meta: dict,
                   device: str, force: bool = False, log=print, log_file: Path | None = None,
-                  echo=None, on_start=None) -> CandidateResult:
+                  echo=None, on_start=None, load: dict | None = None) -> CandidateResult:
     key = candidate_key(spec, meta["model"]["identity"], meta.get("calib_hash"))
     target = artifact_dir(artifacts, spec, key)
     if not force and (rec := find_existing(target)):
@@ -48,6 +48,7 @@ def run_candidate(spec, *, source: Path, calibration_file: Path | None, artifact
         "calibration_file": str(calibration_file) if calibration_file else None,
         "target": str(target),
         "device": device,
+        "load": load or {},  # the recipe's trust_remote_code / allow_pickle, for every loader in the worker
         "meta": {**meta, "candidate_key": key},
     }
     if on_start:

@@ -73,7 +73,10 @@ def execute(job: dict) -> dict:
         calibration = json.loads(Path(job["calibration_file"]).read_text())["windows"]
         calibration = calibration[: getattr(spec, "n_samples", None) or len(calibration)]
     quantizer = get_quantizer(spec)
-    ctx = QuantizeContext(Path(job["source"]), calibration, job["device"], TqdmProgress())
+    load = job.get("load") or {}
+    ctx = QuantizeContext(Path(job["source"]), calibration, job["device"], TqdmProgress(),
+                          trust_remote_code=bool(load.get("trust_remote_code")),
+                          allow_pickle=bool(load.get("allow_pickle")))
     target = Path(job["target"])
     with atomic_dir(target) as tmp:
         t0 = time.perf_counter()
