@@ -232,6 +232,7 @@ class ServerProcess:
                 raise EngineStartError(rec.error, rec)
             if http_ok(url):
                 rec.ready, rec.startup_s = True, round(self.clock() - t0, 3)
+                self._watch.sample()  # a run shorter than the sampling interval still counts its workers
                 rec.metrics_endpoint = http_ok(f"{self.base_url}/metrics")
                 return self
             if self.clock() >= deadline:
@@ -252,6 +253,8 @@ class ServerProcess:
         how = "exited"
         if self._proc.poll() is None:
             how = "sigterm"
+            if self._watch is not None:
+                self._watch.sample()  # the last look at the workers before they are signalled
             self._signal(signal.SIGTERM)
             try:
                 self._proc.wait(timeout=self.grace_s)
