@@ -318,14 +318,28 @@ def promote(
     force: bool = typer.Option(False, "--force", help="Promote even though a gate fails (needs --reason)."),
     reason: str = typer.Option("", "--reason", help="Why; recorded in the manifest's history."),
     by: Optional[str] = typer.Option(None, "--by", help="Who (default: the current user)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="vllm | llamacpp | transformers | url:URL "
+                                         "(default: the engine card's row for the candidate, if the run has a card)."),
 ):
     """Make a candidate the active deployment of the serving manifest — only through its gates."""
     from .deploy import promote_candidate
+    from .engines.serving import choose, parse_choice
+    from .workspace import RunFolder, read_json
 
-    from .workspace import RunFolder
-
-    path = manifest or RunFolder(run_dir).workspace.manifest
-    m = promote_candidate(run_dir, candidate, path, force=force, reason=reason, by=by)
+    if engine:
+        parse_choice(engine)  # a typo is refused before anything is read
+    run = RunFolder(run_dir)
+    card = read_json(run.engine_card) if run.engine_card.is_file() else None
+    device = ((card or {}).get("constraints") or {}).get("device", "cpu")
+    path = manifest or run.workspace.manifest
+    m = promote_candidate(run_dir, candidate, path, force=force, reason=reason, by=by,
+                          engine_for=lambda art: choose(art, card, engine, device))
+    e = m.evidence.get("engine") or {}
+    console.print(f"engine: {m.active.engine.kind if m.active.engine else m.active.provider.kind} — {e.get('source')}")
+    if e.get("refused_but_forced"):
+        console.print(f"[yellow]forced past:[/] {e['refused_but_forced']}")
+    for note in e.get("notes") or []:
+        console.print(f"[yellow]note:[/] {note}")
     console.print(f"[green]✓[/] {path}: active = {m.active.key}"
                   + (f"; rollback target = {m.previous[0].key}" if m.previous else "")
                   + (f"; fallback = {m.serving.fallback.key}" if m.serving.fallback else ""))

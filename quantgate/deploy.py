@@ -13,9 +13,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from filelock import FileLock
+from pydantic import ValidationError
 
 from .errors import QuantgateError
-from .formats import artifact_of_candidate, provider_support
+from .formats import Artifact, artifact_of_candidate, expected, provider_support
 from .integrity import folder_checksums
 from .models import weights_sha256
 from .serve.manifest import (
@@ -28,7 +29,7 @@ from .serve.manifest import (
     migrate_manifest,
     write_manifest,
 )
-from .serve.promote import promote, rollback
+from .serve.promote import PromotionRefused, promote, rollback
 from .util import redact_uri
 from .workspace import candidate_record, open_run, read_json
 
@@ -97,6 +98,13 @@ def serving_for(run_dir: Path, active: str) -> ServingSpec:
                        max_concurrency=s.max_concurrency, fallback=fallback, anonymous=True)
 
 
+def engine_support(dep: Deployment, art: Artifact):
+    """(engine kind, what the format table says) for the engine that serves `dep`."""
+    if dep.engine is not None and dep.engine.kind in ("vllm", "llamacpp", "transformers"):
+        return dep.engine.kind, expected(dep.engine.kind, art, dep.engine.device)
+    return dep.provider.kind, provider_support(dep.provider.kind, art, getattr(dep.provider, "device", "cpu"))
+
+
 def go_live_check(run_dir: Path, name: str, dep: Deployment, serving: ServingSpec) -> dict:
     """The chapter's quantization go-live self-check, filled from the run's records."""
     _, _, run = open_run(run_dir)
@@ -104,12 +112,11 @@ def go_live_check(run_dir: Path, name: str, dep: Deployment, serving: ServingSpe
     verdict = next(c for c in comp["candidates"] if c["name"] == name)
     ev = run.evaluation(name) or {}
     q = candidate_record(dep.artifact) or {}
-    art = artifact_of_candidate(name, dep.artifact, {**q, "format": dep.params.get("format") or q.get("format")},
-                                read_json(Path(dep.artifact) / "config.json"))
-    support = provider_support(dep.provider.kind, art, getattr(dep.provider, "device", "cpu"))
+    art = artifact_of(name, dep)
+    kind, support = engine_support(dep, art)
     fb = serving.fallback
     return {
-        "engine_supports_format": {"engine": dep.provider.kind, "format": art.format, "ok": support.status == "yes",
+        "engine_supports_format": {"engine": kind, "format": art.format, "ok": support.status == "yes",
                                    "support": support.status, "kernel": support.kernel, "why": support.reason},
         "calibration": q.get("calibration"),
         "rollback_target": {"name": fb.name if fb else None, "present": fb is not None,
@@ -121,8 +128,44 @@ def go_live_check(run_dir: Path, name: str, dep: Deployment, serving: ServingSpe
     }
 
 
+def artifact_of(name: str, dep: Deployment) -> Artifact:
+    """The format-table view of a deployment's checkpoint (format, bits, group size, act-order, ...)."""
+    q = candidate_record(dep.artifact) or {}
+    return artifact_of_candidate(name, dep.artifact, {**q, "format": dep.params.get("format") or q.get("format")},
+                                 read_json(Path(dep.artifact) / "config.json"))
+
+
+DEFAULT_ENGINE = "default: in-process transformers (no engine card for this candidate; choose with --engine)"
+
+
+def with_engine(dep: Deployment, choice, *, force: bool, reason: str) -> tuple[Deployment, dict]:
+    """The deployment served by the chosen engine (an engines.serving.EngineChoice, or None for the
+    in-process default), and what the evidence records about the choice. A choice the matrix saw fail,
+    or the format table rules out, is refused unless forced with a reason."""
+    if choice is None:  # deployment_for's in-process provider, now naming its engine
+        return _validated(dep, {"kind": "transformers", "source": DEFAULT_ENGINE},
+                          dep.provider.model_dump(), DEFAULT_ENGINE), {"source": DEFAULT_ENGINE}
+    if choice.refused and not force:
+        raise PromotionRefused(f"'{dep.name}' on {choice.engine['kind']} ({choice.source}) is refused: "
+                               f"{choice.refused}\npromote it anyway only with --force --reason \"...\"")
+    if choice.refused and not reason.strip():
+        raise PromotionRefused("--force needs --reason \"...\": the history records why an engine the evidence "
+                               "refuses went live")
+    new = _validated(dep, choice.engine, choice.provider, choice.source)
+    return new, {"source": choice.source, "kind": choice.engine["kind"], "refused_but_forced": choice.refused,
+                 "notes": choice.notes}
+
+
+def _validated(dep: Deployment, engine: dict, provider: dict, source: str) -> Deployment:
+    try:
+        return Deployment.model_validate({**dep.model_dump(by_alias=True), "engine": engine, "provider": provider})
+    except ValidationError as exc:
+        raise QuantgateError(f"the engine from {source} does not make a valid deployment: {exc}") from None
+
+
 def promote_candidate(run_dir: Path, name: str, manifest_path: Path, *, force: bool = False, reason: str = "",
-                      by: str | None = None) -> Manifest:
+                      by: str | None = None, engine_for=None) -> Manifest:
+    """engine_for(artifact) → the engine choice (engines.serving.choose, wired by the CLI), or None."""
     _, _, run = open_run(run_dir)
     comp = run.comparison()
     verdict = next((c for c in comp["candidates"] if c["name"] == name), None)
@@ -136,8 +179,11 @@ def promote_candidate(run_dir: Path, name: str, manifest_path: Path, *, force: b
         # registry's champion and the manifest's active deployment stay the same model
         register_forced(run_dir, name, verdict, failed, reason)
     dep = deployment_for(run_dir, name)
+    dep, engine_evidence = with_engine(dep, engine_for(artifact_of(name, dep)) if engine_for else None,
+                                       force=force, reason=reason)
     serving = serving_for(run_dir, name)
-    evidence = {"run": str(run_dir), "go_live_check": go_live_check(run_dir, name, dep, serving)}
+    evidence = {"run": str(run_dir), "engine": engine_evidence,
+                "go_live_check": go_live_check(run_dir, name, dep, serving)}
     if "mlflow" in dep.params:
         evidence["mlflow"] = dep.params["mlflow"]
 
@@ -151,7 +197,21 @@ def promote_candidate(run_dir: Path, name: str, manifest_path: Path, *, force: b
 
     new = edit_manifest(manifest_path, change)
     move_aliases(new)
+    log_card(run)
     return new
+
+
+def log_card(run) -> None:
+    """The run's engine card to its MLflow parent run (the card is usually made after `run` logged)."""
+    tracking = run.tracking()
+    if not run.engine_card.is_file() or not tracking or not tracking.get("parent_run_id"):
+        return
+    from .track import log_engine_card
+
+    try:
+        log_engine_card(with_credentials(tracking["uri"]), tracking["parent_run_id"], run.engine_card, run.engine_card_report)
+    except Exception as exc:  # the manifest is the source of truth; a tracking hiccup is reported, not fatal
+        print(redact_uri(f"warning: could not log the engine card to MLflow ({type(exc).__name__}: {exc})"))
 
 
 def register_forced(run_dir: Path, name: str, verdict: dict, failed: list[str], reason: str) -> None:
@@ -201,6 +261,11 @@ def verify(dep: Deployment) -> None:
                              f"(manifest {dep.sha256[:12]}…, on disk {got[:12]}…); refusing to serve changed weights")
 
 
+def with_credentials(uri: str) -> str:
+    """Records keep no credentials (redacted to ***@): the tracking URI with them comes from the environment."""
+    return os.environ.get("MLFLOW_TRACKING_URI", uri) if "***@" in uri else uri
+
+
 def move_aliases(m: Manifest) -> None:
     """champion → the active deployment's registry version; previous → the next rollback target's."""
     reg = m.active.params.get("mlflow")
@@ -210,11 +275,8 @@ def move_aliases(m: Manifest) -> None:
 
     prev = next((d.params["mlflow"]["version"] for d in m.previous
                  if d.params.get("mlflow", {}).get("model") == reg["model"]), None)
-    uri = reg["uri"]
-    if "***@" in uri:  # the manifest keeps no credentials: the tracking URI with them comes from the environment
-        uri = os.environ.get("MLFLOW_TRACKING_URI", uri)
     try:
-        set_aliases(uri, reg["model"], {"champion": reg["version"], "previous": prev})
+        set_aliases(with_credentials(reg["uri"]), reg["model"], {"champion": reg["version"], "previous": prev})
     except Exception as exc:  # the manifest is the source of truth; a registry hiccup is reported, not fatal
         print(redact_uri(f"warning: could not move MLflow aliases ({type(exc).__name__}: {exc})"))
 

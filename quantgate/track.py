@@ -375,3 +375,41 @@ def set_aliases(uri: str, model: str, aliases: dict[str, str | None]) -> None:
                 pass  # deleting an alias that is not set is not an error here
         else:
             client.set_registered_model_alias(model, alias, str(version))
+
+
+def engine_card_table(card: dict) -> dict:
+    """The card's pairs as columns for log_table: which engine served which candidate, how fast, chosen or not."""
+    rec = (card.get("recommendation") or {}).get("recommended")
+    pairs = card.get("pairs") or []
+
+    def pid(p):
+        return f"{p['artifact']['name']} @ {p['engine']}"
+
+    def metric(p, k):
+        return (p.get("metrics") or {}).get(k)
+
+    return {"pair": [pid(p) for p in pairs], "engine_kind": [p.get("engine_kind") for p in pairs],
+            "format": [(p.get("artifact") or {}).get("label") for p in pairs],
+            "kernel": [p.get("kernel") for p in pairs], "measured": [bool(p.get("measured")) for p in pairs],
+            "e2e_p95_ms": [metric(p, "e2e_p95_ms") for p in pairs], "ttft_p95_ms": [metric(p, "ttft_p95_ms") for p in pairs],
+            "goodput_rps": [metric(p, "goodput_rps") for p in pairs], "recommended": [pid(p) == rec for p in pairs]}
+
+
+def log_engine_card(uri: str, run_id: str, card_file: Path, report_file: Path | None = None) -> None:
+    """The engine-selection card with the run it selected for: card.json and card.md as artifacts
+    (engine_card/, as `run` logs them when the card already exists) and the pairs as a table."""
+    require("mlflow", what="MLflow tracking", extra="track")
+    from mlflow.tracking import MlflowClient
+
+    _quiet_mlflow()
+    client = MlflowClient(uri)
+    for f in (card_file, report_file):
+        if f is not None and Path(f).is_file():
+            client.log_artifact(run_id, str(f), artifact_path="engine_card")
+    card = json.loads(Path(card_file).read_text())
+    with warnings.catch_warnings():  # pandas' dtype deprecation notices inside MLflow
+        warnings.simplefilter("ignore")
+        client.log_table(run_id, data=engine_card_table(card), artifact_file="engine_card/pairs.json")
+    rec = (card.get("recommendation") or {}).get("recommended")
+    if rec:
+        client.set_tag(run_id, "quantgate.engine_recommended", rec)
