@@ -230,7 +230,7 @@ class Gateway:
             ctx.tenant_slot = False
             self.limiter.release(call.tenant)
         if ctx.reservation is not None:
-            self.state.settle(ctx.reservation, ctx.used_tokens, ctx.used_usd, self.wall())
+            ctx.reservation.settle(ctx.used_tokens, ctx.used_usd, self.wall())
 
     def _client_closed(self, rt: Runtime, call: ChatCall, ctx: RequestState) -> None:
         if ctx.lookup is None:
@@ -367,7 +367,7 @@ class Gateway:
         s = rt.serving
         cost = (dep.price or s.price).cost(res.tokens_in, res.tokens_out)
         ctx.used_tokens, ctx.used_usd = res.tokens_in + res.tokens_out, cost
-        self.state.settle(ctx.reservation, ctx.used_tokens, cost, self.wall())
+        ctx.reservation.settle(ctx.used_tokens, cost, self.wall())
         self.estimator.observe(dep.key, res.ttft_ms, res.generation_ms, res.tokens_out)
         t_end = perf()
         if att.target == "active":

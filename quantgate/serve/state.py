@@ -131,7 +131,11 @@ class Held:
     usd: float
     local: Reservation | None = None
     remote: tuple | None = None   # (account keys, token bucket key, token capacity, expire_at per account)
+    backend: "LocalState | None" = None  # who settles it: a reload may swap the state meanwhile
     settled: bool = field(default=False)
+
+    def settle(self, tokens: int, usd: float, wall: float) -> None:
+        self.backend.settle(self, tokens, usd, wall)
 
 
 class LocalState:
@@ -154,7 +158,7 @@ class LocalState:
         if limited is not None:
             self.ledger.settle(r, 0, 0.0, wall)
             return limited
-        return Held(tenant, tokens, usd, local=r)
+        return Held(tenant, tokens, usd, local=r, backend=self)
 
     def settle(self, held: Held, tokens: int, usd: float, wall: float) -> None:
         """Replace the reservation by what the request cost; once (later calls do nothing)."""
@@ -417,7 +421,7 @@ class RedisState(LocalState):
             return OverBudget(account, text, start + spec.period_s)
         if code == 2:
             return refused(tenant, rate, _s(out[1]), float(out[2]))
-        return Held(tenant, tokens, usd, remote=(keys, bucket_keys[1], tc, expire))
+        return Held(tenant, tokens, usd, remote=(keys, bucket_keys[1], tc, expire), backend=self)
 
     def _local(self, tenant, user_id, tokens, usd, wall, mono) -> Held | OverBudget | Limited | Unavailable:
         mode = self.spec.on_redis_down

@@ -313,3 +313,17 @@ async def test_a_breaker_one_replica_opens_opens_on_the_others_once(redis_server
     finally:
         await a.close()
         await b.close()
+
+
+@aio
+async def test_a_reservation_is_settled_by_the_state_that_made_it_after_a_reload_swaps_it():
+    red, _, _ = redis_state()
+    loc = LocalState(red.ledger, red.limiter)
+    held = await red.admit("acme", None, 30, 0.0, NOW, 0)
+    held_local = await loc.admit("acme", None, 30, 0.0, NOW, 0)
+    held.settle(10, 0.0, NOW)        # the gateway now holds `loc`: the Redis reservation still settles in Redis
+    held_local.settle(10, 0.0, NOW)
+    await red.drain()
+    usage = await red.redis.hgetall(f"quantgate:budget:tenant:acme:{int(NOW // 3600 * 3600)}")
+    assert (int(usage[b"t"]), int(usage[b"rt"])) == (10, 0)
+    assert red.ledger.usage("tenant:acme").reserved_tokens == 0 and red.ledger.usage("tenant:acme").tokens == 10
