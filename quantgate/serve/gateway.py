@@ -262,11 +262,16 @@ class Gateway:
                                f"max_tokens: {max_tokens} is more than this gateway allows ({s.max_tokens_limit})",
                                "max_tokens")
         lookup = rt.fallback if (self.ladder.level == Level.BREAKER and rt.fallback) else rt.active
-        tokens_in = prompt_tokens(call.messages)
+        tokens_in = prompt_tokens(call.messages)  # the cheap estimate first: it bounds the exact count's work
         cap, what = input_cap(s.max_input_tokens, lookup)
-        if tokens_in > cap:
+        counted = None
+        if tokens_in <= s.max_input_tokens and lookup.max_input_tokens is not None:
+            counted = rt.providers["fallback" if lookup is rt.fallback else "active"].count_tokens(call.messages)
+        if (counted if counted is not None else tokens_in) > cap:
+            size = f"{counted} tokens (its tokenizer)" if counted is not None else f"about {tokens_in} tokens"
             raise GatewayError(413, "invalid_request_error",
-                               f"messages: about {tokens_in} tokens, more than {what}; shorten the prompt", "messages")
+                               f"messages: {size}, more than {what}; shorten the prompt", "messages")
+        tokens_in = counted if counted is not None else tokens_in
         ctx.budget_ms, ctx.deadline, ctx.max_tokens, ctx.lookup = budget_ms, call.t0 + budget_ms / 1000, max_tokens, lookup
         ctx.reserved_tokens = tokens_in + max_tokens
         now = self.wall()

@@ -146,3 +146,35 @@ def test_the_serve_command_refuses_a_bad_manifest(tmp_path):
     result = CliRunner().invoke(app, ["serve", str(bad)])
     assert result.exit_code != 0 and isinstance(result.exception, ManifestError)
     assert f"{bad}:1: active.provider.base_url: Field required" in str(result.exception)
+
+
+def test_a_local_deployment_counts_the_prompt_with_its_own_tokenizer(serve, tiny_model):
+    """The engine's context (max_model_len less max_tokens) is checked with the deployment's tokenizer,
+    not the four-characters-a-token estimate: a prompt the estimate lets through but the model cannot
+    hold is the client's 413 before admission."""
+    from transformers import AutoTokenizer
+
+    from quantgate.serve.providers.base import GenRequest
+    from quantgate.serve.providers.local import LocalProvider
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    cap = 64 - 8
+
+    def exact(prompt):
+        return len(tok(LocalProvider._text(tok, GenRequest([{"role": "user", "content": prompt}], 1)))["input_ids"])
+
+    # a prompt whose estimate fits the cap while its real token count does not
+    prompt = next(p for p in ("a " * k for k in range(10, 400)) if exact(p) > cap)
+    assert len(prompt) // 4 < cap, "the tiny tokenizer should spend more than one token per four characters here"
+    m = base_manifest(cache={"enabled": False})
+    m["active"] = {"name": "tiny-local", "artifact": str(tiny_model), "max_tokens": 8,
+                   "engine": {"kind": "transformers", "max_model_len": 64},
+                   "provider": {"kind": "local", "device": "cpu", "max_new_tokens": 4}}
+    srv = serve(m)
+    with httpx.Client(base_url=srv.url, timeout=60) as c:
+        r = c.post("/chat", json=chat_body(prompt, max_tokens=2, budget_ms=10000))
+        assert r.status_code == 413, r.text
+        msg = r.json()["error"]["message"]
+        assert f"{exact(prompt)} tokens (its tokenizer)" in msg and "max_model_len=64" in msg
+        ok = c.post("/chat", json=chat_body("a b", max_tokens=2, budget_ms=10000))
+        assert ok.status_code == 200 and ok.json()["tokens"]["in"] == exact("a b")

@@ -96,6 +96,11 @@ class Provider:
     async def ready(self) -> tuple[bool, str]:
         return True, "ok"
 
+    def count_tokens(self, messages: list[dict[str, str]]) -> int | None:
+        """The prompt's length in this deployment's own tokens, when the provider holds its tokenizer
+        (in-process engines); None: the gateway's estimate stands. Called on the event loop: keep it cheap."""
+        return None
+
     async def generate(self, req: GenRequest) -> GenResult:
         raise NotImplementedError
 

@@ -26,6 +26,7 @@ class LocalProvider(Provider):
         self.path = self.spec.model or deployment.artifact
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"local-{deployment.name}")
         self.model = self.tok = self.torch = None
+        self.counter = None  # a tokenizer of its own for the event loop: the worker thread uses self.tok
         self.device = "cpu"
 
     async def start(self) -> None:
@@ -42,6 +43,7 @@ class LocalProvider(Provider):
         dtype = "auto" if self.spec.dtype == "auto" else getattr(torch, self.spec.dtype)
         try:
             self.tok = transformers.AutoTokenizer.from_pretrained(self.path)
+            self.counter = transformers.AutoTokenizer.from_pretrained(self.path)
             self.model = transformers.AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(dev).eval()
         except OSError as exc:
             raise ProviderError("unavailable", f"cannot load checkpoint {self.path}: {exc}") from None
@@ -54,12 +56,19 @@ class LocalProvider(Provider):
     async def ready(self) -> tuple[bool, str]:
         return (self.model is not None, f"{self.path} on {self.device}" if self.model is not None else "not loaded")
 
+    @staticmethod
+    def _text(tok, req: GenRequest) -> str:
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+        return req.prompt()
+
     def _encode(self, req: GenRequest):
-        if getattr(self.tok, "chat_template", None):
-            text = self.tok.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
-        else:
-            text = req.prompt()
-        return self.tok(text, return_tensors="pt").to(self.device)
+        return self.tok(self._text(self.tok, req), return_tensors="pt").to(self.device)
+
+    def count_tokens(self, messages: list[dict[str, str]]) -> int | None:
+        if self.counter is None:
+            return None
+        return len(self.counter(self._text(self.counter, GenRequest(messages, 1)))["input_ids"])
 
     def _run(self, req: GenRequest, stop: threading.Event, streamer=None):
         import transformers
