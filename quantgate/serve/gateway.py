@@ -21,16 +21,16 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from .admission import Admit, ConcurrencyGate, effective_limit, input_cap, retry_after_s
-from .budget import Estimator, plan_request, trim_context
+from .budget import Estimator
 from .cache import cache_key, make_cache
-from .ladder import Ladder, Level, Sample, upstream_fault
-from .manifest import Deployment, Manifest, ManifestError
+from .ladder import Ladder, Level
+from .manifest import Manifest, ManifestError
 from .metrics import GatewayMetrics
-from .providers import GenRequest, GenResult, ProviderError
-from .providers.base import estimate_tokens, within
+from .providers.base import estimate_tokens
+from .attempts import Attempts
 from .records import Answer, ChatCall, GatewayError, RequestState
 from .runtime import ManifestFile, ProviderPool, Runtime
-from .streaming import stream_attempts
+from .streaming import stream_answer
 from .limits import Limited, TenantLimiter
 from .state import Held, LocalState, Unavailable, make_state
 from .tenants import Ledger, OverBudget
@@ -39,11 +39,6 @@ log = logging.getLogger("quantgate.serve")
 perf = time.perf_counter
 
 __all__ = ["Gateway", "ChatCall", "Answer", "GatewayError"]
-
-
-# A timeout on an attempt given less than this says nothing about the upstream, however fast it
-# usually is (a fast upstream's estimate times two could otherwise be a few milliseconds).
-MIN_TIMEOUT_EVIDENCE_MS = 100.0
 
 
 def prompt_tokens(messages: list[dict[str, str]]) -> int:
@@ -213,9 +208,9 @@ class Gateway:
             hit = await self._prologue(rt, call, ctx)
             if hit is not None:
                 return hit
-            return await self._attempts(rt, call, ctx)
+            return await self._attempts(rt, call, ctx).answer()
         except asyncio.CancelledError:  # the client left: its slot is freed below, what it cost is charged
-            self._client_closed(rt, call, ctx)
+            self._attempts(rt, call, ctx).client_closed()
             raise
         finally:
             self._finish(call, ctx)
@@ -231,14 +226,6 @@ class Gateway:
             self.limiter.release(call.tenant)
         if ctx.reservation is not None:
             ctx.reservation.settle(ctx.used_tokens, ctx.used_usd, self.wall())
-
-    def _client_closed(self, rt: Runtime, call: ChatCall, ctx: RequestState) -> None:
-        if ctx.lookup is None:
-            return
-        if ctx.tried and not ctx.used_tokens:  # the prompt reached the upstream: that much is spent
-            ctx.used_tokens = ctx.reserved_tokens - ctx.max_tokens
-        self.metrics.for_deployment(ctx.lookup).request(call.route, "client_closed", perf() - call.t0)
-        log.info("trace %s: client closed the connection (%d tokens charged)", call.trace_id, ctx.used_tokens)
 
     def _refuse(self, reason: str, status: int, type_: str, message: str, retry_after_s: float,
                 extra: dict | None = None) -> GatewayError:
@@ -328,156 +315,10 @@ class Gateway:
         ctx.t_admit = perf()
         return None
 
-    def _plan(self, rt: Runtime, ctx: RequestState) -> None:
-        s = rt.serving
-        ctx.route = self.ladder.route()
-        ctx.plan = plan_request(
-            remaining_ms=(ctx.deadline - perf()) * 1000, route=ctx.route, max_tokens=ctx.max_tokens,
-            has_fallback=rt.fallback is not None, rung=self.ladder.actions(),
-            est_active=self.estimator.get(rt.active.key),
-            est_fallback=self.estimator.get(rt.fallback.key) if rt.fallback else None,
-            min_attempt_ms=s.min_attempt_ms, fallback_reserve_ms=s.fallback_reserve_ms)
-
-    def _request(self, rt: Runtime, call: ChatCall, att) -> tuple[Deployment, GenRequest, bool]:
-        dep = rt.deployment(att.target)
-        msgs, trimmed = call.messages, False
-        if att.context_chars is not None and len(call.messages[-1]["content"]) > att.context_chars:
-            msgs = [*call.messages[:-1], {"role": call.messages[-1]["role"],
-                                          "content": trim_context(call.messages[-1]["content"], att.context_chars)}]
-            trimmed = True
-        n = min(att.max_tokens, dep.max_tokens) if dep.max_tokens else att.max_tokens
-        return dep, GenRequest(msgs, n, call.temperature, call.top_p, call.stop, call.seed), trimmed
-
-    def _expected_ms(self, rt: Runtime, dep: Deployment, tokens: int) -> float:
-        """How long an attempt must have had before its timeout says something about the upstream."""
-        est = self.estimator.get(dep.key)
-        return max(MIN_TIMEOUT_EVIDENCE_MS, 2 * est.predict_ms(tokens)) if est else rt.serving.default_budget_ms / 2
-
-    def _failed(self, rt: Runtime, ctx: RequestState, att, kind: str, t_a: float, why: str, window_s: float,
-                trace: str) -> None:
-        dep = rt.deployment(att.target)
-        series = self.metrics.for_deployment(dep)
-        series.error(kind)
-        series.upstream(kind, perf() - t_a)
-        if att.target == "active" and upstream_fault(kind, window_s * 1000,
-                                                     self._expected_ms(rt, dep, att.max_tokens)):
-            ctx.fault = True
-            self.ladder.observe(Sample(self.clock(), (perf() - t_a) * 1000, False))
-        ctx.path.append(f"{att.target}:{kind}")
-        log.info("trace %s: %s failed on %s (%s): %s", trace, ctx.route, dep.key, kind, why)
-
-    def _succeeded(self, rt: Runtime, call: ChatCall, ctx: RequestState, att, res: GenResult, trimmed: bool,
-                   t_a: float, cut: bool = False) -> Answer:
-        dep = rt.deployment(att.target)
-        s = rt.serving
-        cost = (dep.price or s.price).cost(res.tokens_in, res.tokens_out)
-        ctx.used_tokens, ctx.used_usd = res.tokens_in + res.tokens_out, cost
-        ctx.reservation.settle(ctx.used_tokens, cost, self.wall())
-        self.estimator.observe(dep.key, res.ttft_ms, res.generation_ms, res.tokens_out)
-        t_end = perf()
-        if att.target == "active":
-            self.ladder.observe(Sample(self.clock(), (t_end - t_a) * 1000, True, cost))
-        series = self.metrics.for_deployment(dep)
-        series.upstream("ok", t_end - t_a)
-        series.tokens_in.inc(res.tokens_in)
-        series.tokens_out.inc(res.tokens_out)
-        series.cost.inc(cost)
-        reasons = list(ctx.plan.reasons) + (["ladder: context trimmed"] if trimmed else [])
-        ctx.path.append(f"{att.target}:truncated" if cut else att.target)
-        full = dep is ctx.lookup and att.max_tokens >= ctx.max_tokens and not trimmed and not cut
-        if not full or len(ctx.path) > 1:
-            series.degraded(">".join(ctx.path) + ("+reduced" if not full else ""))
-        elif ctx.key is not None and self.cache is not None:
-            self.cache.put_soon(ctx.key, {"text": res.text, "tokens_in": res.tokens_in, "tokens_out": res.tokens_out,
-                                          "finish_reason": res.finish_reason})
-        total = t_end - call.t0
-        series.request(call.route, "ok" if len(ctx.path) == 1 and not reasons else "degraded", total)
-        return Answer(res.text, dep, False, self.ladder.level, ctx.path, reasons, res.tokens_in, res.tokens_out,
-                      cost, res.finish_reason, ctx.budget_ms, queue_ms=(ctx.t_admit - call.t0) * 1000,
-                      upstream_ms=(t_a - ctx.t_admit) * 1000 + res.ttft_ms, generation_ms=res.generation_ms,
-                      total_ms=total * 1000)
-
-    def _give_up(self, rt: Runtime, call: ChatCall, ctx: RequestState, last_kind: str | None, why: str) -> GatewayError:
-        """The error a client gets when no attempt answered. Upstream details (hosts, stderr, bodies)
-        stay in the log, under the trace id the client is given."""
-        total = perf() - call.t0
-        series = self.metrics.for_deployment(rt.active)
-        if last_kind in ("rejected", "invalid"):
-            series.request(call.route, "bad_request", total)
-            log.warning("trace %s: request refused (%s): %s", call.trace_id, " > ".join(ctx.path), why)
-            return GatewayError(400, "invalid_request_error",
-                                f"messages: the model cannot take this request (trace id {call.trace_id})",
-                                "messages", extra={"path": ctx.path})
-        if last_kind in (None, "timeout"):
-            self.metrics.budget_exhausted.labels(call.route).inc()
-            series.request(call.route, "budget_exhausted", total)
-            return GatewayError(504, "budget_exhausted",
-                                f"no answer within budget_ms={ctx.budget_ms} "
-                                f"(tried: {' > '.join(ctx.path) or 'nothing'}; "
-                                f"{why}); retry with a larger budget_ms or later", "budget_ms",
-                                extra={"path": ctx.path})
-        series.request(call.route, "error", total)
-        log.warning("trace %s: every deployment failed (%s): %s", call.trace_id, " > ".join(ctx.path), why)
-        return GatewayError(502, "upstream_error", f"every deployment failed ({' > '.join(ctx.path)}); "
-                            f"the gateway log has the details under trace id {call.trace_id}",
-                            extra={"path": ctx.path})
-
-    def _window(self, rt: Runtime, ctx: RequestState, att, last: bool) -> float | None:
-        """Seconds this attempt may take; None when too little budget is left to start it."""
-        left = ctx.deadline - perf()
-        if left * 1000 < rt.serving.min_attempt_ms:
-            return None
-        return left if last else min(left, att.timeout_ms / 1000)
-
-    def _probe_done(self, ctx: RequestState, ok: bool) -> None:
-        """Report a half-open breaker's probe; a probe that never reached the active deployment
-        (budget gone first), or failed through the client's doing, only frees the probe slot: it
-        is no evidence either way."""
-        if ctx.route != "probe":
-            return
-        if "active" in ctx.tried and (ok or ctx.fault):
-            self._apply(self.ladder.probe_done(ok, self.clock()))
-        else:
-            self.ladder.probe_abandoned()
-
-    def _each_attempt(self, rt: Runtime, call: ChatCall, ctx: RequestState):
-        """The plan's attempts that still have budget: (attempt, window_s, deployment, request, trimmed)."""
-        n = len(ctx.plan.attempts)
-        for i, att in enumerate(ctx.plan.attempts):
-            window = self._window(rt, ctx, att, i == n - 1)
-            if window is None:
-                return
-            dep, req, trimmed = self._request(rt, call, att)
-            ctx.tried.append(att.target)
-            yield att, window, dep, req, trimmed
-
-    async def _attempts(self, rt: Runtime, call: ChatCall, ctx: RequestState) -> Answer:
-        ok, last_kind = False, None
-        try:
-            self._plan(rt, ctx)
-            why = "; ".join(ctx.plan.reasons) or "budget too small"
-            for att, window, dep, req, trimmed in self._each_attempt(rt, call, ctx):
-                prov = rt.providers[att.target]
-                t_a = perf()
-                try:
-                    if prov.honours_timeout:
-                        req.timeout_s = window
-                        res = await prov.generate(req)
-                    else:
-                        res = await within(prov.generate(req), window)
-                except asyncio.TimeoutError:
-                    last_kind, why = "timeout", f"{dep.name} took longer than {window * 1000:.0f} ms"
-                except ProviderError as exc:
-                    last_kind, why = exc.kind, str(exc)
-                except Exception as exc:  # noqa: BLE001 - a provider bug is an upstream error, not a crash
-                    last_kind, why = "error", f"{type(exc).__name__}: {exc}"
-                else:
-                    ok = att.target == "active"
-                    return self._succeeded(rt, call, ctx, att, res, trimmed, t_a)
-                self._failed(rt, ctx, att, last_kind, t_a, why, window, call.trace_id)
-            raise self._give_up(rt, call, ctx, last_kind, why)
-        finally:
-            self._probe_done(ctx, ok)
+    def _attempts(self, rt: Runtime, call: ChatCall, ctx: RequestState) -> Attempts:
+        """The attempts of this request, with the collaborators in force when it started."""
+        return Attempts(rt, call, ctx, self.metrics, self.estimator, self.ladder, self.cache, self.clock, self.wall,
+                        self._apply)
 
     # ------------------------------------------------------------------ streaming
     async def chat_stream(self, call: ChatCall) -> AsyncIterator[tuple[str, object]]:
@@ -498,7 +339,7 @@ class Gateway:
                 yield "delta", hit.text
                 yield "end", hit
                 return
-            async for ev in stream_attempts(self, rt, call, ctx):
+            async for ev in stream_answer(self._attempts(rt, call, ctx)):
                 yield ev
         finally:
             self._finish(call, ctx)

@@ -10,26 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
 
+from .attempts import Attempts
 from .providers import GenResult, ProviderError, StreamStats
 from .providers.base import estimate_tokens, within
-from .records import ChatCall, RequestState
-from .runtime import Runtime
-
-if TYPE_CHECKING:
-    from .gateway import Gateway
 
 perf = time.perf_counter
 
 
-async def stream_attempts(gw: "Gateway", rt: Runtime, call: ChatCall, ctx: RequestState):
+async def stream_answer(a: Attempts):
     """The attempts of one streamed request; see Gateway.chat_stream for the events."""
+    rt, call, ctx = a.rt, a.call, a.ctx
     ok, last_kind = False, None
     try:
-        gw._plan(rt, ctx)
-        why = "; ".join(ctx.plan.reasons) or "budget too small"
-        for att, window, dep, req, trimmed in gw._each_attempt(rt, call, ctx):
+        why = a.plan()
+        for att, window, dep, req, trimmed in a.each():
             stats = StreamStats()
             t_a = stats.t_start
             gen = rt.providers[att.target].stream(req, stats)
@@ -47,7 +42,7 @@ async def stream_attempts(gw: "Gateway", rt: Runtime, call: ChatCall, ctx: Reque
             if failed is not None:
                 last_kind, why = failed
                 await gen.aclose()
-                gw._failed(rt, ctx, att, last_kind, t_a, why, window, call.trace_id)
+                a.failed(att, last_kind, t_a, why, window)
                 continue  # the next deployment, or give up after the last
             ok = att.target == "active"
             parts = [first]
@@ -69,32 +64,33 @@ async def stream_attempts(gw: "Gateway", rt: Runtime, call: ChatCall, ctx: Reque
             except asyncio.TimeoutError:
                 closed = False
                 finish = "length"
-                gw.metrics.budget_exhausted.labels(call.route).inc()
+                a.metrics.budget_exhausted.labels(call.route).inc()
             except Exception as exc:  # noqa: BLE001 - mid-stream failure: the answer is already half out
                 ok, closed = False, False
-                gw._failed(rt, ctx, att, getattr(exc, "kind", "error"), t_a, str(exc), window, call.trace_id)
+                a.failed(att, getattr(exc, "kind", "error"), t_a, str(exc), window)
                 yield "error", f"upstream failed mid-answer; the gateway log has the details under trace id {call.trace_id}"
                 return
             finally:
                 if closed:
-                    _charge_partial(gw, rt, call, ctx, dep, req, parts)
+                    _charge_partial(a, dep, req, parts)
                 await gen.aclose()
             text = "".join(parts)
             t1 = stats.t_first or perf()
             res = GenResult(text, stats.tokens_in or estimate_tokens(req.prompt()),
                             stats.tokens_out or estimate_tokens(text), finish or stats.finish_reason,
                             ttft_ms=(t1 - t_a) * 1000, generation_ms=(perf() - t1) * 1000)
-            yield "end", gw._succeeded(rt, call, ctx, att, res, trimmed, t_a, cut=finish is not None)
+            yield "end", a.succeeded(att, res, trimmed, t_a, cut=finish is not None)
             return
-        raise gw._give_up(rt, call, ctx, last_kind, why)
+        raise a.give_up(last_kind, why)
     finally:
-        gw._probe_done(ctx, ok)
+        a.probe_done(ok)
 
 
-def _charge_partial(gw: "Gateway", rt: Runtime, call: ChatCall, ctx: RequestState, dep, req, parts: list[str]) -> None:
+def _charge_partial(a: Attempts, dep, req, parts: list[str]) -> None:
     """The client left mid-answer (GeneratorExit or cancellation): it is charged for the prompt and
     for the pieces it was sent, and the request is recorded as `client_closed`, not as an error."""
+    ctx = a.ctx
     tokens_in, tokens_out = estimate_tokens(req.prompt()), estimate_tokens("".join(parts)) if parts else 0
     ctx.used_tokens = tokens_in + tokens_out
-    ctx.used_usd = (dep.price or rt.serving.price).cost(tokens_in, tokens_out)
-    gw._client_closed(rt, call, ctx)
+    ctx.used_usd = (dep.price or a.rt.serving.price).cost(tokens_in, tokens_out)
+    a.client_closed()

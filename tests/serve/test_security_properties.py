@@ -18,11 +18,12 @@ from quantgate.serve.budget import Attempt, Estimate, plan_request
 from quantgate.serve.ladder import Level
 from quantgate.serve.limits import take
 from quantgate.serve.manifest import BudgetsSpec
-from quantgate.serve.records import RequestState
+from quantgate.serve.records import ChatCall, RequestState
 from quantgate.serve.server import ServerThread
 from quantgate.serve.tenants import Ledger, OverBudget
 
 LADDER = {"min_samples": 1, "eval_interval_s": 60, "breaker": {"error_rate": 0.5}}
+CALL = ChatCall("chat", "prop", "t", None, [{"role": "user", "content": "hi"}], time.perf_counter())
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 json_values = st.recursive(
@@ -126,8 +127,8 @@ def test_no_sequence_of_client_caused_failures_moves_the_ladder(gateway, failure
         rt = gw.rt
         gw.ladder.samples.clear()
         for kind, window_ms in failures:
-            gw._failed(rt, RequestState.empty(), Attempt("active", window_ms, 16, None), kind, time.perf_counter(),
-                       "client's doing", window_ms / 1000, "prop")
+            gw._attempts(rt, CALL, RequestState.empty()).failed(Attempt("active", window_ms, 16, None), kind,
+                                                                time.perf_counter(), "client's doing", window_ms / 1000)
         gw._apply(gw.ladder.evaluate(gw.clock()))
         return gw.ladder.level, len(gw.ladder.samples)
 
@@ -142,8 +143,8 @@ def test_the_same_feed_of_upstream_failures_does_move_it(serve):
     async def feed():
         gw = srv.gateway
         for _ in range(5):
-            gw._failed(gw.rt, RequestState.empty(), Attempt("active", 500, 16, None), "error", time.perf_counter(),
-                       "upstream 503", 0.5, "prop")
+            gw._attempts(gw.rt, CALL, RequestState.empty()).failed(Attempt("active", 500, 16, None), "error",
+                                                                   time.perf_counter(), "upstream 503", 0.5)
         gw._apply(gw.ladder.evaluate(gw.clock()))
         return gw.ladder.level
 
