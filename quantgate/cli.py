@@ -376,13 +376,13 @@ def manifest_show(manifest: Optional[Path] = typer.Argument(None), workspace: Pa
         out.print_json(dump_manifest(m))
         return
     t = Table(title=str(path))
-    for col in ("role", "deployment", "method", "provider", "artifact"):
+    for col in ("role", "deployment", "method", "provider (engine)", "artifact"):
         t.add_column(col, overflow="fold")
     rows = [("active", m.active)] + [("previous", d) for d in m.previous]
     if m.serving.fallback:
         rows.append(("fallback", m.serving.fallback))
     for role, d in rows:
-        t.add_row(role, d.key, d.method, d.provider.kind, d.artifact or "-")
+        t.add_row(role, d.key, d.method, d.provider.kind + (f" ({d.engine.kind})" if d.engine else ""), d.artifact or "-")
     out.print(t)
     for e in m.history[-5:]:
         out.print(f"  {e.when:%Y-%m-%d %H:%M:%S} {e.what}: {e.deployment} — {e.why} ({e.by})")

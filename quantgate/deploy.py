@@ -90,7 +90,11 @@ RECIPE_OWNED = ("default_budget_ms", "max_budget_ms", "max_concurrency", "fallba
 def serving_for(run_dir: Path, active: str) -> ServingSpec:
     recipe, _, _ = open_run(run_dir)
     fallback_name = recipe.card.rollback_to or (recipe.baseline.name if recipe.baseline else None)
-    fallback = deployment_for(run_dir, fallback_name) if fallback_name and fallback_name != active else None
+    fallback = None
+    if fallback_name and fallback_name != active:  # served in process, like any candidate without an engine choice
+        fb = deployment_for(run_dir, fallback_name)
+        fallback = _validated(fb, {"kind": "transformers", "source": FALLBACK_ENGINE}, fb.provider.model_dump(),
+                              FALLBACK_ENGINE)
     s = recipe.serving
     # anonymous: a new manifest serves on loopback without keys, as written in the file; the gateway
     # refuses to expose it on another address until serving.api_keys is added.
@@ -135,6 +139,7 @@ def artifact_of(name: str, dep: Deployment) -> Artifact:
                                  read_json(Path(dep.artifact) / "config.json"))
 
 
+FALLBACK_ENGINE = "the fallback: in-process transformers"
 DEFAULT_ENGINE = "default: in-process transformers (no engine card for this candidate; choose with --engine)"
 
 
