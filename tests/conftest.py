@@ -5,20 +5,9 @@ The tiny model is built inside the test session, so unit tests need no download 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-
-try:  # CI replays a fixed set of examples, so a landing never hangs on a new random draw;
-    # local runs keep exploring (and a failure found there is saved and replayed everywhere)
-    from hypothesis import settings as _hyp_settings
-
-    _hyp_settings.register_profile("ci", derandomize=True)
-    if os.environ.get("CI"):
-        _hyp_settings.load_profile("ci")
-except ImportError:  # hypothesis is a test extra
-    pass
 
 REPO = Path(__file__).resolve().parents[1]
 
