@@ -35,7 +35,7 @@ def check_recipe(recipe: Recipe, source: str | Path | None = None, root=None) ->
 
     With the recipe's file and YAML node tree (`documents.read_mapping`), messages start with
     `file:line:` like the schema's own errors."""
-    early = _placed(data_problems(recipe) + gate_problems(recipe), source, root)
+    early = _placed(data_problems(recipe) + calibration_problems(recipe) + gate_problems(recipe), source, root)
     config = read_config(recipe.model.ref, revision=recipe.model.revision)
     return early + group_size_problems(recipe, config)
 
@@ -105,6 +105,39 @@ def data_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
         if pf and not Path(pf).expanduser().is_file():
             out.append((("evaluation", "workload", "prompts_file"),
                         f"evaluation.workload.prompts_file: '{pf}' does not exist"))
+    return out
+
+
+def calibration_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """Calibration the run could not build: a candidate asking for more windows than the set has,
+    or a source whose calib split cannot hold its share of windows. The second needs no tokenizer:
+    a token never covers less than one byte (byte-level BPE, or byte fallback), and each document
+    adds one separator, so text with fewer bytes than its share's tokens would surely fail."""
+    from .data import allocate, split_documents
+    from .errors import QuantgateError
+
+    cal = recipe.calibration
+    out = []
+    for i, c in enumerate(recipe.candidates):
+        n = getattr(c, "n_samples", None)
+        if n is not None and n > cal.n_samples:
+            out.append((("candidates", i, "n_samples"),
+                        f"candidates.{i}.n_samples: {n} is more than the {cal.n_samples} windows of "
+                        f"calibration.n_samples; use at most {cal.n_samples} or raise calibration.n_samples"))
+    shares = allocate(cal.n_samples, [s.weight for s in cal.sources])
+    for i, (src, n) in enumerate(zip(cal.sources, shares)):
+        if n == 0 or src.hf:  # a hub dataset is only read when the run starts
+            continue
+        try:
+            docs = split_documents(src, "calib")
+        except (QuantgateError, OSError):  # not fetched or not there: data_problems / the run say so
+            continue
+        most = sum(len(d.text.encode()) + 1 for d in docs)
+        if most // cal.seq_len < n:
+            out.append((("calibration", "sources", i),
+                        f"calibration.sources.{i}: the calib split of {src.label} has {most} bytes, room for "
+                        f"at most {most // cal.seq_len} windows of {cal.seq_len} tokens, but its share of "
+                        f"calibration.n_samples is {n}; lower n_samples or seq_len, or add text"))
     return out
 
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from quantgate.cli import app
 from quantgate.errors import QuantgateError
 from quantgate.recipe import load_recipe
-from quantgate.validate import data_problems, gate_problems
+from quantgate.validate import calibration_problems, data_problems, gate_problems
 
 BASE = """\
 name: early
@@ -83,3 +83,23 @@ def test_manifest_validate_checks_the_artifact_folder(tmp_path):
     p.write_text(json.dumps(m))
     res = CliRunner().invoke(app, ["manifest", "validate", str(p)])
     assert res.exit_code != 0 and "gone does not exist" in str(res.exception)
+
+
+def test_a_candidate_asking_for_more_windows_than_the_calibration_set_is_refused(tmp_path):
+    text = BASE.replace("  - {name: rtn4, method: rtn, bits: 4, group_size: 64}",
+                        "  - {name: gptq4, method: gptq, bits: 4, group_size: 64, n_samples: 9}")
+    [(loc, msg)] = [p for p in calibration_problems(load_recipe(recipe(tmp_path, text))) if p[0][0] == "candidates"]
+    assert loc == ("candidates", 1, "n_samples") and "9 is more than the 8 windows" in msg
+
+
+def test_calibration_text_too_short_for_its_windows_is_refused_before_any_tokenizer(tmp_path):
+    small = tmp_path / "small.jsonl"  # a few documents, some in the calib split, some held out
+    small.write_text("".join(json.dumps({"text": f"Document {i}: a few words, far too few for eight windows "
+                                                 "of 2048 tokens."}) + "\n" for i in range(12)))
+    text = BASE.replace("corpus: gutenberg", f"path: {small}").replace("  n_samples: 8", "  n_samples: 8\n  seq_len: 2048")
+    problems = calibration_problems(load_recipe(recipe(tmp_path, text)))
+    assert [loc for loc, _ in problems] == [("calibration", "sources", 0)]
+    assert "room for at most 0 windows of 2048 tokens" in problems[0][1] and "lower n_samples or seq_len" in problems[0][1]
+    # the same file with windows it can hold passes
+    enough = BASE.replace("corpus: gutenberg", f"path: {small}").replace("  n_samples: 8", "  n_samples: 1\n  seq_len: 16")
+    assert calibration_problems(load_recipe(recipe(tmp_path, enough))) == []
