@@ -141,8 +141,12 @@ def log_run(recipe, workspace: Path, run_dir: Path, *, quantize_results: list[di
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
     n = 1 + len(client.search_runs([exp_id], f"tags.`quantgate.recipe_hash` = '{recipe.recipe_hash}' "
                                              "and tags.`quantgate.kind` = 'recipe'"))
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"{recipe.name}@{recipe.recipe_hash[:8]} #{n} ({when} UTC)",
-                          tags={**tags, **parent_tags, "quantgate.kind": "recipe"}) as parent:
+    spans = {r["name"]: work_span(r, by_q.get(r["name"]), run) for r in records}
+    p_start = min((a for a, _ in spans.values()), default=None)
+    p_end = max((b for _, b in spans.values()), default=None)
+    parent_id = _create_run(client, exp_id, f"{recipe.name}@{recipe.recipe_hash[:8]} #{n} ({when} UTC)",
+                            {**tags, **parent_tags, "quantgate.kind": "recipe"}, p_start)
+    with mlflow.start_run(run_id=parent_id) as parent:
         result.parent_run_id = parent.info.run_id
         mlflow.log_metrics(parent_metrics(comparison))
         with warnings.catch_warnings():  # pandas' dtype deprecation notices inside MLflow
@@ -172,7 +176,8 @@ def log_run(recipe, workspace: Path, run_dir: Path, *, quantize_results: list[di
                      "quantgate.passed": str(v.get("passed", False)),
                      "quantgate.recommended_candidate": str(name == comparison.get("recommended"))}
             ctags["mlflow.note.content"] = candidate_description(name, v, comparison)
-            with mlflow.start_run(experiment_id=exp_id, run_name=name, nested=True, tags=ctags) as child:
+            child_id = _create_run(client, exp_id, name, {**ctags, "mlflow.parentRunId": parent_id}, spans[name][0])
+            with mlflow.start_run(run_id=child_id, nested=True) as child:
                 result.child_run_ids[name] = child.info.run_id
                 mlflow.log_params(candidate_params(spec, (by_q.get(name) or {}).get("record") or {}))
                 mlflow.log_metrics({_mlflow_key(k): val for k, val in _numeric(rec.get("metrics", {})).items()})
@@ -203,11 +208,39 @@ def log_run(recipe, workspace: Path, run_dir: Path, *, quantize_results: list[di
                 reg = (rec.get("quality") or {}).get("regression")
                 if reg:
                     mlflow.log_dict(reg, "evaluation/regression_outputs.json")
+            _finish_at(client, child_id, spans[name][1])
+    _finish_at(client, parent_id, p_end)
     result.registered_model = recipe.tracking.registered_model or recipe.name
     result.versions = register_passing(client, result, comparison, by_q, recipe.recipe_hash)
     result.ui_hint = (f"quantgate ui -w {workspace}" if uri.startswith("sqlite") else redact_uri(uri)) + f"  → experiment '{exp_name}'"
     run.write_tracking(result.to_dict())
     return result
+
+
+def work_span(record: dict, quantized: dict | None, run: RunFolder) -> tuple[float | None, float | None]:
+    """When a candidate's work happened, in epoch seconds, so MLflow's run duration is the work
+    (quantization plus evaluation wall time), not the second it took to log it. The evaluation
+    record is written when that work ends; a resumed step keeps the time it was first done."""
+    f = run.evaluation_file(record["name"])
+    if not f.is_file():
+        return None, None
+    end = f.stat().st_mtime
+    took = float(record.get("wall_s") or 0) + float(((quantized or {}).get("record") or {}).get("wall_s") or 0)
+    return end - took, end
+
+
+def _create_run(client, exp_id: str, name: str, tags: dict, start: float | None) -> str:
+    """A run whose start time is when its work began (fluent start_run always says 'now')."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    run = client.create_run(exp_id, start_time=int(start * 1000) if start else None,
+                            tags=resolve_tags({**tags, "mlflow.runName": name}), run_name=name)
+    return run.info.run_id
+
+
+def _finish_at(client, run_id: str, end: float | None) -> None:
+    if end is not None:
+        client.set_terminated(run_id, "FINISHED", end_time=int(end * 1000))
 
 
 def register_passing(client, result: TrackingResult, comparison: dict, by_q: dict, recipe_hash: str) -> dict[str, str]:

@@ -40,11 +40,12 @@ def make_run(tmp_path):
         art.mkdir(parents=True)
         (art / "candidate.json").write_text(json.dumps({"name": name, "calib_hash": "c" * 64}))
         quantize_results.append({"name": name, "artifact": str(art), "record": {"calib_hash": "c" * 64,
-                                                                                 "versions": {"torch": "x"}}})
+                                                                                 "versions": {"torch": "x"},
+                                                                                 "wall_s": 40.0}})
         m = {"perplexity": ppl, "e2e_p50_ms": e2e * 0.8, "e2e_p95_ms": e2e, "e2e_p99_ms": e2e * 1.1,
              "ttft_p50_ms": 100.0, "ttft_p95_ms": 150.0, "ttft_p99_ms": 160.0, "tpot_p50_ms": 20.0,
              "tpot_p95_ms": 25.0, "tpot_p99_ms": 30.0, "usd_per_1m_output_tokens": usd}
-        rec = {"name": name, "method": recipe.candidate(name).method, "metrics": m,
+        rec = {"name": name, "method": recipe.candidate(name).method, "metrics": m, "wall_s": 20.5,
                "quality": {"regression": {"pass_rate": 1.0, "cases": []}}}
         (run_dir / "evaluate" / f"{name}.json").write_text(json.dumps(rec))
         records.append(rec)
@@ -76,6 +77,12 @@ def check_logged(uri, res, comp):
     # the reviewer's answer without opening files: the experiment opens on runs, the parent says it
     exp = client.get_experiment(res.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    # a run's duration in the UI is the candidate's work (quantize 40 s + evaluate 20.5 s), not the
+    # second logging took; the parent spans its candidates' work
+    info = child.info
+    assert info.status == "FINISHED" and info.end_time - info.start_time == 60_500
+    pinfo = client.get_run(res.parent_run_id).info
+    assert pinfo.start_time <= info.start_time and pinfo.end_time >= info.end_time
     p = client.get_run(res.parent_run_id).data
     assert p.tags["mlflow.note.content"].startswith("**Recommended: gptq4**") and "rtn4" in p.tags["mlflow.note.content"]
     assert p.tags["quantgate.gates"] == "rtn4: FAIL perplexity; gptq4: pass"
