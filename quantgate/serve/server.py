@@ -16,6 +16,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 
 from aiohttp import web
@@ -64,6 +65,42 @@ def limit_connections(server: web.Server, limit: int) -> None:
     server.connection_made, server.connection_lost = connection_made, connection_lost
 
 
+class MalformedRequests(logging.Filter):
+    """aiohttp logs every request it cannot parse (bad request line, bad or oversized headers) at
+    ERROR with a traceback, so any client could fill the error log. Those records become one WARNING
+    line per `interval_s` with how many there were; every other record passes untouched."""
+
+    def __init__(self, interval_s: float = 10.0, clock=time.monotonic):
+        super().__init__()
+        from aiohttp.http_exceptions import BadHttpMessage
+
+        self.kind, self.interval_s, self.clock = BadHttpMessage, interval_s, clock
+        self.count, self.last = 0, None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, self.kind):
+            return True
+        self.count += 1
+        now = self.clock()
+        if self.last is not None and now - self.last < self.interval_s:
+            return False
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg = "malformed HTTP requests from clients: %d since the last report (latest: %s: %.200s)"
+        what = str(getattr(exc, "message", "") or exc).strip().splitlines()
+        record.args = (self.count, type(exc).__name__, what[0] if what else "")
+        record.exc_info, record.exc_text = None, None
+        self.count, self.last = 0, now
+        return True
+
+
+def quiet_malformed_requests() -> None:
+    """Install MalformedRequests on aiohttp's server logger once per process."""
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequests) for f in logger.filters):
+        logger.addFilter(MalformedRequests())
+
+
 async def start(gw: Gateway, host: str, port: int) -> tuple[web.AppRunner, socket.socket]:
     """Start the gateway and listen; returns the runner (to clean up) and the bound socket.
 
@@ -75,6 +112,7 @@ async def start(gw: Gateway, host: str, port: int) -> tuple[web.AppRunner, socke
     closed after at most a second of reading what is left (lingering_time), not aiohttp's ten.
     """
     await gw.start()
+    quiet_malformed_requests()
     http = gw.rt.serving.http
     runner = web.AppRunner(make_app(gw, host), access_log=None, handle_signals=False, handler_cancellation=True,
                            keepalive_timeout=http.header_timeout_s, lingering_time=1.0, shutdown_timeout=1.0)

@@ -6,6 +6,7 @@ own timeout only bounds a failing test)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 
 import aiohttp
@@ -158,3 +159,44 @@ def test_request_and_token_rates_are_limited_per_tenant(serve):
         assert c.post("/chat", json=chat_body(long, max_tokens=10), headers={"x-tenant": "tok"}).status_code == 200
         r = c.post("/chat", json=chat_body(long + "2", max_tokens=10), headers={"x-tenant": "tok"})
         assert r.status_code == 429 and r.json()["error"]["limit"] == "tokens_per_min"
+
+
+def test_malformed_requests_cannot_fill_the_error_log(serve, caplog):
+    """Found while hardening: aiohttp logged each unparseable request at ERROR with a traceback."""
+    from quantgate.serve.server import MalformedRequests
+
+    srv = serve(base_manifest())
+    caplog.set_level(logging.DEBUG, logger="aiohttp.server")
+    for f in logging.getLogger("aiohttp.server").filters:  # one filter per process: start a fresh interval
+        if isinstance(f, MalformedRequests):
+            f.count, f.last = 0, None
+    for i in range(30):
+        s = connect(srv)
+        s.sendall(b"POST /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header\x01: %d\r\n\r\n" % i)
+        assert closed_by_server(s).split(b"\r\n")[0].endswith(b" 400 Bad Request")
+    mine = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert not [r for r in mine if r.levelno >= logging.ERROR or r.exc_info]
+    [report] = mine  # one summary line for the interval, not thirty tracebacks
+    assert report.levelno == logging.WARNING and "malformed HTTP requests" in report.getMessage()
+
+
+def test_the_malformed_request_summary_counts_what_it_held_back():
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    from quantgate.serve.server import MalformedRequests
+
+    now = [0.0]
+    f = MalformedRequests(interval_s=10, clock=lambda: now[0])
+
+    def rec(exc):
+        return logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error handling request", (),
+                                 (type(exc), exc, None) if exc else None)
+
+    first = rec(BadHttpMessage("bad header"))
+    assert f.filter(first) and first.levelno == logging.WARNING and first.exc_info is None
+    assert not any(f.filter(rec(BadHttpMessage("again"))) for _ in range(5))
+    other = rec(RuntimeError("a real bug"))
+    assert f.filter(other) and other.levelno == logging.ERROR  # never hides anything else
+    now[0] = 11
+    summary = rec(BadHttpMessage("later"))
+    assert f.filter(summary) and "6 since the last report" in summary.getMessage()
