@@ -5,11 +5,17 @@ Written by people (a recipe's evaluation.workload, an engine selection, `quantga
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from .documents import Spec
+
+TRACE_HEADER = "quantgate_trace"  # the key of a trace file's header line (serve/trace.py writes them)
+TRACE_VERSION = 1
 
 
 class LengthClass(Spec):
@@ -50,6 +56,17 @@ class WorkloadSpec(Spec):
     timeout_s: float = Field(120.0, gt=0)
     slo: SLOSpec = Field(default_factory=SLOSpec)
     seed: int = 0
+    trace: str | None = Field(None, description="replay a gateway trace (serving.trace) instead of a synthetic mix")
+    time_scale: float = Field(1.0, ge=0, description="trace arrival times are multiplied by this (0: all at once)")
+
+    @model_serializer(mode="wrap")
+    def _without_trace(self, handler):
+        # keep the dump (and so recipe hashes) of a workload without a trace what it was
+        out = handler(self)
+        if self.trace is None and isinstance(out, dict):
+            out.pop("trace", None)
+            out.pop("time_scale", None)
+        return out
 
     @model_validator(mode="after")
     def _stop_rule(self) -> "WorkloadSpec":
@@ -58,3 +75,39 @@ class WorkloadSpec(Spec):
         if self.arrival in ("poisson", "burst") and self.rate is None:
             raise ValueError(f"arrival '{self.arrival}' needs 'rate' (requests per second)")
         return self
+
+
+def read_trace(path: str | Path) -> list[dict]:
+    """The request records of one trace file (header lines skipped), with a clear error for a bad line."""
+    from .errors import QuantgateError
+
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise QuantgateError(f"trace {p}: cannot read it ({exc.strerror or exc}); record one with "
+                             "serving.trace in the manifest") from None
+    out = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except json.JSONDecodeError:
+            raise QuantgateError(f"trace {p}: line {n} is not JSON; a trace has one JSON object a line") from None
+        if not isinstance(rec, dict):
+            raise QuantgateError(f"trace {p}: line {n} is not a JSON object")
+        if TRACE_HEADER in rec:
+            continue
+        try:
+            t, pin, pout = float(rec["t"]), int(rec["prompt_tokens"]), int(rec["output_tokens"])
+            mx = rec.get("max_tokens")
+            mx = int(mx) if mx is not None else None
+        except (KeyError, TypeError, ValueError):
+            raise QuantgateError(f"trace {p}: line {n} needs numeric 't', 'prompt_tokens' and 'output_tokens'") from None
+        if not math.isfinite(t) or t < 0 or pin < 0 or pout < 0:
+            raise QuantgateError(f"trace {p}: line {n} has a negative time or token count")
+        out.append({"t": t, "prompt_tokens": pin, "output_tokens": pout, "max_tokens": mx})
+    if not out:
+        raise QuantgateError(f"trace {p}: no requests in it")
+    return sorted(out, key=lambda r: r["t"])

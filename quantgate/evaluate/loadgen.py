@@ -102,6 +102,16 @@ class PromptSource:
         return self._take(start, best)
 
 
+    def exact(self, n_tokens: int, index: int = 0) -> str:
+        """Text of exactly `n_tokens` by the ~4 chars/token estimate (a trace's recorded count comes
+        back as recorded from a gateway that estimates); with a tokenizer, as close as `prompt`."""
+        if self.count_tokens is not None:
+            return self.prompt(n_tokens, index)
+        k = int(n_tokens * CHARS_PER_TOKEN)
+        text = self.prompt(n_tokens + 1, index)[:k]  # n+1 tokens of words are always longer than k chars
+        return text[:-1] + "." if text.endswith(" ") else text
+
+
 # ------------------------------------------------------------------ pure request plans
 MIX_BLOCK = 10
 
@@ -149,11 +159,24 @@ def arrival_offsets(workload: WorkloadSpec, n: int) -> list[float]:
     return [next(it) for _ in range(n)]
 
 
-def make_request(prefix: str, index: int, kind: LengthClass, prompts: PromptSource) -> tuple[GenerationRequest, int]:
-    text = prompts.prompt(kind.prompt_tokens, index)
+def make_request(prefix: str, index: int, kind: LengthClass, prompts: PromptSource,
+                 exact: bool = False) -> tuple[GenerationRequest, int]:
+    text = (prompts.exact if exact else prompts.prompt)(kind.prompt_tokens, index)
     req = GenerationRequest(id=f"{prefix}{index:06d}", messages=[{"role": "user", "content": text}],
                             max_tokens=kind.output_tokens, kind=kind.name, ignore_eos=True)
     return req, prompts.estimate_tokens(text)
+
+
+def trace_plan(workload: WorkloadSpec) -> tuple[list[LengthClass], list[float]]:
+    """A trace workload's requests (one length class each: the recorded prompt tokens, and the
+    recorded output tokens as max_tokens) and their send offsets (recorded arrivals × time_scale)."""
+    from ..workload import read_trace
+
+    entries = read_trace(workload.trace)
+    kinds = [LengthClass(name="trace", prompt_tokens=max(1, e["prompt_tokens"]),
+                         output_tokens=max(1, e["output_tokens"] or e["max_tokens"] or 1)) for e in entries]
+    t_first = entries[0]["t"]
+    return kinds, [(e["t"] - t_first) * workload.time_scale for e in entries]
 
 
 # ----------------------------------------------------------------------- measurement
@@ -275,9 +298,15 @@ async def run_load(engine: Client, workload: WorkloadSpec, prompts: PromptSource
     cap, n, dur, timeout = workload.concurrency, workload.requests, workload.duration_s, workload.timeout_s
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
+    # a trace says every request and when it arrives; requests, duration_s, mix and arrival do not apply
+    traced, offsets = trace_plan(workload) if workload.trace else (None, None)
+    if traced is not None:
+        n, dur = len(traced), None
     # warm-up: its own kind stream, so the measured sequence depends on the seed alone
-    warm_kinds = kind_sequence(workload.mix, workload.seed, stream="warmup")
-    warm_reqs = [make_request("w", i, next(warm_kinds), src) for i in range(workload.warmup_requests)]
+    warm_kinds = (iter(traced * (workload.warmup_requests // len(traced) + 1)) if traced is not None
+                  else kind_sequence(workload.mix, workload.seed, stream="warmup"))
+    warm_reqs = [make_request("w", i, next(warm_kinds), src, traced is not None)
+                 for i in range(workload.warmup_requests)]
     warmup: list[RequestRecord] = []
     if warm_reqs:
         gate = asyncio.Semaphore(cap)
@@ -289,8 +318,8 @@ async def run_load(engine: Client, workload: WorkloadSpec, prompts: PromptSource
 
         warmup = list(await asyncio.gather(*(_warm(r, t) for r, t in warm_reqs)))
 
-    kinds = kind_sequence(workload.mix, workload.seed)
-    planned = [make_request("r", i, next(kinds), src) for i in range(n)] if n is not None else None
+    kinds = iter(traced) if traced is not None else kind_sequence(workload.mix, workload.seed)
+    planned = [make_request("r", i, next(kinds), src, traced is not None) for i in range(n)] if n is not None else None
 
     def request(i: int):
         # called in index order, at dispatch, so a duration-bound run draws the same sequence
@@ -308,7 +337,7 @@ async def run_load(engine: Client, workload: WorkloadSpec, prompts: PromptSource
         if progress is not None:
             progress(len(records), n)
 
-    if workload.arrival == "concurrency":
+    if workload.arrival == "concurrency" and traced is None:
         counter = iter(range(1 << 62))
 
         async def worker() -> None:
@@ -330,8 +359,9 @@ async def run_load(engine: Client, workload: WorkloadSpec, prompts: PromptSource
                 slots.release()
 
         async def dispatch() -> None:
-            for i, offset in enumerate(arrival_times(workload.arrival, workload.rate, workload.burstiness,
-                                                     workload.seed)):
+            times = offsets if offsets is not None else arrival_times(workload.arrival, workload.rate,
+                                                                      workload.burstiness, workload.seed)
+            for i, offset in enumerate(times):
                 if (n is not None and i >= n) or (dur is not None and offset >= dur):
                     return
                 delay = t0 + offset - clock()

@@ -2,6 +2,7 @@
 
     quantgate loadtest --url http://127.0.0.1:8000 [--model NAME] [--workload W.yaml]
                        [--requests N] [--concurrency C] [--json report.json]
+                       [--trace gateway-trace.jsonl [--time-scale X]]
 
 Wired into the main command group by `register(app)`. Heavy pieces (aiohttp, the corpus
 reader) load inside the command. Prompt text comes from `workload.prompts_file` if set, else
@@ -119,6 +120,10 @@ def register(app: typer.Typer) -> None:
                                      help="Send $OPENAI_API_KEY as the bearer token (never sent unless asked: "
                                           "--url may point anywhere)."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report (every request) here."),
+        trace: Optional[Path] = typer.Option(None, "--trace", help="Replay a gateway trace (serving.trace) instead "
+                                             "of the workload's synthetic mix."),
+        time_scale: Optional[float] = typer.Option(None, "--time-scale", min=0,
+                                                   help="Multiply the trace's arrival times (0.5: twice as fast)."),
     ):
         """Load-test an OpenAI-compatible server: TTFT, TPOT, ITL, E2E percentiles, throughput, goodput."""
         import asyncio
@@ -130,8 +135,11 @@ def register(app: typer.Typer) -> None:
 
         err, out = Console(stderr=True), Console()
         spec = load_workload(workload) if workload else WorkloadSpec()
+        if spec.trace and workload and not Path(spec.trace).expanduser().is_absolute():
+            spec = spec.model_copy(update={"trace": str(Path(workload).parent / spec.trace)})
         spec = apply_overrides(spec, requests=requests, concurrency=concurrency, duration_s=duration,
-                               arrival=arrival, rate=rate)
+                               arrival=arrival, rate=rate, trace=str(trace) if trace else None,
+                               time_scale=time_scale)
         prompts = load_prompts(spec, workload, warn=lambda m: err.print(f"[yellow]warning:[/] {m}", highlight=False))
         if env_key and not api_key:
             api_key = os.environ.get("OPENAI_API_KEY")

@@ -20,7 +20,8 @@ from json.encoder import encode_basestring as _enc  # the C string escaper json.
 from aiohttp import web
 from pydantic import ValidationError
 
-from .gateway import Answer, ChatCall, Gateway, GatewayError
+from .gateway import Answer, ChatCall, Gateway, GatewayError, prompt_tokens
+from .trace import event as trace_event, outcome_of
 from .schemas import ChatCompletionRequest, ChatRequest, describe
 from .access import (Principal, Refusal, admin_problem, host_problem, identify, is_json, key_of, lookup,
                      origin_problem)
@@ -155,9 +156,32 @@ class Handlers:
                 "x-quantgate-model-version": a.deployment.model_version,
                 "x-quantgate-cache": "hit" if a.cached else "miss", "x-quantgate-degrade-level": a.level.label}
 
+    def _note(self, route: str, stream: bool, call: ChatCall | None, t0: float, a: Answer | None = None,
+              err: GatewayError | None = None, closed: bool = False) -> None:
+        """Hand a finished request to the trace (serving.trace); nothing at all when tracing is off."""
+        tw = self.gw.trace
+        if tw is None:
+            return
+        text = tw.spec.include_text
+        if a is not None:
+            out = outcome_of(None, cached=a.cached, degraded=len(a.path) > 1 or bool(a.reasons))
+            tin, tout, level, path, budget = a.tokens_in, a.tokens_out, a.level.label, a.path, a.budget_ms
+        else:
+            out = outcome_of(err.status if err else None, error_type=err.type if err else None,
+                             limit=(err.extra.get("limit") or err.extra.get("account")) if err else None,
+                             closed=closed)
+            tin = prompt_tokens(call.messages) if call is not None else 0
+            tout, level, path, budget = 0, None, (err.extra.get("path") if err else None), None
+        tw.add(trace_event(
+            time.time() - (perf() - t0), call.tenant if call else None, route, stream, out, tokens_in=tin,
+            tokens_out=tout, max_tokens=call.max_tokens if call else None,
+            budget_ms=budget or (call.budget_ms if call else None), level=level, path=path,
+            prompt="\n".join(m["content"] for m in call.messages) if text and call else None,
+            answer=a.text if text and a is not None else None))
+
     # ------------------------------------------------------------- /chat
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        t0, trace = perf(), None
+        t0, trace, call = perf(), None, None
         try:
             trace = self._trace(request)
             self._check_origin(request, True)
@@ -167,16 +191,22 @@ class Handlers:
                             req.temperature)
             a = await self.gw.chat(call)
         except GatewayError as e:
+            self._note("chat", False, call, t0, err=e)
             return self._error("chat", trace, e, t0)
+        except asyncio.CancelledError:  # the client left
+            self._note("chat", False, call, t0, closed=True)
+            raise
         except Exception:  # a bug: answer like every other error, keep serving, log the traceback
             log.exception("internal error (trace %s)", trace)
+            self._note("chat", False, call, t0, err=_internal(trace))
             return self._error("chat", trace, _internal(trace), t0)
+        self._note("chat", False, call, t0, a)
         body = a.info_json(trace)[:-1] + ',"text":' + _enc(a.text) + "}"
         return web.Response(body=body.encode(), content_type=_JSON, headers=self._headers(trace, a))
 
     # ------------------------------------------------------------- /v1/chat/completions
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        t0, trace = perf(), None
+        t0, trace, call = perf(), None, None
         try:
             trace = self._trace(request)
             self._check_origin(request, True)
@@ -189,10 +219,17 @@ class Handlers:
                 return await self._stream(request, call, req, t0)
             a = await self.gw.chat(call)
         except GatewayError as e:
+            self._note("openai", bool(call is not None and req.stream), call, t0, err=e)
             return self._error("openai", trace, e, t0)
+        except asyncio.CancelledError:
+            if call is None or not req.stream:  # a stream notes its own end (_stream)
+                self._note("openai", False, call, t0, closed=True)
+            raise
         except Exception:
             log.exception("internal error (trace %s)", trace)
+            self._note("openai", bool(call is not None and req.stream), call, t0, err=_internal(trace))
             return self._error("openai", trace, _internal(trace), t0)
+        self._note("openai", False, call, t0, a)
         body = (  # by hand, like Answer.info_json: this is the hot path
             f'{{"id":"chatcmpl-{trace}","object":"chat.completion","created":{int(time.time())},'
             f'"model":{_enc(a.deployment.name)},"choices":[{{"index":0,"message":{{"role":"assistant",'
@@ -207,6 +244,10 @@ class Handlers:
         events = self.gw.chat_stream(call)
         try:
             _, dep = await events.__anext__()  # errors before the first piece still get a status code
+        except asyncio.CancelledError:
+            self._note("openai", True, call, t0, closed=True)
+            await events.aclose()
+            raise
         except BaseException:
             await events.aclose()
             raise
@@ -216,6 +257,10 @@ class Handlers:
             "x-quantgate-deployment": dep.name, "x-quantgate-model-version": dep.model_version})
         base = {"id": f"chatcmpl-{trace}", "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": dep.name}
+
+        done: Answer | None = None
+        failed: str | None = None
+        closed = False
 
         def chunk(delta: dict, finish=None, **more) -> bytes:
             return b"data: " + _dumps({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
@@ -228,19 +273,30 @@ class Handlers:
                 if kind == "delta":
                     await resp.write(chunk({"content": val}))
                 elif kind == "end":
+                    done = val
                     await resp.write(chunk({}, val.finish_reason, quantgate=val.info(trace)))
                     if req.stream_options and req.stream_options.include_usage:
                         usage = {"prompt_tokens": val.tokens_in, "completion_tokens": val.tokens_out,
                                  "total_tokens": val.tokens_in + val.tokens_out}
                         await resp.write(b"data: " + _dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
                 elif kind == "error":
+                    failed = val
                     err = {"error": {"type": "upstream_error", "message": val}}
                     await resp.write(b"data: " + _dumps(err) + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
         except ConnectionResetError:  # the client left mid-stream: charged and counted by the gateway, no traceback
-            pass
+            closed = True
+        except asyncio.CancelledError:
+            closed = True
+            raise
         finally:
             await events.aclose()
+            if self.gw.trace is not None:
+                if done is not None and not closed and failed is None:
+                    self._note("openai", True, call, t0, done)
+                else:
+                    self._note("openai", True, call, t0, closed=closed,
+                               err=None if closed else GatewayError(502, "upstream_error", failed or "stream cut"))
         return resp
 
     # ------------------------------------------------------------- operations

@@ -34,6 +34,7 @@ from .streaming import stream_answer
 from .limits import Limited, TenantLimiter
 from .state import Held, LocalState, Unavailable, make_state
 from .tenants import Ledger, OverBudget
+from .trace import TraceWriter
 
 log = logging.getLogger("quantgate.serve")
 perf = time.perf_counter
@@ -65,6 +66,7 @@ class Gateway:
         self.ladder: Ladder | None = None
         self.last_reload_error: str | None = None
         self.replica_id = f"{socket.gethostname()}/{os.getpid()}"
+        self.trace: TraceWriter | None = None  # serving.trace; None (the default): nothing recorded
         self._breaker_seen: str | None = None  # the last breaker opening shared through the state
         self._tasks: list[asyncio.Task] = []
         self._reloading = asyncio.Lock()  # one reload at a time, so the newest file always wins
@@ -83,6 +85,8 @@ class Gateway:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.trace is not None:
+            await self.trace.close()
         if self.cache is not None:
             await self.cache.close()
         if self.state is not None:
@@ -111,6 +115,21 @@ class Gateway:
                 asyncio.get_running_loop().create_task(self.cache.close())
             self.cache = make_cache(s.cache, s.state, self.state)
         self.metrics.set_active(m.active, old.active if old is not None else None)
+        if old is None or old.serving.trace != s.trace:
+            self._configure_trace(s.trace)
+
+    def _configure_trace(self, spec) -> None:
+        """Start (or stop, or move) the trace; a relative path is the manifest's directory's."""
+        if self.trace is not None:
+            asyncio.get_running_loop().create_task(self.trace.close())
+            self.trace = None
+        if spec is None:
+            return
+        path = Path(spec.path).expanduser()
+        if not path.is_absolute():
+            path = self.file.path.parent / path
+        self.trace = TraceWriter(spec.model_copy(update={"path": str(path)}), self.metrics.trace_dropped.inc)
+        self.trace.start()
 
     def _set_limit(self) -> None:
         s = self.rt.serving

@@ -208,6 +208,15 @@ class QueueSpec(Spec):
     max_wait_ms: float = Field(100.0, ge=0)
 
 
+class TraceSpec(Spec):
+    """A privacy-safe record of what was served (serve/trace.py), to replay as a load-test workload."""
+
+    path: str = Field(..., min_length=1, description="the trace file (JSON lines); rotated ones get .1 … .keep")
+    max_bytes: int = Field(64 << 20, ge=4096, description="rotate the file when it would grow past this")
+    keep: int = Field(3, ge=0, description="rotated files kept beside the current one")
+    include_text: bool = Field(False, description="also write prompt and answer text (off: counts only)")
+
+
 class CacheSpec(Spec):
     enabled: bool = True
     ttl_s: float = Field(300.0, gt=0)
@@ -351,6 +360,7 @@ class ServingSpec(Spec):
     http: HttpSpec = HttpSpec()
     ladder: LadderSpec = LadderSpec()
     price: PriceSpec = PriceSpec()
+    trace: TraceSpec | None = Field(None, description="record a replayable trace of the traffic (off by default)")
     fallback: Deployment | None = None
     reload_interval_s: float = Field(1.0, gt=0)
 

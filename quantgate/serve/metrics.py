@@ -145,6 +145,8 @@ class GatewayMetrics:
         self.degrade_level = Gauge("quantgate_degrade_level", "Ladder rung: 0 normal … 4 breaker", registry=r)
         self.transitions = Counter("quantgate_degrade_transitions", "Ladder transitions",
                                    ("from_level", "to_level"), registry=r)
+        self.trace_dropped = Counter("quantgate_trace_dropped", "Trace records dropped (buffer full or the "
+                                     "file could not be written)", registry=r)
         self.reloads = Counter("quantgate_manifest_reloads", "Manifest reloads, by result", ("result",), registry=r)
         self.state_up = Gauge("quantgate_shared_state_up", "1 while the replicas' shared state (Redis) answers, "
                               "0 while this replica serves with local limits; absent without shared state",

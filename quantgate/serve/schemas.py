@@ -75,6 +75,7 @@ class ChatCompletionRequest(Req):
     store: bool | None = None
     service_tier: str | None = None
     reasoning_effort: str | None = None
+    ignore_eos: bool | None = None  # vLLM's extension, sent by `quantgate loadtest` (so it can drive a gateway)
     response_format: dict[str, Any] | None = None
     # gateway extensions
     budget_ms: Int | None = Field(None, gt=0)
