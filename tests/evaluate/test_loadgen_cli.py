@@ -108,3 +108,31 @@ def test_bad_workload_files_name_the_file_and_field(tmp_path):
         load_workload(j)
     with pytest.raises(QuantgateError, match="nope.yaml: no such workload file"):
         load_workload(tmp_path / "nope.yaml")
+
+
+def test_loadtest_replays_a_trace(app, workload_file, tmp_path):
+    trace = tmp_path / "gw.jsonl"  # as the gateway writes it (serving.trace): a header, then requests
+    trace.write_text('{"quantgate_trace": 1, "started": "2026-01-01T00:00:00+00:00"}\n'
+                     '{"t": 0.0, "prompt_tokens": 12, "output_tokens": 4, "max_tokens": 16}\n'
+                     '{"t": 0.5, "prompt_tokens": 40, "output_tokens": 2, "max_tokens": 2}\n'
+                     '{"t": 1.5, "prompt_tokens": 12, "output_tokens": 0, "max_tokens": 7}\n')
+    out = tmp_path / "r.json"
+    with ServerThread() as srv:
+        res = CliRunner().invoke(app, ["loadtest", "--url", srv.url, "--model", "m", "--workload", str(workload_file),
+                                       "--trace", str(trace), "--time-scale", "0", "--json", str(out)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    d = json.loads(out.read_text())
+    assert d["workload"]["trace"] == str(trace) and d["workload"]["time_scale"] == 0
+    assert len(d["records"]) == 3  # the trace's requests, not the workload's 6
+    sent = sorted(b["max_tokens"] for b in srv.bodies)
+    assert sent == [2, 4, 4, 7]  # the warm-up repeats the first request; no output recorded: its max_tokens
+    # each prompt is the recorded length by the ~4 chars/token estimate a gateway without a tokenizer uses
+    assert sorted(len(b["messages"][0]["content"]) for b in srv.bodies) == [48, 48, 48, 160]
+
+
+def test_a_bad_trace_is_named(app, tmp_path):
+    trace = tmp_path / "gw.jsonl"
+    trace.write_text('{"t": "soon"}\n')
+    res = CliRunner().invoke(app, ["loadtest", "--url", "http://127.0.0.1:9", "--model", "m", "--trace", str(trace)])
+    assert res.exit_code != 0
+    assert "line 1" in str(res.exception) and str(trace) in str(res.exception)
