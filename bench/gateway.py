@@ -196,8 +196,10 @@ def load_wrk(url: str, conc: int, duration: float, auth: str) -> dict:
             "p99_ms": r["p99_us"] / 1000, "non2xx": r["non2xx"], "socket_errors": errors}
 
 
-def load_async(url: str, conc: int, duration: float, auth: str) -> dict:
-    """Fallback load generator when wrk is missing (it is slower: read the ratios only)."""
+def load_async(url: str | list[str], conc: int, duration: float, auth: str, tag: str = "") -> dict:
+    """Fallback load generator when wrk is missing (it is slower: read the ratios only); with a list
+    of URLs (replicas, bench/replicas.py) each worker spreads its requests over them in turn."""
+    urls = [url] if isinstance(url, str) else url
     import aiohttp
 
     async def main():
@@ -211,10 +213,10 @@ def load_async(url: str, conc: int, duration: float, auth: str) -> dict:
                 while time.perf_counter() < end:
                     i += 1
                     body = json.dumps({"model": "ok", "max_tokens": 16,
-                                       "messages": [{"role": "user", "content": f"bench {k} {i}"}]})
+                                       "messages": [{"role": "user", "content": f"bench {tag}{k} {i}"}]})
                     t = time.perf_counter()
                     try:
-                        async with s.post(url + PATH, data=body, headers=headers) as r:
+                        async with s.post(urls[(k + i) % len(urls)] + PATH, data=body, headers=headers) as r:
                             await r.read()
                             non2xx += r.status >= 300
                     except aiohttp.ClientError:

@@ -25,7 +25,6 @@ Writes bench/results/replicas-<time>.json. Needs redis-server on PATH (Debian: r
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -38,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gateway import ADMIN_KEY, API_KEY, PATH, REPO, Target, free_port, gateway_manifest  # noqa: E402
+from gateway import ADMIN_KEY, API_KEY, REPO, Target, free_port, gateway_manifest, load_async  # noqa: E402
 
 VARIANTS = {"local-1": (False, 1), "redis-1": (True, 1), "redis-2": (True, 2), "redis-3": (True, 3)}
 
@@ -72,37 +71,8 @@ def round_trips(urls: list[str]) -> float:
 
 
 def load(urls: list[str], conc: int, duration: float, tag: str) -> dict:
-    import aiohttp
-
-    async def main():
-        lat, non2xx, errors = [], 0, 0
-        headers = {"content-type": "application/json", "authorization": f"Bearer {API_KEY}"}
-        end = time.perf_counter() + duration
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
-            async def worker(k):
-                nonlocal non2xx, errors
-                i = 0
-                while time.perf_counter() < end:
-                    i += 1
-                    body = json.dumps({"model": "ok", "max_tokens": 16,
-                                       "messages": [{"role": "user", "content": f"bench {tag} {k} {i}"}]})
-                    t = time.perf_counter()
-                    try:
-                        async with s.post(urls[(k + i) % len(urls)] + PATH, data=body, headers=headers) as r:
-                            await r.read()
-                            non2xx += r.status >= 300
-                    except aiohttp.ClientError:
-                        errors += 1
-                    lat.append(time.perf_counter() - t)
-            t0 = time.perf_counter()
-            await asyncio.gather(*[worker(k) for k in range(conc)])
-            secs = time.perf_counter() - t0
-        lat.sort()
-        p50 = lat[len(lat) // 2] * 1000 if lat else 0.0
-        return {"requests": len(lat), "secs": secs, "rps": len(lat) / secs, "p50_ms": p50, "non2xx": non2xx,
-                "socket_errors": errors}
-
-    return asyncio.run(main())
+    """The same asyncio load generator as bench/gateway.py, spread over the replicas."""
+    return load_async(urls, conc, duration, API_KEY, f"{tag} ")
 
 
 def main() -> None:
