@@ -49,6 +49,38 @@ def build_tiny_llama(folder: Path, hidden: int = 64, intermediate: int = 128, la
     return folder
 
 
+def write_tiny_recipe(tmp_path: Path, tiny_model: Path, corpus_file: Path, *, name: str, requests: int,
+                      concurrency: int, prompt: str = "Tell me about item {i}.", prompts: int = 3,
+                      regression_id: str = "any") -> Path:
+    """A whole recipe (baseline + RTN 4-bit, every evaluation on, two gates) sized for the tiny model."""
+    import json
+
+    import yaml
+
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": prompt.format(i=i)}) + "\n" for i in range(prompts)))
+    regression = tmp_path / "reg.jsonl"
+    regression.write_text(json.dumps({"id": regression_id, "prompt": "Say something.",
+                                      "checks": [{"type": "min_len", "value": 1}]}) + "\n")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": name,
+        "model": {"ref": str(tiny_model)},
+        "candidates": [{"name": "base", "method": "baseline", "dtype": "float32"},
+                       {"name": "rtn4", "method": "rtn", "bits": 4, "group_size": 32}],
+        "evaluation": {
+            "perplexity": {"path": str(corpus_file), "seq_len": 32, "max_windows": 4, "batch_size": 2},
+            "regression": {"path": str(regression), "max_tokens": 4},
+            "offline": {"prompt_tokens": 16, "output_tokens": 4, "repeats": 1},
+            "workload": {"requests": requests, "concurrency": concurrency, "prompts_file": str(prompts_file),
+                         "warmup_requests": 0, "mix": [{"name": "short", "prompt_tokens": 8, "output_tokens": 4}]},
+            "cost": {"usd_per_hour": 1.0},
+        },
+        "card": {"gates": [{"metric": "perplexity", "min_recovery": 0.5}, {"metric": "error_rate", "max": 0}]},
+    }))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")

@@ -6,36 +6,13 @@ import re
 import subprocess
 import sys
 
-import yaml
-
-from .conftest import REPO
+from .conftest import REPO, write_tiny_recipe
 
 STATE_LINE = re.compile(r"^\[(\d+)/(\d+) +\S+\] (\S+(?: test)?) +(\S+) +(queued|running|cached|done|failed|skipped)")
 
 
 def tiny_recipe(tmp_path, tiny_model, corpus_file):
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about item {i}."}) + "\n" for i in range(3)))
-    regression = tmp_path / "reg.jsonl"
-    regression.write_text(json.dumps({"id": "any", "prompt": "Say something.",
-                                      "checks": [{"type": "min_len", "value": 1}]}) + "\n")
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "tiny-out",
-        "model": {"ref": str(tiny_model)},
-        "candidates": [{"name": "base", "method": "baseline", "dtype": "float32"},
-                       {"name": "rtn4", "method": "rtn", "bits": 4, "group_size": 32}],
-        "evaluation": {
-            "perplexity": {"path": str(corpus_file), "seq_len": 32, "max_windows": 4, "batch_size": 2},
-            "regression": {"path": str(regression), "max_tokens": 4},
-            "offline": {"prompt_tokens": 16, "output_tokens": 4, "repeats": 1},
-            "workload": {"requests": 2, "concurrency": 1, "prompts_file": str(prompts), "warmup_requests": 0,
-                         "mix": [{"name": "short", "prompt_tokens": 8, "output_tokens": 4}]},
-            "cost": {"usd_per_hour": 1.0},
-        },
-        "card": {"gates": [{"metric": "perplexity", "min_recovery": 0.5}, {"metric": "error_rate", "max": 0}]},
-    }))
-    return path
+    return write_tiny_recipe(tmp_path, tiny_model, corpus_file, name="tiny-out", requests=2, concurrency=1)
 
 
 def run_cli(*args, cwd):
