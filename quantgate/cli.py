@@ -35,6 +35,20 @@ WorkspaceOpt = typer.Option(
 )
 
 
+ExecutorOpt = typer.Option(None, "--executor", help="local (default: one candidate after another here) | ray "
+                                                   "(each step a Ray task; `executor:` in the recipe)")
+AddressOpt = typer.Option(None, "--address", help="Ray cluster: auto | ray://HOST:PORT | HOST:PORT "
+                                                  "(default: the recipe's executor.address, $RAY_ADDRESS, "
+                                                  "else a Ray started for this run)")
+
+
+def _executor(r, kind, address):
+    """The executor the command line (else the recipe) asks for; Ray is imported only when used."""
+    from .executors import choose, make_executor
+
+    return make_executor(*choose(r.executor, kind, address))
+
+
 VerboseOpt = typer.Option(False, "--verbose", "-v",
                           help="Also show the workers' own output (it always goes to RUN/logs/).")
 
@@ -90,6 +104,8 @@ def quantize(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     force: bool = typer.Option(False, "--force", help="Redo candidates whose artifact already exists."),
     verbose: bool = VerboseOpt,
+    executor: Optional[str] = ExecutorOpt,
+    address: Optional[str] = AddressOpt,
 ):
     """Produce the recipe's candidates (baseline, RTN, GPTQ, AWQ) as standard checkpoints."""
     from .pipeline import quantize as run_quantize
@@ -99,8 +115,9 @@ def quantize(
     r = load_recipe(recipe)
     ws = Workspace(workspace)
     view = _view(r, only, evaluate=False)
-    with _interrupted(r, ws, view), view:
-        results = run_quantize(r, ws, only=only, device=_device(device), force=force, view=view, echo=_echo(verbose))
+    with _executor(r, executor, address) as ex, _interrupted(r, ws, view), view:
+        results = run_quantize(r, ws, only=only, device=_device(device), force=force, view=view, echo=_echo(verbose),
+                               executor=ex)
     out.print(results_table(results))
     failed = [x for x in results if x.status == "failed"]
     if failed:
@@ -124,6 +141,8 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     force: bool = typer.Option(False, "--force", help="Re-evaluate even if a result exists."),
     verbose: bool = VerboseOpt,
+    executor: Optional[str] = ExecutorOpt,
+    address: Optional[str] = AddressOpt,
 ):
     """Measure each candidate (quality, speed under load, memory, cost); quantizes first if needed."""
     from .pipeline import evaluate as run_evaluate
@@ -133,8 +152,9 @@ def evaluate(
     r = load_recipe(recipe)
     ws = Workspace(workspace)
     view = _view(r, only)
-    with _interrupted(r, ws, view), view:
-        records = run_evaluate(r, ws, only=only, device=_device(device), force=force, view=view, echo=_echo(verbose))
+    with _executor(r, executor, address) as ex, _interrupted(r, ws, view), view:
+        records = run_evaluate(r, ws, only=only, device=_device(device), force=force, view=view, echo=_echo(verbose),
+                               executor=ex)
     _recommend(r, ws, _compare_and_print(r, ws, records))
 
 
@@ -167,6 +187,8 @@ def run(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     no_track: bool = typer.Option(False, "--no-track", help="Do not log to MLflow."),
     verbose: bool = VerboseOpt,
+    executor: Optional[str] = ExecutorOpt,
+    address: Optional[str] = AddressOpt,
 ):
     """quantize → evaluate → compare → MLflow in one go; resumable (finished work is reused)."""
     from .pipeline import evaluate as run_evaluate
@@ -179,8 +201,8 @@ def run(
     r = load_recipe(recipe)
     ws = Workspace(workspace)
     view = _view(r, None)
-    with _interrupted(r, ws, view), view:
-        records = run_evaluate(r, ws, device=_device(device), view=view, echo=_echo(verbose))
+    with _executor(r, executor, address) as ex, _interrupted(r, ws, view), view:
+        records = run_evaluate(r, ws, device=_device(device), view=view, echo=_echo(verbose), executor=ex)
     comp = _compare_and_print(r, ws, records)
     if r.tracking.enabled and not no_track:
         t_track = time.perf_counter()

@@ -21,8 +21,12 @@ from .errors import QuantgateError
 from .util import atomic_write_json
 
 
+DIE_WITH_PARENT = "QUANTGATE_DIE_WITH_PARENT"  # the parent's pid: the child ends when that process does
+
+
 def run_in_child(module: str, job: dict, workdir: Path, cwd: Path | None = None, *, log_file: Path | None = None,
-                 on_event: Callable[[dict], None] | None = None, echo: Callable[[str], None] | None = None) -> dict:
+                 on_event: Callable[[dict], None] | None = None, echo: Callable[[str], None] | None = None,
+                 die_with_parent: bool = False) -> dict:
     """Run `python -m module JOB RESULT`; return {"record": ...} or {"error": "..."}.
 
     `cwd`: where the child runs; libraries that drop files where they run (GPTQModel writes
@@ -30,6 +34,8 @@ def run_in_child(module: str, job: dict, workdir: Path, cwd: Path | None = None,
     `log_file`: every line the child prints (its libraries' banners, warnings, progress bars) goes
     there instead of the console; its stage markers go to `on_event`; `echo` (--verbose) also gets
     each line that is not known noise. Without a log file the child shares the console.
+    `die_with_parent`: the child is killed when this process dies (Linux), so a retried step never
+    races an orphan of its lost attempt (the Ray executor's workers use it).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:12]
@@ -41,6 +47,8 @@ def run_in_child(module: str, job: dict, workdir: Path, cwd: Path | None = None,
     # a busy shared machine) into a many-fold slowdown: 256-token prefill went from 1.8 s to 7.8 s
     # on a loaded 2-core box. Passive waiting costs nothing measurable when cores are free.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if die_with_parent:
+        env[DIE_WITH_PARENT] = str(os.getpid())
     cmd = [sys.executable, "-m", module, str(job_file.resolve()), str(result_file.resolve())]
     try:
         if log_file is None:
@@ -81,6 +89,7 @@ def _run_logged(cmd, env, cwd, log_file: Path, on_event, echo) -> subprocess.Com
 
 def child_main(execute: Callable[[dict], dict], argv: list[str]) -> int:
     """The child's side: run execute(job) and write its record, or the error, to the result file."""
+    _follow_parent()
     job_file, result_file = Path(argv[0]), Path(argv[1])
     job = json.loads(job_file.read_text())
     try:
@@ -92,3 +101,16 @@ def child_main(execute: Callable[[dict], dict], argv: list[str]) -> int:
         traceback.print_exc()
         atomic_write_json(result_file, {"error": f"{type(exc).__name__}: {exc}"})
     return 1
+
+
+def _follow_parent() -> None:
+    """Ask Linux to kill this child when its parent dies (PR_SET_PDEATHSIG), when the parent asked."""
+    parent = os.environ.pop(DIE_WITH_PARENT, None)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):  # the parent died before the line above: nobody waits for us
+        os._exit(1)

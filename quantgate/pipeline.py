@@ -7,16 +7,17 @@ can be resumed, inspected and logged after the fact.
 from __future__ import annotations
 
 import json
-import resource
 import time
 from pathlib import Path
 
 from . import __version__
 from .data import build_calibration
 from .errors import QuantgateError
+from .executors import Executor, LocalExecutor, Task, ray_options, task_resources
 from .models import model_identity, resolve
 from .progress import EVAL_STAGES, History, RunView
-from .quantize.runner import needs_calibration, run_candidate
+from .quantize.runner import WORKER as QUANTIZE_WORKER
+from .quantize.runner import candidate_result, needs_calibration, plan_candidate
 from .recipe import Recipe
 from .util import atomic_write_json
 from .validate import check_recipe
@@ -63,43 +64,59 @@ def prepare(recipe: Recipe, ws: Workspace, log=print) -> tuple[Path, dict, Path 
 
 
 def quantize(recipe: Recipe, ws: Workspace, *, only: list[str] | None = None, device: str = "cpu",
-             force: bool = False, log=print, on_result=None, view=None, echo=None) -> list[CandidateResult]:
+             force: bool = False, log=print, on_result=None, view=None, echo=None,
+             executor: Executor | None = None) -> list[CandidateResult]:
     """Make each candidate's checkpoint (resuming). `view`: the run's state table (a plain one by
-    default); `echo`: where --verbose shows the workers' own output (else only their log files)."""
+    default); `echo`: where --verbose shows the workers' own output (else only their log files);
+    `executor`: where the candidates' steps run (this machine, one after another, by default)."""
+    executor = executor or LocalExecutor()
     chosen = select(recipe, only)
     view = view or run_view(recipe, chosen, log)
     t0 = time.perf_counter()
     source, meta, calib_file = prepare(recipe, ws, view.message)
     run = ws.run(recipe)
     run.add_timing("prepare", "-", time.perf_counter() - t0, "done")
-    results: list[CandidateResult] = []
-    for spec in chosen:
-        t0, c0 = time.perf_counter(), _children_cpu()
-        res = run_candidate(
-            spec, source=source, calibration_file=calib_file if needs_calibration(spec) else None,
-            artifacts=ws.artifacts, meta=meta, device=device, force=force, log=lambda *_: None,
-            load={"trust_remote_code": recipe.model.trust_remote_code, "allow_pickle": recipe.model.allow_pickle},
-            log_file=run.log_file(spec.name, "quantize"), echo=echo,
-            on_start=lambda n=spec.name, m=spec.method: view.set(n, "quantize", "running", detail=m),
-        )
-        view.set(spec.name, "quantize", res.status, detail=_failure(res.error, run.log_file(spec.name, "quantize")))
-        run.add_timing("quantize", spec.name, time.perf_counter() - t0, res.status, cpu_s=_children_cpu() - c0)
-        results.append(res)
-        # written after every candidate: an interrupted run keeps what it finished
-        run.write_quantize(recipe, results)
+    finished: dict[str, CandidateResult] = {}
+
+    def record(res: CandidateResult, wall_s: float, cpu_s: float | None = None, node: str | None = None):
+        view.set(res.name, "quantize", res.status, detail=_failure(res.error, run.log_file(res.name, "quantize")))
+        run.add_timing("quantize", res.name, wall_s, res.status, cpu_s=cpu_s, node=node)
+        finished[res.name] = res
+        # written after every candidate, in the recipe's order: an interrupted run keeps what it finished
+        run.write_quantize(recipe, [finished[c.name] for c in chosen if c.name in finished])
         if on_result:
             on_result(res)
-    return results
+
+    tasks, targets = [], {}
+    for spec in chosen:
+        t0 = time.perf_counter()
+        target, step = plan_candidate(
+            spec, source=source, calibration_file=calib_file if needs_calibration(spec) else None,
+            artifacts=ws.artifacts, meta=meta, device=device, force=force,
+            load={"trust_remote_code": recipe.model.trust_remote_code, "allow_pickle": recipe.model.allow_pickle})
+        if isinstance(step, CandidateResult):  # already made for these hashes
+            record(step, time.perf_counter() - t0)
+            continue
+        targets[spec.name] = target
+        tasks.append(Task(spec.name, "quantize", QUANTIZE_WORKER, step, ws.artifacts, run.log_file(spec.name, "quantize"),
+                          cwd=ws.artifacts, resources=ray_options(task_resources(recipe.executor, spec.name, "quantize"), device),
+                          on_start=lambda where, n=spec.name, m=spec.method: view.set(n, "quantize", "running",
+                                                                                     detail=_where(m, where))))
+    for task, outcome in executor.run(tasks, echo=echo):
+        spec = recipe.candidate(task.name)
+        record(candidate_result(spec, targets[task.name], outcome.result), outcome.wall_s, outcome.cpu_s, outcome.node)
+    return [finished[c.name] for c in chosen]
 
 
-def _children_cpu() -> float:
-    """CPU seconds used by finished worker processes: on a shared machine, what wall time hides."""
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
+def _where(detail: str, where: str) -> str:
+    return detail if where == "local" else f"{detail} on {where}"
 
 
 def _failure(error: str | None, log_file: Path) -> str:
     return f"{error.splitlines()[0][:160]} (log: {log_file})" if error else ""
+
+
+EVALUATE_WORKER = "quantgate.evaluate.worker"
 
 
 def eval_stages(recipe: Recipe) -> list[str]:
@@ -141,35 +158,35 @@ def eval_key(recipe: Recipe, spec, artifact_record: dict) -> str:
 
 
 def evaluate(recipe: Recipe, ws: Workspace, *, only: list[str] | None = None, device: str = "cpu",
-             force: bool = False, log=print, view=None, echo=None) -> list[dict]:
-    """Quantize (resuming) and evaluate each candidate in its own process; returns the records."""
+             force: bool = False, log=print, view=None, echo=None, executor: Executor | None = None) -> list[dict]:
+    """Quantize (resuming) and evaluate each candidate in its own process (on `executor`); returns the records."""
     from .evaluate.prompts import corpus_prompts
-    from .isolate import run_in_child
 
+    executor = executor or LocalExecutor()
     view = view or run_view(recipe, select(recipe, only), log, evaluate=True)
-    results = quantize(recipe, ws, only=only, device=device, log=log, view=view, echo=echo)
+    results = quantize(recipe, ws, only=only, device=device, log=log, view=view, echo=echo, executor=executor)
     run = ws.run(recipe)
     w = recipe.evaluation.workload
     texts = [] if w is None or w.prompts_file else corpus_prompts(w.corpus)  # a prompts file is read by the worker
     stages = eval_stages(recipe)
-    records = []
+    records: dict[str, dict] = {}
+    tasks, keys = [], {}
     for res in results:
         spec = recipe.candidate(res.name)
         if res.status == "failed":
             for s in stages:
                 view.set(res.name, s, "skipped")
-            records.append({"name": res.name, "method": res.method, "error": f"quantization failed: {res.error}"})
+            records[res.name] = {"name": res.name, "method": res.method, "error": f"quantization failed: {res.error}"}
             continue
         key = eval_key(recipe, spec, res.record)
         # results are cached by what they depend on, not by recipe: editing the card or the
         # candidate list re-gates without re-measuring
-        cached = ws.evaluation_cache(key)
-        if not force and (hit := read_json(cached)) is not None:
+        if not force and (hit := read_json(ws.evaluation_cache(key))) is not None:
             for s in stages:
                 view.set(res.name, s, "cached")
             rec = {**hit, "name": res.name}
             run.write_evaluation(res.name, rec)
-            records.append(rec)
+            records[res.name] = rec
             continue
         job = {
             "candidate": {"name": res.name, "method": res.method, "artifact": res.artifact},
@@ -177,26 +194,28 @@ def evaluate(recipe: Recipe, ws: Workspace, *, only: list[str] | None = None, de
             "engine": recipe.evaluation.engines[spec.engine].model_dump(mode="json"),
             "device": device, "eval_key": key, "prompt_texts": texts,
         }
-        t0, c0 = time.perf_counter(), _children_cpu()
-        log_file = run.log_file(res.name, "evaluate")
-        got = run_in_child("quantgate.evaluate.worker", job, run.evaluate_dir, log_file=log_file,
-                           on_event=lambda ev, n=res.name: view.set(n, ev.pop("stage"), ev.pop("state"), **ev), echo=echo)
-        run.add_timing("evaluate", res.name, time.perf_counter() - t0, "failed" if got.get("error") else "done",
-                       (got.get("record") or {}).get("timings_s"), cpu_s=_children_cpu() - c0)
+        keys[res.name] = key
+        tasks.append(Task(res.name, "evaluate", EVALUATE_WORKER, job, run.evaluate_dir, run.log_file(res.name, "evaluate"),
+                          resources=ray_options(task_resources(recipe.executor, res.name, "evaluate"), device),
+                          on_event=lambda ev, n=res.name: view.set(n, ev.pop("stage"), ev.pop("state"), **ev)))
+    for task, outcome in executor.run(tasks, echo=echo):
+        got, name = outcome.result, task.name
+        run.add_timing("evaluate", name, outcome.wall_s, "failed" if got.get("error") else "done",
+                       (got.get("record") or {}).get("timings_s"), cpu_s=outcome.cpu_s, node=outcome.node)
         if got.get("error"):
             for s in stages:  # the stage that broke is failed; the ones it never reached are skipped
-                cell = view.cells.get((res.name, s))
+                cell = view.cells.get((name, s))
                 if cell and cell.state == "running":
-                    view.set(res.name, s, "failed", detail=_failure(got["error"], log_file))
+                    view.set(name, s, "failed", detail=_failure(got["error"], task.log_file))
                 elif cell and cell.state == "queued":
-                    view.set(res.name, s, "skipped")
-            rec = {"name": res.name, "method": res.method, "error": got["error"]}
+                    view.set(name, s, "skipped")
+            records[name] = {"name": name, "method": recipe.candidate(name).method, "error": got["error"]}
         else:
             rec = got["record"]
-            atomic_write_json(cached, rec)
-            run.write_evaluation(res.name, rec)
-        records.append(rec)
-    return records
+            atomic_write_json(ws.evaluation_cache(keys[name]), rec)
+            run.write_evaluation(name, rec)
+            records[name] = rec
+    return [records[r.name] for r in results]
 
 
 def compare_run(recipe: Recipe, ws: Workspace, records: list[dict]):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from .documents import Spec, load_document, suggest
 from .errors import RecipeError
@@ -261,6 +261,32 @@ class ServingDefaultsSpec(Spec):
     max_concurrency: int = Field(8, gt=0)
 
 
+# -------------------------------------------------------------------------------- executor
+class TaskResourcesSpec(Spec):
+    """What one candidate's step asks the cluster for (Ray's num_cpus, num_gpus, memory)."""
+
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float | None = Field(None, ge=0, description="default: 1 when the run's device is cuda, else 0")
+    memory_gb: float | None = Field(None, gt=0, description="memory Ray reserves for the step; default: none")
+
+
+class StageResourcesSpec(Spec):
+    quantize: TaskResourcesSpec = Field(default_factory=TaskResourcesSpec)
+    evaluate: TaskResourcesSpec = Field(default_factory=TaskResourcesSpec)
+
+
+class ExecutorSpec(Spec):
+    """Where each candidate's quantize and evaluate steps run. Not part of the recipe hash or of any
+    artifact or evaluation key: the same recipe gives the same run folder and artifacts on either."""
+
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = Field(None, description="ray: 'auto', 'ray://HOST:PORT' or 'HOST:PORT'; "
+                                                  "default: $RAY_ADDRESS, else a Ray started for this run")
+    resources: StageResourcesSpec = Field(default_factory=StageResourcesSpec)
+    candidates: dict[str, StageResourcesSpec] = Field(
+        default_factory=dict, description="per-candidate resources, replacing `resources` for that candidate")
+
+
 # ---------------------------------------------------------------------------------- recipe
 class Recipe(Spec):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=80)
@@ -272,6 +298,20 @@ class Recipe(Spec):
     card: TradeoffCardSpec = Field(default_factory=TradeoffCardSpec)
     serving: ServingDefaultsSpec = Field(default_factory=ServingDefaultsSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    executor: ExecutorSpec | None = None
+
+    @field_validator("executor", mode="before")
+    @classmethod
+    def _executor_shorthand(cls, v):
+        return {"kind": v} if isinstance(v, str) else v  # `executor: ray`
+
+    @model_serializer(mode="wrap")
+    def _without_executor(self, handler):
+        # a recipe without an executor dumps (and so writes recipe.yaml) exactly as before the field
+        out = handler(self)
+        if self.executor is None and isinstance(out, dict):
+            out.pop("executor", None)
+        return out
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":
@@ -287,6 +327,9 @@ class Recipe(Spec):
         if self.card.rollback_to and self.card.rollback_to not in seen:
             raise ValueError(f"card.rollback_to '{self.card.rollback_to}' is not a candidate"
                              + suggest(self.card.rollback_to, seen))
+        for name in (self.executor.candidates if self.executor else {}):
+            if name not in seen:
+                raise ValueError(f"executor.candidates names '{name}', which is not a candidate" + suggest(name, seen))
         if sum(c.method == "baseline" for c in self.candidates) > 1:
             raise ValueError("a recipe has at most one baseline candidate: every comparison is against it")
         return self
@@ -294,8 +337,9 @@ class Recipe(Spec):
     # ---------------------------------------------------------------- identity and access
     @property
     def recipe_hash(self) -> str:
-        """Stable over key order, comments and formatting; changes with any setting."""
-        return stable_hash(self.model_dump(mode="json", exclude={"description"}))
+        """Stable over key order, comments and formatting; changes with any setting except where the
+        steps run (`executor`): a run moves between executors and keeps its folder and artifacts."""
+        return stable_hash(self.model_dump(mode="json", exclude={"description", "executor"}))
 
     def candidate(self, name: str):
         for c in self.candidates:

@@ -211,10 +211,12 @@ class RunFolder:
         return self._require(self.compare_file) if required else read_json(self.compare_file)
 
     def add_timing(self, stage: str, candidate: str, wall_s: float, status: str, parts: dict | None = None,
-                   cpu_s: float | None = None) -> None:
+                   cpu_s: float | None = None, node: str | None = None) -> None:
+        """`node`: the Ray node the step ran on (absent for the local executor)."""
         data = read_json(self.timings_file) or {"stages": []}
         data["stages"].append({"stage": stage, "candidate": candidate, "wall_s": round(wall_s, 2), "status": status,
                                **({"cpu_s": round(cpu_s, 2)} if cpu_s is not None else {}),
+                               **({"node": node} if node else {}),
                                **({"parts_s": parts} if parts else {})})
         atomic_write_json(self.timings_file, data)
 

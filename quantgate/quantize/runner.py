@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..isolate import run_in_child
 from ..recipe import stable_hash
 from ..workspace import CandidateResult, candidate_record
 
@@ -34,15 +33,16 @@ def find_existing(folder: Path) -> dict | None:
     return candidate_record(folder)
 
 
-def run_candidate(spec, *, source: Path, calibration_file: Path | None, artifacts: Path, meta: dict,
-                  device: str, force: bool = False, log=print, log_file: Path | None = None,
-                  echo=None, on_start=None, load: dict | None = None) -> CandidateResult:
+def plan_candidate(spec, *, source: Path, calibration_file: Path | None, artifacts: Path, meta: dict,
+                   device: str, force: bool = False, load: dict | None = None) -> tuple[Path, CandidateResult | dict]:
+    """(artifact folder, the cached result) when it was already made, else (artifact folder, the
+    worker's job). The job runs as `python -m quantgate.quantize.worker` (wherever the executor puts
+    it) with `artifacts` as its working folder; `candidate_result` reads what it returned."""
     key = candidate_key(spec, meta["model"]["identity"], meta.get("calib_hash"))
     target = artifact_dir(artifacts, spec, key)
     if not force and (rec := find_existing(target)):
-        log(f"✓ {spec.name}: already made for these hashes → {target}")
-        return CandidateResult(spec.name, spec.method, "cached", str(target), record=rec)
-    job = {
+        return target, CandidateResult(spec.name, spec.method, "cached", str(target), record=rec)
+    return target, {
         "spec": spec.model_dump(mode="json"),
         "source": str(source),
         "calibration_file": str(calibration_file) if calibration_file else None,
@@ -51,9 +51,13 @@ def run_candidate(spec, *, source: Path, calibration_file: Path | None, artifact
         "load": load or {},  # the recipe's trust_remote_code / allow_pickle, for every loader in the worker
         "meta": {**meta, "candidate_key": key},
     }
-    if on_start:
-        on_start()
-    res = run_in_child("quantgate.quantize.worker", job, artifacts, cwd=artifacts, log_file=log_file, echo=echo)
-    if res.get("error"):
-        return CandidateResult(spec.name, spec.method, "failed", error=res["error"])
-    return CandidateResult(spec.name, spec.method, "done", str(target), record=res["record"])
+
+
+WORKER = "quantgate.quantize.worker"
+
+
+def candidate_result(spec, target: Path, got: dict) -> CandidateResult:
+    """The worker's {"record"} or {"error"} → the candidate's result."""
+    if got.get("error"):
+        return CandidateResult(spec.name, spec.method, "failed", error=got["error"])
+    return CandidateResult(spec.name, spec.method, "done", str(target), record=got["record"])
