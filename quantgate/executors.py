@@ -121,10 +121,11 @@ def choose(recipe_executor, kind: str | None, address: str | None) -> tuple[str,
     kind = kind or (recipe_executor.kind if recipe_executor else "local")
     if kind not in EXECUTORS:
         raise QuantgateError(f"--executor: '{kind}' is not one of {', '.join(EXECUTORS)}")
-    address = address or (recipe_executor.address if recipe_executor else None)
     if address and kind != "ray":
         raise QuantgateError("--address is the Ray cluster's address; it needs --executor ray (or `executor: ray`)")
-    return kind, address
+    if kind != "ray":
+        return kind, None  # `--executor local` over a recipe's ray executor ignores its address
+    return kind, address or (recipe_executor.address if recipe_executor else None)
 
 
 def worker_env(environ=os.environ) -> dict:

@@ -43,6 +43,10 @@ RULES = [
      "tracking reads finished records"),
     ("quantgate.deploy", ("quantgate.pipeline", "quantgate.quantize", "quantgate.evaluate", "quantgate.engines",
                           "quantgate.cli"), "promotion reads records through the workspace"),
+    ("quantgate.executors", ("quantgate.quantize", "quantgate.evaluate", "quantgate.engines", "quantgate.serve",
+                             "quantgate.pipeline", "quantgate.workspace", "quantgate.deploy", "quantgate.track",
+                             "quantgate.cli"),
+     "an executor runs worker modules by name wherever it is told; it knows no stage and no run folder"),
     ("quantgate.pipeline", ("quantgate.serve", "quantgate.engines", "quantgate.deploy", "quantgate.cli"),
      "the pipeline wires recipe → records; serving is downstream of the manifest"),
 ]

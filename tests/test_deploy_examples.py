@@ -34,3 +34,17 @@ def test_compose_replicas_balancer_and_mlflow_server_agree_with_the_tests():
     # the flags tests/test_track.py starts its PostgreSQL-backed server with
     src = (Path(__file__).parent / "test_track.py").read_text()
     assert all(f in src for f in ("--artifacts-destination", "--serve-artifacts", "--backend-store-uri"))
+
+
+def _ray_start_flags(text: str) -> list[set[str]]:
+    """The flags of each `ray start` command (continuation lines joined), in order."""
+    joined = text.replace("\\\n", " ")
+    return [{w.split("=")[0] for w in line.split() if w.startswith("--") and w not in ("--address", "--port")}
+            for line in joined.splitlines() if line.startswith("ray start") or '"$ray_bin" start' in line]
+
+
+def test_the_ray_guide_starts_the_cluster_ci_starts():
+    guide = _ray_start_flags((DEPLOY / "ray.md").read_text())
+    ci = _ray_start_flags((DEPLOY.parent / ".ci" / "ray.sh").read_text())
+    assert len(guide) == len(ci) == 2 and guide == ci
+    assert "--head" in guide[0] and "--num-cpus" in guide[1]
