@@ -6,7 +6,8 @@ measure every candidate × engine pair under the recipe's workload, and write th
     logs.py       pure: the kernel an engine reports, and why a start failed, from its own log
     sweep.py      pure: the concurrency sweep's plan and knee, the failure modes a pair showed
     card.py       pure: the engine-selection card (dict + Markdown) and the manifest deployment
-    launch.py     I/O: start a server on loopback, wait until it answers, watch memory, stop it
+    (quantgate/procs.py, layer 1: starts a server on loopback, waits until it answers, watches
+                  memory, stops it — the one launcher, shared with the gateway's supervisor)
     artifacts.py  I/O: the candidates' folders, extra GGUFs (bundled, converted from a candidate)
     available.py  I/O: which engines this machine has (`quantgate engines --list`)
     measure.py    I/O: the workload and the sweep on one started engine, through the load generator

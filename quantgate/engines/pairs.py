@@ -10,10 +10,10 @@ from pathlib import Path
 
 from ..errors import QuantgateError
 from ..formats import Artifact, expected
+from ..procs import EngineStartError, ServerProcess, free_port
 from ..util import atomic_write_json
 from . import sweep as sw
 from .commands import command_for
-from .launch import EngineStartError, ServerProcess, free_port
 from .logs import oom_in, read_log
 from .measure import client, measure
 from .spec import LAUNCHED, LaunchSpec, engine_python

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .budget import Estimator, plan_request, trim_context
+from .budget import Estimator, Plan, plan_request, trim_context
 from .ladder import Ladder, Sample, upstream_fault
 from .manifest import Deployment
 from .metrics import GatewayMetrics
@@ -55,12 +55,25 @@ class Attempts:
         """Plan the attempts; returns why a request with no attempt left would be refused."""
         rt, ctx, s = self.rt, self.ctx, self.rt.serving
         ctx.route = self.ladder.route()
+        # a deployment whose engine is starting or restarting is skipped, not tried: no budget spent on it
+        has_fallback = rt.fallback is not None and rt.available("fallback")
+        skipped = None
+        if not rt.available("active"):
+            if ctx.route == "probe":
+                self.ladder.probe_abandoned()
+            if not has_fallback:
+                ctx.route, ctx.unready = "active", True
+                ctx.plan = Plan((), ("no deployment is ready: the engines are starting or restarting",))
+                return ctx.plan.reasons[0]
+            ctx.route, skipped = "fallback", f"engine: {rt.active.name} is not ready, fallback answers"
         ctx.plan = plan_request(
             remaining_ms=(ctx.deadline - perf()) * 1000, route=ctx.route, max_tokens=ctx.max_tokens,
-            has_fallback=rt.fallback is not None, rung=self.ladder.actions(),
+            has_fallback=has_fallback, rung=self.ladder.actions(),
             est_active=self.estimator.get(rt.active.key),
             est_fallback=self.estimator.get(rt.fallback.key) if rt.fallback else None,
             min_attempt_ms=s.min_attempt_ms, fallback_reserve_ms=s.fallback_reserve_ms)
+        if skipped:
+            ctx.plan = Plan(ctx.plan.attempts, (skipped, *(r for r in ctx.plan.reasons if not r.startswith("breaker"))))
         return "; ".join(ctx.plan.reasons) or "budget too small"
 
     def each(self):
@@ -151,6 +164,12 @@ class Attempts:
             return GatewayError(400, "invalid_request_error",
                                 f"messages: the model cannot take this request (trace id {call.trace_id})",
                                 "messages", extra={"path": ctx.path})
+        if ctx.unready:
+            series.request(call.route, "unavailable", total)
+            return GatewayError(503, "engine_unavailable",
+                                f"no deployment is ready to answer (its engine is starting or restarting); retry "
+                                f"after Retry-After (trace id {call.trace_id})", None, {"Retry-After": "2"},
+                                extra={"path": ctx.path})
         if last_kind in (None, "timeout"):
             self.metrics.budget_exhausted.labels(call.route).inc()
             series.request(call.route, "budget_exhausted", total)

@@ -31,6 +31,9 @@ from .attempts import Attempts
 from .records import Answer, ChatCall, GatewayError, RequestState
 from .runtime import ManifestFile, ProviderPool, Runtime
 from .streaming import stream_answer
+from .supervision import launched
+from .supervisor import ChecksumMismatch, Supervisor
+from ..procs import EngineStartError
 from .limits import Limited, TenantLimiter
 from .state import Held, LocalState, Unavailable, make_state
 from .tenants import Ledger, OverBudget
@@ -55,7 +58,9 @@ class Gateway:
         self.reload_interval_s = reload_interval_s
         self.wall, self.clock = wall, clock
         self.metrics = GatewayMetrics()
-        self.pool = ProviderPool()
+        # engines the manifest names (vLLM, llama.cpp) run as processes beside the manifest's folder logs
+        self.supervisor = Supervisor(self.file.path.parent / "logs" / "engines", self.metrics)
+        self.pool = ProviderPool(self.supervisor)
         self.estimator = Estimator()
         self.rt: Runtime | None = None
         self.gate = ConcurrencyGate(1)
@@ -76,7 +81,12 @@ class Gateway:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         m, digest = self.file.load()
-        self.rt = await Runtime.build(m, digest, self.pool, str(self.file.path), self.bind_host)
+        # engines come up in the background: /readyz says "starting" until they answer
+        try:
+            self.rt = await Runtime.build(m, digest, self.pool, str(self.file.path), self.bind_host, wait=False)
+        except BaseException:
+            await self.supervisor.close()
+            raise
         self._configure(m, None)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._watch()), loop.create_task(self._tick())]
@@ -92,6 +102,7 @@ class Gateway:
         if self.state is not None:
             await self.state.close()
         await self.pool.close()
+        await self.supervisor.close()  # engines a retired runtime still held
 
     def _configure(self, m: Manifest, old: Runtime | None) -> None:
         s = m.serving
@@ -153,11 +164,19 @@ class Gateway:
             if new is None:
                 return False
             m, digest = new
-            rt = await Runtime.build(m, digest, self.pool, str(self.file.path), self.bind_host)
+            rt = await Runtime.build(m, digest, self.pool, str(self.file.path), self.bind_host, wait=True)
         except ManifestError as exc:
             self.last_reload_error = str(exc)
             self.metrics.reloads.labels("invalid").inc()
+            if isinstance(exc, ChecksumMismatch):
+                self._switch_failed(str(exc), None)
             log.error("manifest reload refused, still serving %s: %s", self.rt.active.key, exc)
+            return False
+        except EngineStartError as exc:  # blue/green: the new engine never got ready; the old plan stays
+            self.last_reload_error = str(exc).splitlines()[0]
+            self.metrics.reloads.labels("failed").inc()
+            self._switch_failed(self.last_reload_error, exc.record.log_tail[-12:])
+            log.error("blue/green switch abandoned, still serving %s: %s", self.rt.active.key, exc)
             return False
         except Exception as exc:  # noqa: BLE001 - a provider that fails to start must not stop the server
             self.last_reload_error = f"{type(exc).__name__}: {exc}"
@@ -168,10 +187,15 @@ class Gateway:
         self._configure(m, old)
         old.retire()  # closed once its in-flight requests are done
         self.last_reload_error = None
+        self.supervisor.switch_failure = None
         self.metrics.reloads.labels("ok").inc()
         log.warning("manifest reloaded: active %s (was %s), fallback %s", rt.active.key, old.active.key,
                     rt.fallback.key if rt.fallback else "none")
         return True
+
+    def _switch_failed(self, why: str, log_tail: list[str] | None) -> None:
+        self.metrics.engine_switch_failed.inc()
+        self.supervisor.switch_failure = {"when": self.wall(), "error": why, "log_tail": log_tail or []}
 
     async def _tick(self) -> None:
         while True:
@@ -211,7 +235,20 @@ class Gateway:
         out["active_ready"] = why
         if rt.fallback is not None:
             out["fallback"] = rt.fallback.key
-            out["fallback_ready"] = (await rt.providers["fallback"].ready())[1]
+            fb_ok, out["fallback_ready"] = await rt.providers["fallback"].ready()
+            if not ok and fb_ok and launched(rt.active):
+                ok = True  # the active engine is (re)starting: the fallback answers meanwhile
+        engines = {}
+        for role, d in (("active", rt.active), ("fallback", rt.fallback)):
+            prov = rt.providers.get(role)
+            if launched(d) and getattr(prov, "engine", None) is not None:
+                engines[role] = prov.engine.status()
+            elif launched(d):
+                engines[role] = {"deployment": d.key, "state": "stopped"}
+        if engines:
+            out["engines"] = engines
+        if self.supervisor.switch_failure:
+            out["engine_switch_failed"] = self.supervisor.switch_failure
         if self.last_reload_error:
             out["reload_error"] = self.last_reload_error
         await self.state.probe()

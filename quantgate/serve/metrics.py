@@ -157,6 +157,13 @@ class GatewayMetrics:
         self.redis_round_trips = Counter("quantgate_redis_round_trips", "Round trips to the shared state's "
                                          "Redis, by what they were for (a batch of background writes is one)",
                                          ("op",), registry=r)
+        self.engine_up = Gauge("quantgate_engine_up", "1 while a started engine answers (health and probe), 0 "
+                               "while it starts, restarts or has failed", DEP, registry=r)
+        self.engine_restarts = Counter("quantgate_engine_restarts", "Restarts of a started engine after it "
+                                       "exited or failed to start", DEP, registry=r)
+        self.engine_switch_failed = Counter("quantgate_engine_switch_failed", "Blue/green switches abandoned: "
+                                            "the new plan's engine was refused, failed to start or never got "
+                                            "ready (the old plan kept serving)", registry=r)
         self.active = Gauge("quantgate_active_deployment", "1 for the deployment the manifest makes active",
                             DEP, registry=r)
 

@@ -99,6 +99,7 @@ class RequestState:
     path: list[str] = field(default_factory=list)
     tried: list[str] = field(default_factory=list)   # targets an attempt was started on
     fault: bool = False     # an attempt on the active deployment failed through the upstream's fault
+    unready: bool = False   # no deployment of the plan was ready (engines starting or restarting)
     # what admission took, given back by Gateway._finish whatever way the request ends
     slot: bool = False
     tenant_slot: bool = False

@@ -8,6 +8,10 @@ closed when its last request is done.
 
 Providers are pooled by deployment: a reload that changes only serving settings (or makes the
 old fallback active) reuses the started provider instead of reconnecting or reloading weights.
+A deployment whose engine the gateway starts (vLLM, llama.cpp) gets an `EngineProvider` from the
+supervisor (serve/supervisor.py): on a reload `Runtime.build` returns only once every new engine
+is ready, so the swap in Gateway._reload is the blue/green switch, and the old runtime's engines
+stop when its last request is done.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from ..integrity import deployment_problems
 from .access import Principal, exposure_problem, key_table
 from .manifest import Deployment, Manifest, ManifestError, manifest_digest, parse_manifest
 from .providers import Provider, make_provider
+from .providers.engine import EngineProvider
+from .supervision import launched
 
 log = logging.getLogger("quantgate.serve")
 
@@ -32,15 +38,23 @@ def _identity(d: Deployment) -> str:
 class ProviderPool:
     """Started providers with reference counts; closed when no runtime uses them."""
 
-    def __init__(self):
+    def __init__(self, supervisor=None):
         self._p: dict[str, list] = {}  # identity → [provider, refs]
+        self.supervisor = supervisor  # starts launched engines; None: such deployments are refused
 
-    async def get(self, d: Deployment) -> Provider:
+    async def get(self, d: Deployment, wait: bool = True) -> Provider:
+        """A started provider for `d`; `wait`: a launched engine must be ready first (a reload)."""
         k = _identity(d)
         if k in self._p:
             self._p[k][1] += 1
             return self._p[k][0]
-        p = make_provider(d)
+        if launched(d):
+            if self.supervisor is None:
+                raise ManifestError(f"{d.key}: its '{d.engine.kind}' engine is started by `quantgate serve`; "
+                                    "this gateway has no engine supervisor")
+            p = EngineProvider(d, self.supervisor, wait)
+        else:
+            p = make_provider(d)
         await p.start()
         if k in self._p:  # another reload started the same one meanwhile: keep theirs
             await p.close()
@@ -79,7 +93,9 @@ class Runtime:
 
     @classmethod
     async def build(cls, manifest: Manifest, digest: str, pool: ProviderPool, source: str,
-                    bind_host: str = "127.0.0.1") -> "Runtime":
+                    bind_host: str = "127.0.0.1", wait: bool = True) -> "Runtime":
+        """Verify, then start the providers (engines included). `wait=False` (the gateway's start)
+        lets launched engines come up in the background; a reload waits for them (blue/green)."""
         keys = key_table(manifest, source)
         problem = exposure_problem(manifest.serving, keys, bind_host)
         if problem:
@@ -90,7 +106,7 @@ class Runtime:
         roles = [("active", rt.active)] + ([("fallback", rt.fallback)] if rt.fallback else [])
         try:
             for role, d in roles:
-                rt.providers[role] = await pool.get(d)
+                rt.providers[role] = await pool.get(d, wait)
         except BaseException:
             for role, d in roles:
                 if role in rt.providers:
@@ -100,6 +116,11 @@ class Runtime:
 
     def deployment(self, role: str) -> Deployment:
         return self.active if role == "active" else self.fallback
+
+    def available(self, role: str) -> bool:
+        """False while this role's engine is starting or restarting (the request path skips it)."""
+        p = self.providers.get(role)
+        return p is not None and p.available
 
     def acquire(self) -> None:
         self.users += 1
@@ -126,7 +147,10 @@ class Runtime:
 
 
 def artifact_to_check(d: Deployment) -> str | None:
-    """The local folder an engine reads for this deployment, when there is one to check."""
+    """The local folder an engine reads for this deployment, when there is one to check here.
+    A launched engine's files are checked by the supervisor right before each start instead."""
+    if launched(d):
+        return None
     if d.provider.kind == "local":
         return d.provider.model or d.artifact
     # a remote engine, a CLI or a mock: the artifact is checked only when it is on this machine

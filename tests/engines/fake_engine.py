@@ -8,6 +8,11 @@ Behaviour from flags (unknown engine flags are ignored):
   --ignore-term      ignore SIGTERM (the launcher must SIGKILL)
   --spawn-child      fork a worker process that sleeps (the launcher must reap it too)
   --tpot-ms MS       pause between streamed tokens
+  --crash-after N    exit (code 3, the whole process at once) when the (N+1)-th chat request arrives
+  --pid-file PATH    append this process's pid to PATH at start (tests check what was spawned)
+  --reply TEXT       the first word of every answer (tells deployments apart)
+OpenAI-compatible: /v1/chat/completions answers JSON with usage, or SSE (`stream: true`, usage in
+the last chunk when `stream_options.include_usage`); /v1/models; /health; /metrics.
 With `-m llama_cpp.server`, a --model that is not a .gguf file fails as llama.cpp does.
 """
 
@@ -38,9 +43,15 @@ def main() -> None:
     ap.add_argument("--ignore-term", action="store_true")
     ap.add_argument("--spawn-child", action="store_true")
     ap.add_argument("--tpot-ms", type=float, default=1.0)
+    ap.add_argument("--crash-after", type=int, default=None)
+    ap.add_argument("--pid-file", default=None)
+    ap.add_argument("--reply", default="t")
     a, _unknown = ap.parse_known_args()
     name = a.name or a.model
     log = lambda s: print(s, flush=True)
+    if a.pid_file:
+        with open(a.pid_file, "a") as f:
+            f.write(f"{os.getpid()}\n")
     log(f"INFO 01-01 00:00:00 [fake.py:1] starting {a.module} on {a.model}")
     if a.module.startswith("llama_cpp") and not a.model.endswith(".gguf"):
         log(f"gguf_init_from_file_impl: failed to read magic from {a.model}")
@@ -74,22 +85,42 @@ def main() -> None:
     async def metrics(_):
         return web.Response(text="# fake metrics\nfake_requests_total 0\n")
 
+    served = [0]
+
+    async def health(_):
+        return web.Response(text="")
+
     async def chat(request):
+        served[0] += 1
+        if a.crash_after is not None and served[0] > a.crash_after:
+            log(f"fatal: crashing after {a.crash_after} requests (--crash-after)")
+            os._exit(3)
         body = await request.json()
         n = int(body.get("max_tokens") or 8)
+        prompt = sum(len(str(m.get("content", ""))) for m in body.get("messages") or []) // 4 + 1
+        usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+        words = [f"{a.reply}{i} " for i in range(n)]
+        if not body.get("stream"):
+            await asyncio.sleep(a.tpot_ms * n / 1000)
+            return web.json_response({"id": "fake", "object": "chat.completion", "model": name, "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "".join(words)},
+                 "finish_reason": "length"}], "usage": usage})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        for i in range(n):
+        for i, w in enumerate(words):
             await asyncio.sleep(a.tpot_ms / 1000)
-            chunk = {"choices": [{"index": 0, "delta": {"content": f"t{i} "}}]}
+            last = i == n - 1
+            chunk = {"choices": [{"index": 0, "delta": {"content": w}, "finish_reason": "length" if last else None}]}
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        usage = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": n}}
-        await resp.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+        if (body.get("stream_options") or {}).get("include_usage", True):
+            await resp.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
         return resp
 
     app = web.Application()
     app.router.add_get("/v1/models", models)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/health", health)
     app.router.add_post("/v1/chat/completions", chat)
     log(f"INFO: listening on {a.host}:{a.port} (pid {os.getpid()})")
     web.run_app(app, host=a.host, port=a.port, print=None, handle_signals=not a.ignore_term)

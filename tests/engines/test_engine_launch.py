@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from quantgate.engines.launch import (
+from quantgate.procs import (
     EngineStartError,
     ServerProcess,
     free_port,

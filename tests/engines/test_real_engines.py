@@ -12,7 +12,7 @@ import pytest
 
 from quantgate.engines.available import check
 from quantgate.engines.commands import command_for
-from quantgate.engines.launch import ServerProcess, free_port
+from quantgate.procs import ServerProcess, free_port
 from quantgate.engines.logs import read_log
 from quantgate.engines.spec import LaunchSpec, engine_python
 from quantgate.formats import Artifact

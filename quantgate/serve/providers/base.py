@@ -96,6 +96,12 @@ class Provider:
     async def ready(self) -> tuple[bool, str]:
         return True, "ok"
 
+    @property
+    def available(self) -> bool:
+        """False while the request path should skip this provider without trying it (a supervised
+        engine starting or restarting); cheap, called per request."""
+        return True
+
     def count_tokens(self, messages: list[dict[str, str]]) -> int | None:
         """The prompt's length in this deployment's own tokens, when the provider holds its tokenizer
         (in-process engines); None: the gateway's estimate stands. Called on the event loop: keep it cheap."""

@@ -1,10 +1,12 @@
-"""Start an engine's server as a subprocess on loopback, wait until it answers, watch its memory,
-and stop it cleanly.
+"""Start a server as a subprocess on loopback, wait until it answers, watch its memory, and stop it
+cleanly: the ONE process launcher, used by the engine matrix (quantgate.engines) and by the
+gateway's engine supervisor (quantgate.serve.supervisor). Layer 1: it imports only quantgate.errors.
 
 Generic on purpose: it knows a command line, a health path and a deadline, nothing about any
 engine, so a test drives it with a tiny local server script. The server runs in its own session
 (process group), so stopping it reaches the workers it forked (vLLM's engine core): SIGTERM to
-the group, SIGKILL after a grace period. Its output goes to a log file whose last lines travel
+the group, SIGKILL after a grace period. Every started group is also remembered until it is
+stopped, and an atexit hook kills what is left, so an exception path leaves no engine behind. Its output goes to a log file whose last lines travel
 with any failure: a failed start is reported in the engine's own words, never swallowed.
 
 Memory is read from /proc (no psutil): the summed VmRSS of every process in the server's
@@ -14,6 +16,7 @@ bound; GPU memory from nvidia-smi where there is one.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -27,10 +30,45 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import QuantgateError
-from .commands import LOOPBACK, Command
+from .errors import QuantgateError
 
 TAIL_LINES = 40
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Command:
+    """What to start: argv, the environment set on top of the inherited one, the health path."""
+
+    argv: list[str]
+    env: dict[str, str]
+    health_path: str = "/v1/models"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# process groups started and not yet stopped: killed at interpreter exit whatever path led there
+_LIVE: dict[int, "ServerProcess"] = {}
+_LIVE_LOCK = threading.Lock()
+
+
+def _kill_leftovers() -> None:
+    with _LIVE_LOCK:
+        pids = list(_LIVE)
+        _LIVE.clear()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+atexit.register(_kill_leftovers)
+
+
+def live_groups() -> list[int]:
+    """Process-group ids started by this process and not yet stopped."""
+    with _LIVE_LOCK:
+        return list(_LIVE)
 
 
 class EngineStartError(QuantgateError):
@@ -96,7 +134,7 @@ def tail_of(path: str | Path, n: int = TAIL_LINES, max_bytes: int = 256 * 1024) 
 
 
 # ------------------------------------------------------------------------------ /proc reading
-def _session_pids(sid: int) -> list[int]:
+def session_pids(sid: int) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -151,7 +189,7 @@ class _MemoryWatch(threading.Thread):
         self._halt = threading.Event()
 
     def sample(self, with_gpu: bool = False) -> None:
-        pids = _session_pids(self.sid)
+        pids = session_pids(self.sid)
         rss = 0
         for pid in pids:
             rss += _status_kb(pid, "VmRSS")
@@ -205,7 +243,9 @@ class ServerProcess:
     def base_url(self) -> str:
         return self.record.base_url
 
-    def start(self) -> ServerProcess:
+    def start(self, abort: threading.Event | None = None) -> ServerProcess:
+        """Spawn and wait until the health path answers; `abort` (set from another thread) gives up
+        early, as a timeout does: the group is stopped and EngineStartError raised."""
         rec = self.record
         Path(rec.log_path).parent.mkdir(parents=True, exist_ok=True)
         self._log = open(rec.log_path, "wb")
@@ -219,6 +259,8 @@ class ServerProcess:
             self._close_log()
             raise EngineStartError(rec.error, rec) from None
         rec.pid = self._proc.pid
+        with _LIVE_LOCK:
+            _LIVE[self._proc.pid] = self
         self._watch = _MemoryWatch(self._proc.pid)
         self._watch.start()
         url = f"{self.base_url}{self.command.health_path}"
@@ -235,15 +277,27 @@ class ServerProcess:
                 self._watch.sample()  # a run shorter than the sampling interval still counts its workers
                 rec.metrics_endpoint = http_ok(f"{self.base_url}/metrics")
                 return self
+            if abort is not None and abort.is_set():
+                self.stop()
+                rec.error = f"{rec.name}: start abandoned (shutting down or superseded)"
+                raise EngineStartError(rec.error, rec)
             if self.clock() >= deadline:
                 self.stop()
                 rec.error = (f"{rec.name} did not answer {url} within {self.startup_timeout_s:g} s "
                              "(raise startup_timeout_s if it is still warming up)")
                 raise EngineStartError(rec.error, rec)
-            time.sleep(self.poll_s)  # a bounded readiness poll, not synchronisation
+            if abort is not None:
+                abort.wait(self.poll_s)  # a bounded readiness poll that an abort cuts short
+            else:
+                time.sleep(self.poll_s)  # a bounded readiness poll, not synchronisation
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the leader has exited (negative: the signal that ended it)."""
+        return self._proc.poll() if self._proc is not None else None
 
     def stop(self) -> LaunchRecord:
         """SIGTERM to the whole session, SIGKILL after `grace_s`; records how it ended."""
@@ -263,9 +317,11 @@ class ServerProcess:
                 self._signal(signal.SIGKILL)
                 self._proc.wait(timeout=30)
         # workers that outlived the leader still belong to the session
-        stragglers = [p for p in _session_pids(self._proc.pid) if p != self._proc.pid]
+        stragglers = [p for p in session_pids(self._proc.pid) if p != self._proc.pid]
         if stragglers:
             self._signal(signal.SIGKILL)
+        with _LIVE_LOCK:
+            _LIVE.pop(self._proc.pid, None)
         self._finish(how, self.clock() - t0)
         return self.record
 
