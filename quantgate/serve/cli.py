@@ -19,6 +19,8 @@ def register(app: typer.Typer) -> None:
         """Serve the manifest's active deployment behind budgets, 429s, cache, degrade ladder and metrics.
 
         The manifest is re-read when the file changes, so promote and rollback take effect without a restart.
+        Engines the manifest names (vllm, llamacpp) are started, supervised and stopped by the gateway;
+        a changed manifest switches to new engines blue/green, once they answer.
 
         Try it: quantgate serve examples/manifest.mock.json, then POST {"user_id": "u1", "prompt": "hello",
         "budget_ms": 1200} to http://127.0.0.1:8787/chat (or use /v1/chat/completions with any OpenAI client).
@@ -34,9 +36,12 @@ def register(app: typer.Typer) -> None:
         m = load_manifest(manifest)  # a bad manifest stops here, before anything listens
 
         def ready(gw, addr):
+            engines = gw.supervisor.status()
+            started = (f"  engines starting: {', '.join(e['deployment'] + ' (' + e['engine'] + ')' for e in engines)}"
+                       " — /readyz says when they answer" if engines else "")
             typer.echo(f"quantgate gateway on http://{addr[0]}:{addr[1]}  active={m.active.key} "
                        f"provider={m.active.provider.kind}  fallback="
-                       f"{m.serving.fallback.key if m.serving.fallback else 'none'}  (Ctrl-C stops)", err=True)
+                       f"{m.serving.fallback.key if m.serving.fallback else 'none'}{started}  (Ctrl-C stops)", err=True)
 
         try:
             run(manifest, host, port, on_ready=ready)

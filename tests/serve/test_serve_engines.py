@@ -365,10 +365,14 @@ def test_sigterm_to_quantgate_serve_leaves_no_engine_process(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, proc.stderr.read().decode()[-2000:]
         assert not [p for p in everything if alive(p)], "an engine process outlived `quantgate serve`"
-    finally:
+    finally:  # SIGTERM first even when an assertion failed: a SIGKILLed gateway cannot stop its engines
         if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
 
 
 def _ready_or_none(url: str):

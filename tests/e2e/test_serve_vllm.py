@@ -1,0 +1,160 @@
+"""The loop on the real model and vLLM's CPU build: engines → promote (engine from the card) → serve →
+/chat and /v1/chat/completions answered by vLLM → rollback to the baseline on its engine while the
+load generator runs → 0 failed requests → no engine process left after SIGTERM.
+
+Reuses the session's `quantgate run` (tests/e2e/conftest.py); skipped where vLLM is not installed
+for quantgate (tests/engines/test_real_engines.py finds it the same way). Only the baseline and the
+recommended 4-bit candidate are measured, with a tiny workload and no sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from quantgate.engines.available import check
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "recipes" / "smollm2-cpu.yaml"
+
+
+def cli(*args, timeout=1800):
+    return subprocess.run([sys.executable, "-m", "quantgate", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def get_json(url: str):
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+    except OSError:
+        return None, {}
+
+
+def post(url: str, body: dict):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json",
+                                                                               "x-budget-ms": "60000"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def wait_until(pred, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while not (got := pred()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        time.sleep(0.5)  # polling a condition under a deadline
+    return got
+
+
+def serving(url: str, name: str):
+    code, body = get_json(f"{url}/readyz")
+    eng = (body.get("engines") or {}).get("active") or {}
+    return body if code == 200 and body.get("active", "").startswith(name + "@") and eng.get("state") == "ready" else None
+
+
+def group_alive(pgid: int) -> bool:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                f = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(f[2]) == pgid and f[0] != "Z":
+                return True
+    return False
+
+
+def test_promote_serve_rollback_on_vllm(smollm2_run, tmp_path):
+    if not check("vllm")["available"]:
+        pytest.skip(f"vllm is not installed for quantgate here: {check('vllm')['why']}")
+    ws, run_dir = smollm2_run["ws"].root, smollm2_run["run_dir"]
+    base = smollm2_run["recipe"].baseline.name
+    rec = smollm2_run["compare"]["recommended"] or "awq-w4g64"
+    assert rec and rec != base
+    proc = cli("engines", RECIPE, "-w", ws, "--engine", "vllm-cpu", "--only", base, "--only", rec,
+               "--requests", "4", "--no-sweep")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    manifest = tmp_path / "manifest.json"
+    for name in (base, rec):
+        p = cli("promote", run_dir, "--candidate", name, "--manifest", manifest, timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert "engine: vllm" in p.stdout + p.stderr and "engine card" in p.stdout + p.stderr
+    m = json.loads(manifest.read_text())
+    assert m["active"]["name"] == rec and m["active"]["engine"]["kind"] == "vllm"
+
+    from quantgate.procs import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    gw = subprocess.Popen([sys.executable, "-m", "quantgate", "serve", str(manifest), "--port", str(port)],
+                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "wb"))
+    groups = set()
+    try:
+        body = wait_until(lambda: gw.poll() is None and serving(url, rec), 900, f"{rec} on vLLM to be ready")
+        groups.add(body["engines"]["active"]["pid"])
+        ans = post(f"{url}/chat", {"user_id": "u1", "prompt": "Name a river.", "max_tokens": 8})
+        assert ans["deployment"] == rec and ans["text"] and ans["tokens"]["out"] > 0
+        oa = post(f"{url}/v1/chat/completions", {"model": rec, "max_tokens": 8,
+                                                  "messages": [{"role": "user", "content": "Name a river."}]})
+        assert oa["quantgate"]["deployment"] == rec and oa["usage"]["completion_tokens"] > 0
+
+        from quantgate.evaluate.clients.openai_http import OpenAIClient
+        from quantgate.evaluate.loadgen import run_load
+        from quantgate.workload import LengthClass, WorkloadSpec
+
+        records, halt = [], threading.Event()
+
+        def load():
+            w = WorkloadSpec(requests=4, concurrency=2, warmup_requests=0, timeout_s=120,
+                             mix=[LengthClass(name="s", prompt_tokens=24, output_tokens=8)])
+
+            async def once():
+                async with OpenAIClient(url, rec) as eng:
+                    return await run_load(eng, w, ["The river rises in the hills and runs south to the sea."])
+
+            while not halt.is_set():
+                records.extend(asyncio.run(once()).records)
+
+        t = threading.Thread(target=load, daemon=True)
+        t.start()
+        wait_until(lambda: len(records) >= 4, 300, "load before the rollback")
+        rb = cli("rollback", "--manifest", manifest, "--reason", "e2e: back to the baseline", timeout=300)
+        assert rb.returncode == 0, rb.stdout[-2000:] + rb.stderr[-2000:]
+        body = wait_until(lambda: serving(url, base), 900, f"{base} on vLLM after the rollback")
+        groups.add(body["engines"]["active"]["pid"])
+        old = next(iter(groups - {body["engines"]["active"]["pid"]}))
+        wait_until(lambda: not group_alive(old), 120, f"{rec}'s engine to stop after the switch")
+        n = len(records)
+        wait_until(lambda: len(records) >= n + 4, 300, "load after the rollback")
+        halt.set()
+        t.join(300)
+        failed = [r for r in records if r.outcome != "ok"]
+        assert not failed, [r.error for r in failed[:3]]
+        ans = post(f"{url}/chat", {"user_id": "u1", "prompt": "Name a river.", "max_tokens": 8})
+        assert ans["deployment"] == base
+    finally:
+        gw.send_signal(signal.SIGTERM)
+        try:
+            code = gw.wait(120)
+        except subprocess.TimeoutExpired:
+            gw.kill()
+            code = gw.wait(10)
+    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    assert groups and not [g for g in groups if group_alive(g)], "a vLLM process outlived `quantgate serve`"
