@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -68,15 +67,16 @@ def serving(url: str, name: str):
     return body if code == 200 and body.get("active", "").startswith(name + "@") and eng.get("state") == "ready" else None
 
 
-def group_alive(pgid: int) -> bool:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                f = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(f[2]) == pgid and f[0] != "Z":
+def group_alive(leader: int) -> bool:
+    """Any live (non-zombie) process left in the engine's session."""
+    from quantgate.procs import session_pids
+
+    for pid in session_pids(leader):
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
                 return True
+        except (OSError, IndexError):
+            continue
     return False
 
 

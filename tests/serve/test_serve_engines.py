@@ -26,6 +26,7 @@ from gwkit import write
 from quantgate.evaluate.clients.openai_http import OpenAIClient
 from quantgate.evaluate.loadgen import run_load
 from quantgate.integrity import folder_checksums
+from quantgate.procs import session_pids
 from quantgate.serve.manifest import ManifestError, parse_manifest
 from quantgate.serve.supervision import Life, Refs, backoff_s, engine_identity, launch_argv
 from quantgate.workload import LengthClass, WorkloadSpec
@@ -84,17 +85,9 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def group_members(pgid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                out.append(int(entry))
-    return out
+def group_members(leader: int) -> list[int]:
+    """The live processes of an engine's session (the supervisor starts each in its own)."""
+    return [p for p in session_pids(leader) if alive(p)]
 
 
 def wait_until(pred, timeout_s: float, what: str, every_s: float = 0.05):
