@@ -214,7 +214,7 @@ class Handlers:
             call = ChatCall("openai", trace, *self._identity(request, req.tenant, req.user),
                             [{"role": m.role, "content": m.text()} for m in req.messages], t0,
                             self._budget(request, req.budget_ms), req.max_completion_tokens or req.max_tokens,
-                            req.temperature, req.top_p, req.stop_list(), req.seed)
+                            req.temperature, req.top_p, req.stop_list(), req.seed, bool(req.ignore_eos))
             if req.stream:
                 return await self._stream(request, call, req, t0)
             a = await self.gw.chat(call)

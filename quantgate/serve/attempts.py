@@ -103,7 +103,8 @@ class Attempts:
                                           "content": trim_context(call.messages[-1]["content"], att.context_chars)}]
             trimmed = True
         n = min(att.max_tokens, dep.max_tokens) if dep.max_tokens else att.max_tokens
-        return dep, GenRequest(msgs, n, call.temperature, call.top_p, call.stop, call.seed), trimmed
+        return dep, GenRequest(msgs, n, call.temperature, call.top_p, call.stop, call.seed,
+                               ignore_eos=call.ignore_eos), trimmed
 
     def expected_ms(self, dep: Deployment, tokens: int) -> float:
         """How long an attempt must have had before its timeout says something about the upstream."""

@@ -24,13 +24,14 @@ def normalise_text(s: str) -> str:
 
 def cache_key(deployment_key: str, messages: list[dict[str, str]], max_tokens: int,
               temperature: float | None = None, top_p: float | None = None,
-              stop: list[str] | None = None, seed: int | None = None, scope: str | None = None) -> str:
+              stop: list[str] | None = None, seed: int | None = None, scope: str | None = None,
+              ignore_eos: bool = False) -> str:
     """Everything that changes the answer, and who may see it: `scope` is the tenant (None only for
     a deployment whose answers the manifest marks shareable), so one tenant never receives another
     tenant's answer, nor learns from a cache hit that someone else asked the same thing."""
     # repr of a tuple of str/int/float/None is unambiguous (quoted, escaped) and cheaper than JSON
     body = repr((scope, deployment_key, tuple((m["role"], normalise_text(m["content"])) for m in messages),
-                 max_tokens, temperature, top_p, tuple(stop) if stop else None, seed))
+                 max_tokens, temperature, top_p, tuple(stop) if stop else None, seed, ignore_eos))
     return hashlib.sha256(body.encode()).hexdigest()
 
 

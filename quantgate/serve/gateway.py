@@ -326,7 +326,7 @@ class Gateway:
         pending = None
         if self.cache is not None:  # looked up beside the budget check (one Redis round trip for both)
             ctx.key = cache_key(lookup.key, call.messages, max_tokens, call.temperature, call.top_p, call.stop,
-                                call.seed, None if lookup.shared_cache else call.tenant)
+                                call.seed, None if lookup.shared_cache else call.tenant, call.ignore_eos)
             pending = self.cache.lookup(ctx.key)
         try:
             held = await self.state.admit(call.tenant, call.user_id, ctx.reserved_tokens,

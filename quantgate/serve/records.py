@@ -42,6 +42,7 @@ class ChatCall:
     top_p: float | None = None
     stop: list[str] | None = None
     seed: int | None = None
+    ignore_eos: bool = False
 
 
 @dataclass(slots=True)

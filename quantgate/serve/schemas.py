@@ -67,6 +67,9 @@ class ChatCompletionRequest(Req):
     stop: str | list[str] | None = None
     seed: Int | None = None
     user: str | None = Field(None, max_length=256)
+    # vLLM's extension, sent by `quantgate loadtest` (so it can drive a gateway): passed on to an
+    # OpenAI-compatible upstream, so a load test through the gateway gets the output length it asked for
+    ignore_eos: bool | None = None
     # accepted for compatibility, not passed on (no provider here honours them)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
@@ -75,7 +78,6 @@ class ChatCompletionRequest(Req):
     store: bool | None = None
     service_tier: str | None = None
     reasoning_effort: str | None = None
-    ignore_eos: bool | None = None  # vLLM's extension, sent by `quantgate loadtest` (so it can drive a gateway)
     response_format: dict[str, Any] | None = None
     # gateway extensions
     budget_ms: Int | None = Field(None, gt=0)

@@ -34,10 +34,12 @@ _OK = json.dumps({
 class Stub:
     def __init__(self):
         self.requests = 0  # how many chat requests arrived (tests read it)
+        self.last_body: dict | None = None  # the last request body, as the gateway sent it (tests read it)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
         body = json.loads(await request.read())
+        self.last_body = body
         model = str(body.get("model", "ok"))
         stream = bool(body.get("stream"))
         n = max(1, min(int(body.get("max_tokens") or 9), 64))

@@ -13,7 +13,7 @@ from quantgate.serve.cache import cache_key
 MSGS = [{"role": "user", "content": "what is our Q3 plan?"}]
 
 
-def test_the_key_changes_with_tenant_seed_and_sampling():
+def test_the_key_changes_with_tenant_seed_sampling_and_ignore_eos():
     base = cache_key("d@1", MSGS, 64, 0.7, 0.9, None, 1, "acme")
     assert cache_key("d@1", MSGS, 64, 0.7, 0.9, None, 1, "beta") != base
     assert cache_key("d@1", MSGS, 64, 0.7, 0.9, None, 2, "acme") != base
@@ -22,6 +22,7 @@ def test_the_key_changes_with_tenant_seed_and_sampling():
     assert cache_key("d@1", MSGS, 32, 0.7, 0.9, None, 1, "acme") != base
     assert cache_key("d@2", MSGS, 64, 0.7, 0.9, None, 1, "acme") != base
     assert cache_key("d@1", MSGS, 64, 0.7, 0.9, None, 1, None) != base
+    assert cache_key("d@1", MSGS, 64, 0.7, 0.9, None, 1, "acme", ignore_eos=True) != base
 
 
 def _keys():

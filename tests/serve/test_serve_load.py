@@ -189,6 +189,26 @@ def test_openai_compatible_streaming(serve, upstream):
     assert chunks[-1]["usage"] == {"prompt_tokens": 8, "completion_tokens": 6, "total_tokens": 14}
 
 
+def test_ignore_eos_reaches_an_openai_compatible_upstream_only_when_asked(serve, upstream):
+    """A load test through the gateway must get the output length it asked for, as it does direct."""
+    srv = serve(openai_manifest(upstream, model="drip-1", cache={"enabled": False}))
+
+    async def main():
+        bodies = []
+        async with aiohttp.ClientSession() as s:
+            for stream, extra in ((True, {"ignore_eos": True}), (False, {"ignore_eos": True}), (True, {})):
+                async with s.post(srv.url + "/v1/chat/completions",
+                                  json=oai_body("hi", stream=stream, max_tokens=4, **extra)) as r:
+                    assert r.status == 200, await r.text()
+                    await r.read()
+                bodies.append(dict(upstream.stub.last_body))
+        return bodies
+
+    streamed, plain, without = asyncio.run(main())
+    assert streamed["ignore_eos"] is True and plain["ignore_eos"] is True
+    assert "ignore_eos" not in without  # an upstream that does not know the field never sees it
+
+
 def test_streaming_is_cut_at_the_budget_and_falls_back_before_the_first_token(serve, upstream):
     srv = serve(openai_manifest(upstream, model="drip-100"))   # 100 ms a word
 

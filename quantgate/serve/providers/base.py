@@ -35,6 +35,7 @@ class GenRequest:
     stop: list[str] | None = None
     seed: int | None = None
     timeout_s: float | None = None  # set by the gateway for providers with honours_timeout
+    ignore_eos: bool = False  # vLLM's extension: write max_tokens even past end-of-sequence (load tests)
 
 
     def prompt(self) -> str:

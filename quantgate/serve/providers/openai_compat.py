@@ -66,6 +66,8 @@ class OpenAIProvider(Provider):
             v = getattr(req, k)
             if v is not None:
                 body[k] = v
+        if req.ignore_eos:  # only when asked: an upstream that does not know it may refuse the field
+            body["ignore_eos"] = True
         if stream:
             body["stream_options"] = {"include_usage": True}
         return json.dumps(body).encode()
