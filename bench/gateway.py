@@ -249,17 +249,20 @@ def combine(parts: list[dict]) -> dict:
 
 
 def gateway_counts(url: str) -> dict:
-    """What the gateway says happened: 429s and failures, to tell intended rejections from errors."""
+    """What the gateway says happened: 429s, failures (to tell intended rejections from errors) and
+    answers from its cache."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    out = {"429": 0.0, "errors": 0.0}
+    out = {"429": 0.0, "errors": 0.0, "cached": 0.0}
     for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=5,
                                                              headers={"x-api-key": ADMIN_KEY}).text):
         for s in fam.samples:
             if s.name == "quantgate_429_total":
                 out["429"] += s.value
-            elif s.name == "quantgate_requests_total" and s.labels.get("outcome") not in ("ok", "cached"):
+            elif s.name == "quantgate_requests_total" and s.labels.get("outcome") == "cached":
+                out["cached"] += s.value
+            elif s.name == "quantgate_requests_total" and s.labels.get("outcome") != "ok":
                 out["errors"] += s.value
     return out
 
