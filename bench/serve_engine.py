@@ -80,8 +80,8 @@ def target_row(runs: list[dict]) -> dict:
     return {"rounds": len(runs), "ok": len(e2e), "failed": sum(r["failed"] for r in runs), "wall_s": wall,
             "rps": len(e2e) / wall if wall else 0.0, "output_tok_s": sum(toks) / wall if wall else 0.0,
             "tokens_out_mean": sum(toks) / len(toks) if toks else None,
-            "ttft_p50_ms": _p(ttft, 50), "ttft_p95_ms": _p(ttft, 95),
-            "e2e_p50_ms": _p(e2e, 50), "e2e_p95_ms": _p(e2e, 95)}
+            "ttft_p10_ms": _p(ttft, 10), "ttft_p50_ms": _p(ttft, 50), "ttft_p95_ms": _p(ttft, 95),
+            "e2e_p10_ms": _p(e2e, 10), "e2e_p50_ms": _p(e2e, 50), "e2e_p95_ms": _p(e2e, 95)}
 
 
 def _diff(a: float | None, b: float | None) -> float | None:
@@ -112,7 +112,11 @@ def summarise(runs: list[dict], latency_c: int, throughput_c: int) -> dict:
             "concurrency": latency_c, "requests_each": min(d["ok"], g["ok"]),
             "added_ttft_p50_ms": _diff(g["ttft_p50_ms"], d["ttft_p50_ms"]),
             "added_e2e_p50_ms": _diff(g["e2e_p50_ms"], d["e2e_p50_ms"]),
-            "added_ttft_p50_ms_per_round": per_round, "target_ms": TARGETS["added_p50_ms"]}
+            "added_ttft_p50_ms_per_round": per_round, "target_ms": TARGETS["added_p50_ms"],
+            # the least-disturbed requests: on a busy machine the P10 difference is nearer what the
+            # gateway itself adds than the P50 one, which also holds the waits for a core
+            "added_ttft_p10_ms": _diff(g["ttft_p10_ms"], d["ttft_p10_ms"]),
+            "added_e2e_p10_ms": _diff(g["e2e_p10_ms"], d["e2e_p10_ms"])}
         worst = max((v for v in (out["latency"]["added_ttft_p50_ms"], out["latency"]["added_e2e_p50_ms"])
                      if v is not None), default=None)
         out["latency"]["met"] = worst is not None and worst <= TARGETS["added_p50_ms"] and g["failed"] == 0
@@ -333,10 +337,11 @@ def main() -> None:
     report["switch"] = {"measured": False, "why": switch_support() or "not implemented in this bench yet"}
     meta = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpus": os.cpu_count(), "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(), "engine_url": engine_url, "args": vars(a),
-            "engine": engine.record.to_dict() if engine else None, "artifact": art.to_dict() if art else None}
-    print_report(report, meta)
+            "engine": engine.record.to_dict() if engine else None,
+            "artifact": art.to_dict() | {"label": art.label} if art else None}
     out = Path(a.out) if a.out else REPO / "bench" / "results" / f"serve-engine-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    atomic_write_json(out, {"meta": meta, **report, "runs": runs})
+    atomic_write_json(out, {"meta": meta, **report, "runs": runs})  # first: a printing fault loses nothing
+    print_report(report, meta)
     print(f"wrote {out}")
 
 
@@ -361,6 +366,8 @@ def print_report(report: dict, meta: dict) -> None:
         print(f"added P50 at c={lat['concurrency']}: TTFT {f(lat['added_ttft_p50_ms'])} ms, "
               f"E2E {f(lat['added_e2e_p50_ms'])} ms (target ≤ {lat['target_ms']:g}; per round TTFT: {rounds}) → "
               + ("met" if lat["met"] else "NOT MET"))
+        print(f"added P10 at c={lat['concurrency']} (the least-disturbed requests): TTFT {f(lat['added_ttft_p10_ms'])} ms, "
+              f"E2E {f(lat['added_e2e_p10_ms'])} ms")
     if thr:
         rounds = ", ".join(f(x, "{:.1%}") for x in thr["ratio_per_round"])
         print(f"throughput at c={thr['concurrency']}: gateway/direct {f(thr['ratio'], '{:.1%}')} requests/s, "
