@@ -274,6 +274,149 @@ def switch_support() -> str | None:
     return None
 
 
+def engine_deployment(name: str, art, threads: int | None) -> dict:
+    """A manifest deployment whose vLLM the gateway starts itself, serving `art` as `name`."""
+    from quantgate.engines.commands import command_for
+    from quantgate.engines.spec import LaunchSpec, engine_python
+    from quantgate.integrity import folder_checksums
+
+    spec = LaunchSpec(kind="vllm", dtype="bfloat16", kv_cache_gb=1, max_model_len=1024, threads=threads)
+    python = str(engine_python("vllm")[0])
+    cmd = command_for("vllm", python, type(art)(**{**art.to_dict(), "name": name}), spec, 8000)
+    return {"name": name, "model_version": "1", "artifact": art.path, "files": folder_checksums(Path(art.path)),
+            "provider": {"kind": "openai", "base_url": "http://127.0.0.1:8000/v1", "model": name, "timeout_s": 300},
+            "engine": {"kind": "vllm", "argv": cmd.argv, "env": cmd.env, "python": python, "dtype": "bfloat16",
+                       "max_model_len": 1024, "startup_timeout_s": 1500, "source": "bench/serve_engine.py"}}
+
+
+def switch_manifest(active: dict) -> dict:
+    m = engine_manifest("http://127.0.0.1:8000")
+    m["active"] = active
+    m["serving"]["reload_interval_s"] = 0.2
+    return m
+
+
+def switch_summary(events: list[dict], t_write: float, t_switched: float | None, old: str, new: str) -> dict:
+    """Requests sent across a switch ({sent, done, ok, deployment}, seconds on one clock) → when the
+    new deployment first answered, how many requests each side served and how many failed."""
+    firsts = [e["done"] for e in events if e["ok"] and e["deployment"] == new]
+    during = [e for e in events if e["sent"] >= t_write and (not firsts or e["sent"] <= min(firsts))]
+    return {"from": old, "to": new, "requests": len(events), "failed": sum(not e["ok"] for e in events),
+            "failed_during_switch": sum(not e["ok"] for e in during),
+            "served_by_old": sum(e["ok"] and e["deployment"] == old for e in events),
+            "served_by_new": len(firsts),
+            "switched_s": None if t_switched is None else t_switched - t_write,
+            "first_served_by_new_s": min(firsts) - t_write if firsts else None,
+            "errors": sorted({e["error"] for e in events if e.get("error")})[:3]}
+
+
+async def measure_switch(gw_url: str, mpath: Path, new_manifest: dict, new: str, old: str, *, concurrency: int,
+                         output_tokens: int, after_requests: int = 8, timeout_s: float = 1800, log=print) -> dict:
+    """Steady load through the gateway; the manifest is rewritten to `new_manifest`; returns the
+    switch's figures once the new deployment has answered `after_requests` requests."""
+    import aiohttp
+
+    from gateway import ADMIN_KEY, API_KEY
+    from quantgate.util import atomic_write_json
+
+    events: list[dict] = []
+    stop = asyncio.Event()
+    t_write = t_switched = None
+    sent = iter(range(1 << 40))
+
+    async def worker(s: aiohttp.ClientSession) -> None:
+        while not stop.is_set():
+            body = {"model": new, "max_tokens": output_tokens, "ignore_eos": True,
+                    "messages": [{"role": "user", "content": f"switch {next(sent)}: tell me about the rivers"}]}
+            e = {"sent": time.monotonic(), "ok": False, "deployment": None}
+            try:
+                async with s.post(gw_url + "/v1/chat/completions", json=body) as r:
+                    data = await r.json(content_type=None)
+                    e["ok"] = r.status == 200
+                    e["deployment"] = data.get("model") if e["ok"] else None
+                    if not e["ok"]:
+                        e["error"] = f"HTTP {r.status}: {str(data.get('error', data))[:160]}"
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                e["error"] = f"{type(exc).__name__}: {exc}"
+            e["done"] = time.monotonic()
+            events.append(e)
+
+    async with aiohttp.ClientSession(headers={"authorization": f"Bearer {API_KEY}"},
+                                     timeout=aiohttp.ClientTimeout(total=600)) as s:
+        tasks = [asyncio.ensure_future(worker(s)) for _ in range(concurrency)]
+        try:
+            deadline = time.monotonic() + timeout_s
+            while len(events) < 2 * concurrency:  # load running before the switch
+                await asyncio.sleep(0.1)
+            t_write = time.monotonic()
+            atomic_write_json(mpath, new_manifest)
+            log(f"  manifest now names {new}: the gateway starts its engine beside {old}'s")
+            while time.monotonic() < deadline:
+                async with s.get(gw_url + "/readyz", headers={"x-api-key": ADMIN_KEY}) as r:
+                    ready = await r.json(content_type=None)
+                if t_switched is None and str(ready.get("active", "")).startswith(new + "@"):
+                    t_switched = time.monotonic()
+                    log(f"  switched after {t_switched - t_write:.1f} s")
+                if ready.get("engine_switch_failed"):
+                    log(f"  the switch failed: {ready['engine_switch_failed'].get('error')}")
+                    break
+                if sum(e["ok"] and e["deployment"] == new for e in events) >= after_requests:
+                    break
+                await asyncio.sleep(0.1)  # polling the gateway's own state under a deadline
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    return switch_summary(events, t_write, t_switched, old, new)
+
+
+def run_switch(a, art, work: Path) -> dict:
+    """The gateway serves `blue` (a vLLM it starts itself); the manifest changes to `green` (another
+    vLLM process: a different served name, so a different engine identity) under steady load."""
+    from gateway import API_KEY, Target, free_port
+
+    from quantgate.util import atomic_write_json
+
+    blue, green = engine_deployment("blue", art, a.threads), engine_deployment("green", art, a.threads)
+    mpath = work / "switch" / "manifest.json"
+    mpath.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(mpath, switch_manifest(blue))
+    port = free_port()
+    gw = Target("serve-engine-switch", [sys.executable, str(BENCH / "gateway.py"), "--serve-gateway", str(port),
+                                        str(mpath)], port, "/healthz", auth=API_KEY)
+    print(f"blue/green switch: the gateway starts blue's vLLM; engine logs in {mpath.parent / 'logs'}", flush=True)
+    try:
+        gw.start(timeout_s=120)
+        t0 = time.monotonic()
+        wait_ready(gw.url, "blue", 1800)
+        print(f"  blue ready after {time.monotonic() - t0:.1f} s", flush=True)
+        out = asyncio.run(measure_switch(gw.url, mpath, switch_manifest(green), "green", "blue",
+                                         concurrency=a.switch_concurrency, output_tokens=a.output_tokens))
+    finally:
+        gw.stop()
+    return {"measured": True, "concurrency": a.switch_concurrency, **out}
+
+
+def wait_ready(url: str, active: str, timeout_s: float) -> None:
+    import httpx
+
+    from gateway import ADMIN_KEY
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            body = httpx.get(url + "/readyz", headers={"x-api-key": ADMIN_KEY}, timeout=5).json()
+            engines = (body.get("engines") or {}).values()
+            if (body.get("status") == "ready" and str(body.get("active", "")).startswith(active + "@")
+                    and all(e.get("state") == "ready" for e in engines)):
+                return
+            if any(e.get("state") == "failed" for e in engines):
+                raise RuntimeError(f"{active}'s engine failed to start: {json.dumps(body)[:600]}")
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)  # polling the gateway's readiness under a deadline
+    raise RuntimeError(f"{active} not ready within {timeout_s:g} s")
+
+
 # ------------------------------------------------------------------ main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -284,26 +427,57 @@ def main() -> None:
     ap.add_argument("--throughput-requests", type=int, default=64, help="requests per target per round at it")
     ap.add_argument("--prompt-tokens", type=int, default=64, help="about this many prompt tokens a request")
     ap.add_argument("--output-tokens", type=int, default=16, help="tokens a request generates (ignore_eos)")
+    ap.add_argument("--switch", choices=("auto", "skip", "only"), default="auto",
+                    help="the blue/green switch part: auto = when the gateway supervises engines; only = just it")
+    ap.add_argument("--switch-concurrency", type=int, default=2, help="steady load across the switch")
     ap.add_argument("--artifact", help="a checkpoint folder vLLM serves instead of the bundled baseline "
                     "(a quantgate candidate folder: the format table must allow vLLM on CPU)")
     ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for vLLM (default: vLLM's own choice)")
     ap.add_argument("--engine-url", help="measure an OpenAI-compatible engine that is already running (serving "
-                    f"the model as '{SERVED}') instead of starting vLLM here")
+                    f"the model as '{SERVED}') instead of starting vLLM here (no switch part)")
     ap.add_argument("--out", help="result file (default: bench/results/serve-engine-<time>.json)")
     a = ap.parse_args()
     for k in ("rounds", "latency_concurrency", "latency_requests", "throughput_concurrency", "throughput_requests",
-              "prompt_tokens", "output_tokens"):
+              "prompt_tokens", "output_tokens", "switch_concurrency"):
         if getattr(a, k) < 1:
             ap.error(f"--{k.replace('_', '-')} must be at least 1")
+    if a.engine_url and a.switch == "only":
+        ap.error("--switch only starts its own engines through the gateway: drop --engine-url")
     if a.engine_url is None:
         need_vllm()
-    from gateway import API_KEY, Target, free_port
-
-    from quantgate.engines.launch import EngineStartError
     from quantgate.util import atomic_write_json
 
     work = Path(tempfile.mkdtemp(prefix="bench-serve-engine-"))
-    load_before = os.getloadavg()
+    meta = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(),
+            "args": vars(a), "engine_url": a.engine_url, "engine": None, "artifact": None}
+    report: dict = {}
+    art = None
+    if a.switch != "only":
+        report, art = side_by_side(a, work, meta)
+    missing = switch_support()
+    if a.switch == "skip" or a.engine_url:
+        report["switch"] = {"measured": False, "why": "skipped (--switch skip or --engine-url)"}
+    elif missing:
+        report["switch"] = {"measured": False, "why": missing}
+    else:
+        try:
+            report["switch"] = run_switch(a, art or engine_server(a.artifact, work, a.threads)[1], work)
+        except RuntimeError as exc:
+            report["switch"] = {"measured": False, "why": f"failed: {exc}"}
+    meta["loadavg_after"] = os.getloadavg()
+    out = Path(a.out) if a.out else REPO / "bench" / "results" / f"serve-engine-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    atomic_write_json(out, {"meta": meta, **report})  # first: a printing fault loses nothing
+    print_report(report, meta)
+    print(f"wrote {out}")
+
+
+def side_by_side(a, work: Path, meta: dict):
+    """Direct vs through the gateway (the `openai` provider → the engine started here). Returns
+    (the report with its runs, the artifact served)."""
+    from gateway import API_KEY, Target, free_port, gateway_counts
+
+    from quantgate.engines.launch import EngineStartError
+
     engine, art = (None, None) if a.engine_url else engine_server(a.artifact, work, a.threads)
     engine_url = a.engine_url.rstrip("/").removesuffix("/v1") if a.engine_url else engine.base_url
     gw = None
@@ -323,8 +497,6 @@ def main() -> None:
         gw.start(timeout_s=120)
         runs, cpu = asyncio.run(measure_rounds({"direct": (engine_url, None), "gateway": (gw.url, API_KEY)},
                                                gw.proc.pid, a))
-        from gateway import gateway_counts
-
         counts = gateway_counts(gw.url)
     finally:
         if gw is not None:
@@ -334,21 +506,21 @@ def main() -> None:
     report = summarise(runs, a.latency_concurrency, a.throughput_concurrency)
     report["gateway_cpu_us_per_request"] = cpu["seconds"] / cpu["requests"] * 1e6 if cpu["requests"] else None
     report["gateway_counts"] = counts
-    report["switch"] = {"measured": False, "why": switch_support() or "not implemented in this bench yet"}
-    meta = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpus": os.cpu_count(), "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(), "engine_url": engine_url, "args": vars(a),
-            "engine": engine.record.to_dict() if engine else None,
-            "artifact": art.to_dict() | {"label": art.label} if art else None}
-    out = Path(a.out) if a.out else REPO / "bench" / "results" / f"serve-engine-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    atomic_write_json(out, {"meta": meta, **report, "runs": runs})  # first: a printing fault loses nothing
-    print_report(report, meta)
-    print(f"wrote {out}")
+    report["runs"] = runs
+    meta |= {"engine_url": engine_url, "engine": engine.record.to_dict() if engine else None,
+             "artifact": art.to_dict() | {"label": art.label} if art else None}
+    return report, art
 
 
 def print_report(report: dict, meta: dict) -> None:
     def f(x, fmt="{:.2f}"):
         return "-" if x is None else fmt.format(x)
 
+    sw = report["switch"]
+    if "rows" not in report:
+        print(f"\nload average {meta['loadavg_before'][0]:.2f} before, {meta['loadavg_after'][0]:.2f} after "
+              f"({meta['cpus']} cores)")
+        return print_switch(sw)
     what = f"vLLM ({meta['artifact']['label']})" if meta["artifact"] else meta["engine_url"]
     print(f"\n{what} direct vs through the gateway, interleaved rounds; "
           f"load average {meta['loadavg_before'][0]:.2f} before, {meta['loadavg_after'][0]:.2f} after "
@@ -376,7 +548,21 @@ def print_report(report: dict, meta: dict) -> None:
     n = report["gateway_counts"]
     print(f"gateway CPU per request: {f(report['gateway_cpu_us_per_request'], '{:.0f}')} µs; gateway counted "
           f"{n['errors']:.0f} failed, {n['429']:.0f} refused (429), {n['cached']:.0f} answered from its cache")
-    print(f"blue/green switch: {report['switch']['why']}")
+    print_switch(sw)
+
+
+def print_switch(sw: dict) -> None:
+    def f(x):
+        return "-" if x is None else f"{x:.1f} s"
+
+    if not sw.get("measured"):
+        print(f"blue/green switch: {sw['why']}")
+        return
+    print(f"blue/green switch {sw['from']} → {sw['to']} under steady load (concurrency {sw['concurrency']}), "
+          f"engine start included: manifest written → switched {f(sw['switched_s'])}, → first request served by "
+          f"{sw['to']} {f(sw['first_served_by_new_s'])}; {sw['requests']} requests, {sw['failed']} failed "
+          f"({sw['failed_during_switch']} during the switch); {sw['served_by_old']} served by {sw['from']}, "
+          f"{sw['served_by_new']} by {sw['to']}" + (f"; errors: {sw['errors']}" if sw["errors"] else ""))
 
 
 if __name__ == "__main__":

@@ -71,3 +71,18 @@ def test_the_engine_manifest_is_valid_has_no_fallback_and_a_ladder_out_of_reach(
     assert m.active.provider.model == se.SERVED
     assert m.serving.fallback is None and m.serving.ladder.enabled
     assert m.serving.ladder.light.p95_ms >= 1e6 and m.serving.api_keys  # every guard on, none tripped by a slow CPU
+
+
+def test_switch_summary_counts_what_each_side_served_and_the_failures_while_switching(se):
+    ev = [{"sent": 0.0, "done": 1.0, "ok": True, "deployment": "blue"},
+          {"sent": 10.5, "done": 11.0, "ok": True, "deployment": "blue"},      # after the write, old still serves
+          {"sent": 12.0, "done": 12.1, "ok": False, "deployment": None, "error": "HTTP 503: x"},
+          {"sent": 13.0, "done": 14.0, "ok": True, "deployment": "green"},
+          {"sent": 20.0, "done": 20.5, "ok": False, "deployment": None, "error": "HTTP 502: y"}]  # after it
+    out = se.switch_summary(ev, t_write=10.0, t_switched=13.5, old="blue", new="green")
+    assert out["switched_s"] == 3.5 and out["first_served_by_new_s"] == 4.0
+    assert out["served_by_old"] == 2 and out["served_by_new"] == 1
+    assert out["failed"] == 2 and out["failed_during_switch"] == 1
+    assert out["errors"] == ["HTTP 502: y", "HTTP 503: x"]
+    never = se.switch_summary(ev[:2], t_write=10.0, t_switched=None, old="blue", new="green")
+    assert never["first_served_by_new_s"] is None and never["switched_s"] is None and never["failed"] == 0
