@@ -3,7 +3,7 @@
 The engine is vLLM's CPU build (its own interpreter, found as `quantgate engines --list` finds it:
 $QUANTGATE_VLLM_PYTHON, else $QUANTGATE_ENGINES_HOME/vllm-venv) serving the bundled SmolLM2-135M
 baseline (or --artifact: a candidate folder the format table lets vLLM serve). Started here, on
-loopback, through quantgate.engines.launch (its own process group, stopped at the end).
+loopback, through quantgate's one launcher (its own process group, stopped at the end).
 
 Two targets answer the same streamed POST /v1/chat/completions:
 
@@ -47,6 +47,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -153,10 +154,19 @@ def need_vllm() -> None:
         sys.exit(f"serve_engine: vLLM is not installed for quantgate here: {row['why']}")
 
 
+def launcher():
+    """quantgate's process launcher: quantgate.procs (where issue 9 moves it), else its old home."""
+    try:
+        from quantgate import procs
+    except ImportError:
+        from quantgate.engines import launch as procs
+    return procs
+
+
 def engine_server(artifact: str | None, work: Path, threads: int | None):
     """A not-yet-started ServerProcess for vLLM on the bundled baseline or on `artifact`."""
     from quantgate.engines.commands import command_for
-    from quantgate.engines.launch import ServerProcess, free_port
+    ServerProcess, free_port = launcher().ServerProcess, launcher().free_port
     from quantgate.engines.spec import LaunchSpec, engine_python
     from quantgate.formats import Artifact, artifact_of_candidate, expected
     from quantgate.models import resolve
@@ -352,7 +362,7 @@ async def measure_switch(gw_url: str, mpath: Path, new_manifest: dict, new: str,
             atomic_write_json(mpath, new_manifest)
             log(f"  manifest now names {new}: the gateway starts its engine beside {old}'s")
             while time.monotonic() < deadline:
-                async with s.get(gw_url + "/readyz", headers={"x-api-key": ADMIN_KEY}) as r:
+                async with s.get(gw_url + "/readyz", headers={"authorization": f"Bearer {ADMIN_KEY}"}) as r:
                     ready = await r.json(content_type=None)
                 if t_switched is None and str(ready.get("active", "")).startswith(new + "@"):
                     t_switched = time.monotonic()
@@ -429,7 +439,7 @@ def main() -> None:
     ap.add_argument("--output-tokens", type=int, default=16, help="tokens a request generates (ignore_eos)")
     ap.add_argument("--switch", choices=("auto", "skip", "only"), default="auto",
                     help="the blue/green switch part: auto = when the gateway supervises engines; only = just it")
-    ap.add_argument("--switch-concurrency", type=int, default=2, help="steady load across the switch")
+    ap.add_argument("--switch-concurrency", type=int, default=1, help="steady load across the switch")
     ap.add_argument("--artifact", help="a checkpoint folder vLLM serves instead of the bundled baseline "
                     "(a quantgate candidate folder: the format table must allow vLLM on CPU)")
     ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for vLLM (default: vLLM's own choice)")
@@ -437,6 +447,8 @@ def main() -> None:
                     f"the model as '{SERVED}') instead of starting vLLM here (no switch part)")
     ap.add_argument("--out", help="result file (default: bench/results/serve-engine-<time>.json)")
     a = ap.parse_args()
+    # SIGTERM (a timeout, a CI cancel) unwinds like Ctrl-C, so the engines and gateways started here are stopped
+    signal.signal(signal.SIGTERM, _interrupt)
     for k in ("rounds", "latency_concurrency", "latency_requests", "throughput_concurrency", "throughput_requests",
               "prompt_tokens", "output_tokens", "switch_concurrency"):
         if getattr(a, k) < 1:
@@ -471,12 +483,16 @@ def main() -> None:
     print(f"wrote {out}")
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def side_by_side(a, work: Path, meta: dict):
     """Direct vs through the gateway (the `openai` provider → the engine started here). Returns
     (the report with its runs, the artifact served)."""
     from gateway import API_KEY, Target, free_port, gateway_counts
 
-    from quantgate.engines.launch import EngineStartError
+    EngineStartError = launcher().EngineStartError
 
     engine, art = (None, None) if a.engine_url else engine_server(a.artifact, work, a.threads)
     engine_url = a.engine_url.rstrip("/").removesuffix("/v1") if a.engine_url else engine.base_url
