@@ -3,7 +3,7 @@
 The engine is vLLM's CPU build (its own interpreter, found as `quantgate engines --list` finds it:
 $QUANTGATE_VLLM_PYTHON, else $QUANTGATE_ENGINES_HOME/vllm-venv) serving the bundled SmolLM2-135M
 baseline (or --artifact: a candidate folder the format table lets vLLM serve). Started here, on
-loopback, through quantgate's one launcher (its own process group, stopped at the end).
+loopback, through quantgate.procs (its own process group, stopped at the end).
 
 Two targets answer the same streamed POST /v1/chat/completions:
 
@@ -28,16 +28,19 @@ cache turns the test into a cache test. quantgate's own load generator times eve
   gateway CPU  the gateway process's CPU time per request (from /proc): what it costs whoever
                else wants the cores, which depends far less on that other load than latency does
 
-Blue/green switch time (manifest change → new engine ready → first request served by it) needs
-the gateway to start and supervise engine deployments itself (issue 9); where this checkout's
-gateway does not, the run says so and leaves that part out (`switch` in the JSON).
+Then the blue/green switch (--switch-concurrency requests in flight all along, non-streamed): the
+gateway serves a deployment `blue` whose vLLM it starts and supervises itself (quantgate.serve.
+supervisor); the manifest is rewritten to name `green` (the same checkpoint under another served
+name: another engine identity, so another process). Measured from the manifest write: when /readyz
+names green active (its engine started, ready and probed, engine start included), when green first
+answers a request, and how many requests failed (the target is 0) and which side served each.
 
 On a small shared machine vLLM, the gateway and the load generator share the cores: read the
 ratios and the added milliseconds beside the load average printed with them, and repeat the run.
 
     .venv/bin/python bench/serve_engine.py [--rounds 3] [--latency-requests 20] [--throughput-requests 64]
 
-Writes bench/results/serve-engine-<time>.json (atomically). Exits 2 with the fix when the vLLM
+Writes bench/results/serve-engine-<time>.json (atomically). Exits 1 with the fix when the vLLM
 interpreter is missing.
 """
 
@@ -154,19 +157,10 @@ def need_vllm() -> None:
         sys.exit(f"serve_engine: vLLM is not installed for quantgate here: {row['why']}")
 
 
-def launcher():
-    """quantgate's process launcher: quantgate.procs (where issue 9 moves it), else its old home."""
-    try:
-        from quantgate import procs
-    except ImportError:
-        from quantgate.engines import launch as procs
-    return procs
-
-
 def engine_server(artifact: str | None, work: Path, threads: int | None):
     """A not-yet-started ServerProcess for vLLM on the bundled baseline or on `artifact`."""
     from quantgate.engines.commands import command_for
-    ServerProcess, free_port = launcher().ServerProcess, launcher().free_port
+    from quantgate.procs import ServerProcess, free_port
     from quantgate.engines.spec import LaunchSpec, engine_python
     from quantgate.formats import Artifact, artifact_of_candidate, expected
     from quantgate.models import resolve
@@ -272,18 +266,6 @@ async def measure_rounds(urls: dict[str, tuple[str, str | None]], gateway_pid: i
 
 
 # ------------------------------------------------------------------ the switch
-def switch_support() -> str | None:
-    """None when this checkout's gateway starts and supervises engine deployments itself (what a
-    blue/green switch measurement needs), else what is missing."""
-    import importlib.util
-
-    if importlib.util.find_spec("quantgate.serve.supervisor") is None:
-        return ("not measured: needs the gateway to start and supervise engine deployments (issue 9: "
-                "`quantgate serve` starting a deployment's vLLM and switching blue/green on a manifest change); "
-                "this checkout's gateway only talks to engines someone else started")
-    return None
-
-
 def engine_deployment(name: str, art, threads: int | None) -> dict:
     """A manifest deployment whose vLLM the gateway starts itself, serving `art` as `name`."""
     from quantgate.engines.commands import command_for
@@ -466,11 +448,8 @@ def main() -> None:
     art = None
     if a.switch != "only":
         report, art = side_by_side(a, work, meta)
-    missing = switch_support()
     if a.switch == "skip" or a.engine_url:
         report["switch"] = {"measured": False, "why": "skipped (--switch skip or --engine-url)"}
-    elif missing:
-        report["switch"] = {"measured": False, "why": missing}
     else:
         try:
             report["switch"] = run_switch(a, art or engine_server(a.artifact, work, a.threads)[1], work)
@@ -492,7 +471,7 @@ def side_by_side(a, work: Path, meta: dict):
     (the report with its runs, the artifact served)."""
     from gateway import API_KEY, Target, free_port, gateway_counts
 
-    EngineStartError = launcher().EngineStartError
+    from quantgate.procs import EngineStartError
 
     engine, art = (None, None) if a.engine_url else engine_server(a.artifact, work, a.threads)
     engine_url = a.engine_url.rstrip("/").removesuffix("/v1") if a.engine_url else engine.base_url
