@@ -189,6 +189,9 @@ class Supervisor:
             proc.start(e.abort)
             if proc.record.pid is not None:
                 e.pids.append(proc.record.pid)
+            if e.abort.is_set():  # superseded or shutting down while it came up: stop it here
+                proc.stop()
+                raise EngineStartError(f"{d.key}: start abandoned", proc.record)
             try:
                 probe(proc.base_url, d.provider.model, min(60.0, spec.startup_timeout_s))
             except (OSError, ValueError) as exc:
@@ -198,14 +201,20 @@ class Supervisor:
 
         fut = asyncio.get_running_loop().run_in_executor(None, run)
         self._pending.add(fut)
-        fut.add_done_callback(self._pending.discard)
-        await asyncio.shield(fut)
+        fut.add_done_callback(self._settled)
+        await asyncio.shield(fut)  # a caller that leaves does not orphan the thread: close() awaits it
         if e.abort.is_set():
+            await asyncio.to_thread(proc.stop)
             raise EngineStartError(f"{d.key}: start abandoned", proc.record)
         e.life.became_ready()
         self._gauge(e)
         log.warning("engine for %s ready on %s in %.1f s (pid %s)", d.key, e.base_url, proc.record.startup_s or 0,
                     proc.record.pid)
+
+    def _settled(self, fut: asyncio.Future) -> None:
+        self._pending.discard(fut)
+        if not fut.cancelled():
+            fut.exception()  # retrieved: a start nobody waits for any more is not an unhandled error
 
     async def _start_retrying(self, e: Engine) -> None:
         """A background start (the gateway's start, or a restart): on failure, schedule the next one."""

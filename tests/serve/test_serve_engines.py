@@ -373,3 +373,13 @@ def _ready_or_none(url: str):
         return ready(url)
     except OSError:
         return None
+
+
+def test_stopping_the_gateway_mid_switch_stops_the_engine_still_starting(serve, tmp_path):
+    srv = serve(manifest(engine_dep(tmp_path, "blue")))
+    wait_until(lambda: ready(srv.url, "blue"), 60, "blue to be ready")
+    write(tmp_path / "manifest.json", manifest(engine_dep(tmp_path, "late", "--ready-after", "120", startup_s=300)))
+    late = wait_until(lambda: pids(tmp_path, "late"), 60, "the new engine to be spawned")
+    assert answer_of(srv.url)[2]["deployment"] == "blue"  # still on the old plan while the new one starts
+    srv.stop()
+    assert not [p for p in late + pids(tmp_path, "blue") if alive(p)], "an engine outlived the gateway"
