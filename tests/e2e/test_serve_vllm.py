@@ -47,7 +47,7 @@ def get_json(url: str):
 
 def post(url: str, body: dict):
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json",
-                                                                               "x-budget-ms": "60000"})
+                                                                               "x-budget-ms": "20000"})
     with urllib.request.urlopen(req, timeout=120) as r:
         return json.loads(r.read())
 
@@ -89,11 +89,13 @@ def test_promote_serve_rollback_on_vllm(smollm2_run, tmp_path):
     assert rec and rec != base
     proc = cli("engines", RECIPE, "-w", ws, "--engine", "vllm-cpu", "--only", base, "--only", rec,
                "--requests", "4", "--no-sweep")
+    print(proc.stdout + proc.stderr[-1500:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     manifest = tmp_path / "manifest.json"
     for name in (base, rec):
         p = cli("promote", run_dir, "--candidate", name, "--manifest", manifest, timeout=600)
+        print(p.stdout + p.stderr)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         assert "engine: vllm" in p.stdout + p.stderr and "engine card" in p.stdout + p.stderr
     m = json.loads(manifest.read_text())
@@ -136,6 +138,7 @@ def test_promote_serve_rollback_on_vllm(smollm2_run, tmp_path):
         t.start()
         wait_until(lambda: len(records) >= 4, 300, "load before the rollback")
         rb = cli("rollback", "--manifest", manifest, "--reason", "e2e: back to the baseline", timeout=300)
+        print(rb.stdout + rb.stderr)
         assert rb.returncode == 0, rb.stdout[-2000:] + rb.stderr[-2000:]
         body = wait_until(lambda: serving(url, base), 900, f"{base} on vLLM after the rollback")
         groups.add(body["engines"]["active"]["pid"])
