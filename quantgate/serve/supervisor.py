@@ -6,7 +6,9 @@ I/O around the pure decisions of `serve/supervision.py` (identity, command line,
   manifest's checksums (quantgate.integrity); a mismatch is refused and nothing is spawned;
 - an engine runs in its own process group on a free loopback port (quantgate.procs, the one
   launcher), its output in `<manifest folder>/logs/engines/`; it counts as ready when its health
-  path answers AND a one-token chat completion (the probe) comes back;
+  path answers AND a one-token chat completion (the probe) comes back; a vLLM CPU engine is pinned
+  to cores no other running engine holds (supervision.core_plan), so a blue/green switch does not
+  warm the new engine up on the old one's core;
 - `acquire(d, wait=True)` (a manifest reload: blue/green) returns only once the engine is ready,
   or raises (EngineStartError, ChecksumMismatch) so the gateway keeps its old plan;
   `acquire(d, wait=False)` (the gateway's start) spawns in the background: requests meanwhile go
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 import urllib.error
@@ -31,7 +34,7 @@ from pathlib import Path
 from ..integrity import deployment_problems
 from ..procs import LOOPBACK, Command, EngineStartError, ServerProcess, free_port, tail_of
 from .manifest import Deployment, ManifestError
-from .supervision import Life, Refs, engine_identity, launch_argv
+from .supervision import CPU_BIND_ENV, Life, Refs, core_plan, cpu_bind_needed, engine_identity, launch_argv
 
 log = logging.getLogger("quantgate.serve")
 HEALTH_PATH = "/v1/models"  # vLLM, llama.cpp's server and the fake engine all answer it
@@ -54,6 +57,7 @@ class Engine:
         self.abort = threading.Event()
         self.task: asyncio.Task | None = None  # a background start or restart
         self.pids: list[int] = []  # every process-group leader spawned for it
+        self.cores: list[int] = []  # the CPU cores the supervisor pinned it to (vLLM on CPU), else empty
 
     @property
     def base_url(self) -> str:
@@ -68,6 +72,8 @@ class Engine:
         out = {"deployment": self.deployment.key, "engine": self.deployment.engine.kind, "state": self.life.state,
                "restarts": self.life.restarts, "port": self.port, "pid": self.pids[-1] if self.pids else None,
                "log": str(self.log_path), "log_tail": tail_of(self.log_path, TAIL)}
+        if self.cores:
+            out["cores"] = self.cores
         if self.life.error:
             out["error"] = self.life.error
         return out
@@ -180,7 +186,12 @@ class Supervisor:
     async def _start_once(self, e: Engine) -> None:
         """Spawn, wait for the health path and the probe; raises EngineStartError (the group is stopped)."""
         d, spec = e.deployment, e.deployment.engine
-        cmd = Command(launch_argv(spec.argv, spec.python, e.port), dict(spec.env), HEALTH_PATH)
+        env = dict(spec.env)
+        if cpu_bind_needed(d):
+            held = [o.cores for o in self.engines.values() if o is not e and o.cores and o.life.state != "stopped"]
+            e.cores = core_plan(sorted(os.sched_getaffinity(0)), held, spec.threads)
+            env[CPU_BIND_ENV] = ",".join(map(str, e.cores))
+        cmd = Command(launch_argv(spec.argv, spec.python, e.port), env, HEALTH_PATH)
         proc = ServerProcess(d.key, cmd, port=e.port, log_path=e.log_path, startup_timeout_s=spec.startup_timeout_s,
                              poll_s=0.1, grace_s=self.grace_s)
         e.proc = proc

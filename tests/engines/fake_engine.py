@@ -53,6 +53,7 @@ def main() -> None:
         with open(a.pid_file, "a") as f:
             f.write(f"{os.getpid()}\n")
     log(f"INFO 01-01 00:00:00 [fake.py:1] starting {a.module} on {a.model}")
+    log(f"INFO 01-01 00:00:00 [fake.py:1] VLLM_CPU_OMP_THREADS_BIND={os.environ.get('VLLM_CPU_OMP_THREADS_BIND', 'auto')}")
     if a.module.startswith("llama_cpp") and not a.model.endswith(".gguf"):
         log(f"gguf_init_from_file_impl: failed to read magic from {a.model}")
         log("llama_model_load: error loading model: llama_model_loader: failed to load model from " + a.model)

@@ -28,7 +28,7 @@ from quantgate.evaluate.loadgen import run_load
 from quantgate.integrity import folder_checksums
 from quantgate.procs import session_pids
 from quantgate.serve.manifest import ManifestError, parse_manifest
-from quantgate.serve.supervision import Life, Refs, backoff_s, engine_identity, launch_argv
+from quantgate.serve.supervision import Life, Refs, backoff_s, core_plan, engine_identity, launch_argv
 from quantgate.workload import LengthClass, WorkloadSpec
 
 pytestmark = pytest.mark.timeout(180)
@@ -153,6 +153,17 @@ def test_an_engine_is_identified_by_argv_env_and_checksums_not_port_or_serving_f
         assert engine_identity(parse_manifest(json.dumps(manifest(other))).active) != engine_identity(base)
 
 
+def test_a_new_cpu_engine_gets_the_cores_no_running_engine_holds():
+    assert core_plan([0, 1], []) == [0]  # half the cores: the other half is free for the next switch
+    assert core_plan([0, 1], [[0]]) == [1]  # green beside blue
+    assert core_plan([0, 1], [[1]]) == [0]  # and back, at the next switch
+    assert core_plan(list(range(8)), [[0, 1, 2, 3]]) == [4, 5, 6, 7]
+    assert core_plan(list(range(8)), [[0, 1, 2, 3], [4, 5, 6, 7]], want=2) == [0, 1]  # none free: least shared
+    assert core_plan([0, 1], [[0], [0]], want=5) == [0, 1]  # never more than allowed
+    assert core_plan([3], [[3]]) == [3]  # one core: shared, never none
+    assert core_plan([], []) == []
+
+
 def test_backoff_doubles_and_is_capped():
     assert [backoff_s(n, 0.5, 4) for n in (1, 2, 3, 4, 5, 9)] == [0.5, 1, 2, 4, 4, 4]
 
@@ -205,6 +216,19 @@ def test_the_gateway_starts_its_engines_answers_through_them_and_stops_them(serv
     assert len(children) == 2  # the engine and the worker it forked
     srv.stop()
     assert not [p for p in leaders + children if alive(p)], "an engine process outlived the gateway"
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPU cores to start engines on disjoint cores")
+def test_engines_started_side_by_side_are_pinned_to_different_cores(serve, tmp_path):
+    """vLLM's own `auto` binding would put both on the same core (the switch then starves)."""
+    srv = serve(manifest(engine_dep(tmp_path, "blue"), engine_dep(tmp_path, "spare")))
+    body = wait_until(lambda: ready(srv.url), 60, "the engines to be ready")
+    blue, spare = body["engines"]["active"], body["engines"]["fallback"]
+    assert blue["cores"] and spare["cores"] and not set(blue["cores"]) & set(spare["cores"])
+    for e in (blue, spare):  # the engine itself was started with that binding
+        bind = ",".join(map(str, e["cores"]))
+        assert f"VLLM_CPU_OMP_THREADS_BIND={bind}" in Path(e["log"]).read_text()
+    srv.stop()
 
 
 def test_an_over_long_prompt_is_refused_before_the_engine(serve, tmp_path):
