@@ -31,3 +31,41 @@ stop_postgres() {
     rm -rf "$PG_DIR"
   fi
 }
+
+# An `mlflow server` on top of that PostgreSQL (runs, registry and aliases in a database of its own,
+# artifacts proxied into a folder): exports QUANTGATE_TEST_MLFLOW_URI and QUANTGATE_TEST_MLFLOW_ARTIFACTS
+# once /health answers. Call after start_postgres; stop_mlflow_server stops it.
+start_mlflow_server() {
+  [ -n "${QUANTGATE_TEST_PG_URI:-}" ] || { echo "no PostgreSQL: the MLflow-server test will be skipped"; return 0; }
+  local py port t0 db
+  py=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin/python
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  db="${QUANTGATE_TEST_PG_URI%/*}/mlflow_ci"
+  t0=$(date +%s.%N)
+  "$py" -c "import psycopg, sys; psycopg.connect(sys.argv[1], autocommit=True).execute('CREATE DATABASE mlflow_ci')" \
+    "$QUANTGATE_TEST_PG_URI" || return 1
+  MLFLOW_DIR=$(mktemp -d /tmp/quantgate-mlflow.XXXXXX)
+  # its own session (setsid), so stopping it reaches the workers it starts (uvicorn, the job consumer)
+  setsid "$py" -m mlflow server --backend-store-uri "$db" --artifacts-destination "$MLFLOW_DIR/artifacts" \
+    --serve-artifacts --host 127.0.0.1 --port "$port" --workers 1 >"$MLFLOW_DIR/server.log" 2>&1 &
+  MLFLOW_PID=$!
+  for _ in $(seq 1 360); do  # readiness poll: /health answers (migrations run first)
+    python3 -c "import urllib.request, sys; urllib.request.urlopen(sys.argv[1], timeout=2).read()" \
+      "http://127.0.0.1:$port/health" 2>/dev/null && break
+    kill -0 "$MLFLOW_PID" 2>/dev/null || { cat "$MLFLOW_DIR/server.log"; return 1; }
+    sleep 0.5
+  done
+  export QUANTGATE_TEST_MLFLOW_URI="http://127.0.0.1:$port"
+  export QUANTGATE_TEST_MLFLOW_ARTIFACTS="$MLFLOW_DIR/artifacts"
+  echo "mlflow server (PostgreSQL backend) on $QUANTGATE_TEST_MLFLOW_URI, up in $(python3 -c "import time; print(f'{time.time() - $t0:.1f}')") s"
+}
+
+stop_mlflow_server() {
+  if [ -n "${MLFLOW_PID:-}" ]; then
+    kill -TERM -- "-$MLFLOW_PID" 2>/dev/null || true
+    for _ in $(seq 1 30); do kill -0 -- "-$MLFLOW_PID" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL -- "-$MLFLOW_PID" 2>/dev/null || true
+    wait "$MLFLOW_PID" 2>/dev/null || true
+    rm -rf "$MLFLOW_DIR"
+  fi
+}

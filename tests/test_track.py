@@ -10,6 +10,7 @@ import time
 import urllib.request
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 
@@ -178,6 +179,19 @@ def postgres_db():
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+@contextlib.contextmanager
+def postgres_mlflow_server(postgres_db: str, tmp_path):
+    """The `mlflow server` on PostgreSQL that .ci/run starts (QUANTGATE_TEST_MLFLOW_URI, its artifact
+    folder in QUANTGATE_TEST_MLFLOW_ARTIFACTS); without it, one started here on a fresh database."""
+    uri = os.environ.get("QUANTGATE_TEST_MLFLOW_URI")
+    if uri:
+        yield uri, Path(os.environ["QUANTGATE_TEST_MLFLOW_ARTIFACTS"])
+        return
+    store = tmp_path / "srv-artifacts"
+    with mlflow_server(postgres_db, store, tmp_path / "srv.log") as uri:
+        yield uri, store
+
+
 def test_postgres_backed_server_with_proxied_artifacts_and_promote_rollback_move_aliases(tmp_path, postgres_db):
     """MLflow as teams run it: runs, registry and aliases in PostgreSQL, artifacts through the server."""
     from mlflow.tracking import MlflowClient
@@ -187,8 +201,7 @@ def test_postgres_backed_server_with_proxied_artifacts_and_promote_rollback_move
     from quantgate.serve.promote import promote, rollback
 
     recipe, ws, run_dir, q, records, comp = make_run(tmp_path)
-    store = tmp_path / "srv-artifacts"
-    with mlflow_server(postgres_db, store, tmp_path / "srv.log") as uri:
+    with postgres_mlflow_server(postgres_db, tmp_path) as (uri, store):
         res = log_run(recipe, ws, run_dir, quantize_results=q, records=records, comparison=comp, uri=uri,
                       log=lambda *_: None)
         check_logged(uri, res, comp)

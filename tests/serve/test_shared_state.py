@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import shutil
 import time
+import uuid
 
 import aiohttp
 import pytest
@@ -158,6 +160,22 @@ def redis_server(tmp_path):
 
 
 @pytest.fixture()
+def shared_redis(tmp_path):
+    """(URL, key prefix): the redis-server .ci/run starts (QUANTGATE_TEST_REDIS_URL), under a key prefix
+    of this test's own; without it, a server started here."""
+    url = os.environ.get("QUANTGATE_TEST_REDIS_URL")
+    if url:
+        yield url, f"qgtest{uuid.uuid4().hex[:8]}:"
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run installs it)")
+    r = RedisServer(binary, tmp_path).start()
+    yield r.url, "quantgate:"
+    r.stop()
+
+
+@pytest.fixture()
 def replicas(tmp_path):
     started: list[GatewayProcess] = []
 
@@ -186,9 +204,10 @@ async def _chat(s: aiohttp.ClientSession, url: str, prompt: str) -> tuple[int, d
 
 
 @aio
-async def test_three_replicas_never_overspend_a_tenant_budget(redis_server, replicas):
+async def test_three_replicas_never_overspend_a_tenant_budget(shared_redis, replicas):
     budget = 3000
-    gws = replicas(shared_manifest(redis_server.url, budgets={"tenants": {"*": {"tokens": budget}}}), 3)
+    url, prefix = shared_redis
+    gws = replicas(shared_manifest(url, state={"prefix": prefix}, budgets={"tenants": {"*": {"tokens": budget}}}), 3)
     used, refusals, statuses = [], [], []
 
     async def client(k: int, s: aiohttp.ClientSession):
@@ -215,8 +234,8 @@ async def test_three_replicas_never_overspend_a_tenant_budget(redis_server, repl
     # every replica served and refused some, and what Redis counted is what the clients were told
     import redis
 
-    r = redis.Redis.from_url(redis_server.url)
-    [key] = r.keys("quantgate:budget:tenant:default:*")
+    r = redis.Redis.from_url(url)
+    [key] = r.keys(f"{prefix}budget:tenant:default:*")
     deadline = time.monotonic() + 10
     while int(r.hget(key, "rt") or 0) and time.monotonic() < deadline:  # background settles landing
         time.sleep(0.01)
