@@ -147,13 +147,16 @@ def resolve_device(device: str) -> str:
 
 # ------------------------------------------------------------------------------ evaluate
 def eval_key(recipe: Recipe, spec, artifact_record: dict) -> str:
-    """What an evaluation result depends on: the artifact, the evaluation settings, the engine."""
+    """What an evaluation result depends on: the artifact, the evaluation settings, the engine, and
+    the dtype the candidate is scored in (resolved, so a recipe that leaves it to the baseline gets
+    a new key when the baseline's dtype changes)."""
     from .recipe import stable_hash
 
     return stable_hash({
         "artifact": artifact_record.get("candidate_key") or artifact_record.get("checksums"),
         "evaluation": recipe.evaluation.model_dump(mode="json", exclude={"engines"}),
         "engine": recipe.evaluation.engines[spec.engine].model_dump(mode="json"),
+        "dtype": recipe.evaluation_dtype,
     })
 
 
@@ -192,7 +195,7 @@ def evaluate(recipe: Recipe, ws: Workspace, *, only: list[str] | None = None, de
             "candidate": {"name": res.name, "method": res.method, "artifact": res.artifact},
             "evaluation": recipe.evaluation.model_dump(mode="json"),
             "engine": recipe.evaluation.engines[spec.engine].model_dump(mode="json"),
-            "device": device, "eval_key": key, "prompt_texts": texts,
+            "device": device, "dtype": recipe.evaluation_dtype, "eval_key": key, "prompt_texts": texts,
         }
         keys[res.name] = key
         tasks.append(Task(res.name, "evaluate", EVALUATE_WORKER, job, run.evaluate_dir, run.log_file(res.name, "evaluate"),
@@ -226,8 +229,8 @@ def compare_run(recipe: Recipe, ws: Workspace, records: list[dict]):
     baseline = recipe.baseline
     if baseline is None:
         raise QuantgateError(f"recipe '{recipe.name}': comparing needs a baseline candidate (method: baseline)")
-    rows = [{"name": r["name"], "method": r.get("method", ""), "metrics": r.get("metrics", {}), "error": r.get("error")}
-            for r in records]
+    rows = [{"name": r["name"], "method": r.get("method", ""), "metrics": r.get("metrics", {}), "error": r.get("error"),
+             "dtype": r.get("dtype")} for r in records]
     if not any(r["name"] == baseline.name and not r["error"] for r in rows):
         raise QuantgateError(f"the baseline '{baseline.name}' has no evaluation; rerun `quantgate evaluate`")
     comp = compare(rows, baseline.name, recipe.card.gates)

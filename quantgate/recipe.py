@@ -21,6 +21,7 @@ from .errors import RecipeError
 from .workload import WorkloadSpec
 
 DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
+Dtype = Literal["float32", "float16", "bfloat16"]
 
 
 # ----------------------------------------------------------------------------------- model
@@ -92,7 +93,7 @@ class BaselineSpec(_CandidateBase):
     """The unquantized model, saved in the chosen dtype: every comparison is against it."""
 
     method: Literal["baseline"]
-    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    dtype: Dtype = "float16"
 
 
 class _WeightQuantBase(_CandidateBase):
@@ -196,6 +197,9 @@ class CostSpec(Spec):
 
 
 class EvaluationSpec(Spec):
+    dtype: Dtype | None = Field(
+        None, description="the one dtype every candidate is loaded and scored in (default: the baseline's dtype, "
+                          "else model.dtype, else float32); see Recipe.evaluation_dtype")
     perplexity: PerplexitySpec | None = Field(default_factory=PerplexitySpec)
     lm_eval: LMEvalSpec | None = None
     regression: RegressionSpec | None = None
@@ -203,6 +207,15 @@ class EvaluationSpec(Spec):
     workload: WorkloadSpec | None = Field(default_factory=lambda: WorkloadSpec(requests=8, concurrency=2))
     engines: dict[str, EvaluationClientSpec] = Field(default_factory=lambda: {"transformers": EvaluationClientSpec()})
     cost: CostSpec = Field(default_factory=lambda: CostSpec(usd_per_hour=0.10))
+
+    @model_serializer(mode="wrap")
+    def _without_default_dtype(self, handler):
+        # a recipe that does not set evaluation.dtype keeps the dump (and so the recipe hash) it had
+        # before the field existed; the resolved dtype enters the evaluation key instead
+        out = handler(self)
+        if self.dtype is None and isinstance(out, dict):
+            out.pop("dtype", None)
+        return out
 
 
 class GateSpec(Spec):
@@ -354,6 +367,19 @@ class Recipe(Spec):
     @property
     def baseline(self) -> BaselineSpec | None:
         return next((c for c in self.candidates if c.method == "baseline"), None)
+
+    @property
+    def evaluation_dtype(self) -> str:
+        """The one dtype every candidate is evaluated in, so they compete on the same arithmetic: the
+        recipe's evaluation.dtype, else the baseline's (every comparison is against it), else the
+        model's declared dtype, else float32. Checkpoints carry their own dtype (GPTQModel saves
+        bfloat16, RTN float16, a baseline what it was asked for); loading each in its own would
+        compare dtypes as much as methods."""
+        if self.evaluation.dtype:
+            return self.evaluation.dtype
+        if self.baseline is not None:
+            return self.baseline.dtype
+        return self.model.dtype if self.model.dtype != "auto" else "float32"
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

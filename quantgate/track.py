@@ -179,7 +179,7 @@ def log_run(recipe, workspace: Path, run_dir: Path, *, quantize_results: list[di
             child_id = _create_run(client, exp_id, name, {**ctags, "mlflow.parentRunId": parent_id}, spans[name][0])
             with mlflow.start_run(run_id=child_id, nested=True) as child:
                 result.child_run_ids[name] = child.info.run_id
-                mlflow.log_params(candidate_params(spec, (by_q.get(name) or {}).get("record") or {}))
+                mlflow.log_params(candidate_params(spec, (by_q.get(name) or {}).get("record") or {}, rec))
                 mlflow.log_metrics({_mlflow_key(k): val for k, val in _numeric(rec.get("metrics", {})).items()})
                 mlflow.log_metrics({_mlflow_key(f"recovery/{k}"): val for k, val in _numeric(v.get("recovery", {})).items()})
                 gates = v.get("gates", [])
@@ -376,13 +376,14 @@ def comparison_table_data(comparison: dict) -> dict:
     return data
 
 
-def candidate_params(spec, record: dict) -> dict:
-    """Params that line up across candidates in MLflow's compare view (one set of names for all)."""
+def candidate_params(spec, record: dict, evaluation: dict | None = None) -> dict:
+    """Params that line up across candidates in MLflow's compare view (one set of names for all);
+    `eval_dtype` is the dtype every candidate was scored in (a baseline's `dtype` is how it was saved)."""
     d = spec.model_dump(mode="json")
     params = {k: d.get(k) for k in ("method", "bits", "group_size", "sym", "act_order", "damp_percent", "n_samples",
                                      "backend", "dtype", "engine")}
     params.update(format=record.get("format"), quantized_modules=record.get("quantized_modules"),
-                  skip=",".join(d.get("skip") or []) or None)
+                  skip=",".join(d.get("skip") or []) or None, eval_dtype=(evaluation or {}).get("dtype"))
     return {k: ("-" if v is None else str(v)) for k, v in params.items()}
 
 

@@ -26,6 +26,9 @@ def test_evaluate_and_compare_tiny_recipe(tmp_path, tiny_model, corpus_file):
             assert m.get(key) is not None and m[key] == m[key], (r["name"], key)
         assert m["error_rate"] == 0 and len(r["speed"]["load"]["records"]) == 3
     assert rtn["metrics"]["weights_mb"] < base["metrics"]["weights_mb"]
+    # one dtype for all: the baseline's float32, though the RTN checkpoint's config says float16
+    assert [r["dtype"] for r in records] == ["float32", "float32"]
+    assert base["kernels"] == {} and sum(rtn["kernels"].values()) == 2 * 7  # 7 linears a layer, 2 layers
     # a second evaluate reuses the stored results
     again = evaluate(recipe, ws, log=lambda *_: None)
     assert [r["eval_key"] for r in again] == [r["eval_key"] for r in records]
@@ -33,3 +36,4 @@ def test_evaluate_and_compare_tiny_recipe(tmp_path, tiny_model, corpus_file):
     assert comp.baseline == "base" and comp.recommended in ("base", "rtn4")
     md = (ws.run_dir(recipe) / "compare.md").read_text()
     assert "| rtn4 |" in md or "**rtn4**" in md
+    assert "every candidate scored in float32" in md

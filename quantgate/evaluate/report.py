@@ -35,6 +35,16 @@ def columns(comp: Comparison) -> list[tuple[str, str, str]]:
     return cols + list(seen.values())
 
 
+def scored_in(comp: Comparison) -> str:
+    """'; every candidate scored in bfloat16', or the mix when records from older runs differ."""
+    got = {v.dtype for v in comp.candidates if v.dtype}
+    if not got:
+        return ""
+    if len(got) == 1:
+        return f"; every candidate scored in {got.pop()}"
+    return "; NOT on equal terms, scored in " + ", ".join(f"{v.name} {v.dtype}" for v in comp.candidates if v.dtype)
+
+
 def latency_n(comp: Comparison) -> str:
     ns = {int(v.metrics["load_requests_n"]) for v in comp.candidates if v.metrics.get("load_requests_n")}
     return f"; latency percentiles over n={'/'.join(map(str, sorted(ns)))} requests each" if ns else ""
@@ -74,7 +84,7 @@ def comparison_table(comp: Comparison):
     from rich.table import Table
 
     cols = columns(comp)
-    t = Table(title=f"candidates vs baseline '{comp.baseline}'  (recovery in brackets{latency_n(comp)})")
+    t = Table(title=f"candidates vs baseline '{comp.baseline}'  (recovery in brackets{latency_n(comp)}{scored_in(comp)})")
     t.add_column("candidate")
     t.add_column("gates")
     for _, head, _ in cols:
@@ -107,7 +117,7 @@ def comparison_markdown(recipe, comp: Comparison, records: list[dict]) -> str:
                 lines.append(f"| {k} | {getattr(recipe.card, k)} |")
         lines.append(f"| rollback | {recipe.card.rollback_to or comp.baseline} |")
         lines.append("")
-    lines += ["## Comparison", "", f"Recovery in brackets{latency_n(comp)}.", "", "| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
+    lines += ["## Comparison", "", f"Recovery in brackets{latency_n(comp)}{scored_in(comp)}.", "", "| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
     for v in comp.candidates:
         name = f"**{v.name}** ★" if v.name == comp.recommended else v.name
         lines.append("| " + " | ".join([name, v.method, _status(v, comp)] + [_cell(m, f, v) for m, _, f in cols]) + " |")

@@ -177,10 +177,13 @@ def execute(job: dict) -> dict:
     from .clients.transformers_local import TransformersClient
 
     t0 = time.perf_counter()
-    local = TransformersClient(cand["artifact"], device=job["device"], threads=engine_spec.threads)
+    local = TransformersClient(cand["artifact"], device=job["device"], threads=engine_spec.threads,
+                               dtype=job.get("dtype"))
     t_load = time.perf_counter()
     asyncio.run(local.start())
     TIMINGS["model_load"] = round(time.perf_counter() - t_load, 2)
+    # what the scores were computed in: the declared dtype and the quantized kernels it ran on
+    loaded = {"dtype": str(local.model.dtype).removeprefix("torch."), "kernels": local.kernels()}
     q_section, flat = quality(local, spec, cand["name"])
     speed_engine = local
     if engine_spec.kind == "openai":
@@ -196,6 +199,7 @@ def execute(job: dict) -> dict:
     return {
         "name": cand["name"], "method": cand["method"], "artifact": cand["artifact"],
         "engine": engine_spec.model_dump(mode="json"), "device": job["device"],
+        **loaded,
         "quality": q_section, "speed": s_section, "memory": mem, "metrics": flat,
         "eval_key": job["eval_key"], "wall_s": round(time.perf_counter() - t0, 2), "timings_s": dict(TIMINGS),
     }

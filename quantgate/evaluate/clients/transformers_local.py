@@ -38,8 +38,11 @@ class _QueueStreamer:
 class TransformersClient:
     name = "transformers"
 
-    def __init__(self, model_path: str | Path, device: str = "cpu", threads: int | None = None):
-        self.model_path, self.device, self.threads = str(model_path), device, threads
+    def __init__(self, model_path: str | Path, device: str = "cpu", threads: int | None = None,
+                 dtype: str | None = None):
+        # dtype None: whatever the checkpoint's config says (serving); evaluation passes one dtype
+        # for every candidate so they are scored on the same arithmetic
+        self.model_path, self.device, self.threads, self.dtype = str(model_path), device, threads, dtype
         self.model = self.tokenizer = None
         self._lock = asyncio.Lock()
         self.load_s: float | None = None
@@ -56,7 +59,16 @@ class TransformersClient:
         if self.threads:
             torch.set_num_threads(self.threads)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, device_map=self.device).eval()
+        dtype = getattr(torch, self.dtype) if self.dtype else "auto"
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, device_map=self.device, dtype=dtype).eval()
+
+    def kernels(self) -> dict:
+        """The classes doing the model's quantized matmuls and how many of each (a dense model: {}).
+        Evidence for the record: on CPU GPTQModel's int4 kernels compute in bfloat16 whatever the
+        model's dtype, which is why the CPU recipes evaluate in bfloat16."""
+        from collections import Counter
+
+        return dict(Counter(type(m).__name__ for m in self.model.modules() if hasattr(m, "qweight")))
 
     def encode(self, messages: list[dict]):
         if getattr(self.tokenizer, "chat_template", None):
