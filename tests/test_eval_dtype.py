@@ -66,3 +66,13 @@ def test_the_comparison_says_what_every_candidate_was_scored_in():
     assert "NOT on equal terms" in mixed and "r4 float16" in mixed
     assert scored_in(compare(_rows(None, None), "base", [])) == ""
 
+
+
+def test_float32_on_cpu_picks_the_gptq_kernel_that_computes_in_float32():
+    from quantgate.evaluate.clients.transformers_local import kernel_backend
+
+    assert kernel_backend("gptq", "float32", "cpu") == "torch"
+    assert kernel_backend("gptq", "bfloat16", "cpu") is None  # the automatic int4 kernel computes in bf16
+    assert kernel_backend("gptq", "float32", "cuda") is None
+    assert kernel_backend("awq", "float32", "cpu") is None  # its float32 kernel is ~12x slower: left automatic
+    assert kernel_backend(None, "float32", "cpu") is None  # a dense checkpoint
