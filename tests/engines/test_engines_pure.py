@@ -74,11 +74,13 @@ def test_vllm_command_line_fits_the_format_and_device():
     assert "--quantization" not in c.argv  # on CPU vLLM reads the format from the checkpoint
     assert c.argv[c.argv.index("--port") + 1] == "8123" and c.argv[c.argv.index("--host") + 1] == "127.0.0.1"
     assert c.argv[c.argv.index("--served-model-name") + 1] == "g4"
-    assert c.env == {"VLLM_CPU_KVCACHE_SPACE": "2", "OMP_NUM_THREADS": "2"}
+    assert c.env == {"VLLM_CPU_KVCACHE_SPACE": "2", "OMP_NUM_THREADS": "2", "VLLM_USE_AOT_COMPILE": "0"}
+    own = LaunchSpec(kind="vllm", env={"VLLM_USE_AOT_COMPILE": "1"})  # the spec's env wins
+    assert command_for("vllm", "/e/py", GPTQ4, own, 8123).env["VLLM_USE_AOT_COMPILE"] == "1"
     gpu = LaunchSpec(kind="vllm", device="cuda", dtype="float16", gpu_memory_utilization=0.9, args=["--enforce-eager"])
     g = command_for("vllm", "/e/py", AWQ4, gpu, 9000)
     assert g.argv[g.argv.index("--quantization") + 1] == "awq_marlin" and g.argv[-1] == "--enforce-eager"
-    assert "VLLM_CPU_KVCACHE_SPACE" not in g.env
+    assert "VLLM_CPU_KVCACHE_SPACE" not in g.env and "VLLM_USE_AOT_COMPILE" not in g.env
 
 
 def test_llamacpp_command_line_keeps_streams_and_states_threads():
