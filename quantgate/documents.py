@@ -19,9 +19,24 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from .errors import QuantgateError
+
+
+def omitted_while_unset(field: str, *with_it: str):
+    """A Spec's wrap serializer: while `field` is None its dump leaves it (and `with_it`) out, so a field
+    added later keeps the dump, and so every hash, of the documents that do not use it. Use as
+    `_stable_dump = omitted_while_unset("trace", "time_scale")` in the class body."""
+
+    def _omit(self, handler):
+        out = handler(self)
+        if getattr(self, field) is None and isinstance(out, dict):
+            for name in (field, *with_it):
+                out.pop(name, None)
+        return out
+
+    return model_serializer(mode="wrap")(_omit)
 
 
 class Spec(BaseModel):

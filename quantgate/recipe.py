@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import yaml
-from pydantic import Field, field_validator, model_serializer, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from .documents import Spec, load_document, suggest
+from .documents import Spec, load_document, omitted_while_unset, suggest
 from .errors import RecipeError
 from .workload import WorkloadSpec
 
@@ -208,14 +208,9 @@ class EvaluationSpec(Spec):
     engines: dict[str, EvaluationClientSpec] = Field(default_factory=lambda: {"transformers": EvaluationClientSpec()})
     cost: CostSpec = Field(default_factory=lambda: CostSpec(usd_per_hour=0.10))
 
-    @model_serializer(mode="wrap")
-    def _without_default_dtype(self, handler):
-        # a recipe that does not set evaluation.dtype keeps the dump (and so the recipe hash) it had
-        # before the field existed; the resolved dtype enters the evaluation key instead
-        out = handler(self)
-        if self.dtype is None and isinstance(out, dict):
-            out.pop("dtype", None)
-        return out
+    # a recipe that does not set evaluation.dtype keeps the dump (and so the recipe hash) it had before
+    # the field existed; the resolved dtype enters the evaluation key instead
+    _stable_dump = omitted_while_unset("dtype")
 
 
 class GateSpec(Spec):
@@ -318,13 +313,7 @@ class Recipe(Spec):
     def _executor_shorthand(cls, v):
         return {"kind": v} if isinstance(v, str) else v  # `executor: ray`
 
-    @model_serializer(mode="wrap")
-    def _without_executor(self, handler):
-        # a recipe without an executor dumps (and so writes recipe.yaml) exactly as before the field
-        out = handler(self)
-        if self.executor is None and isinstance(out, dict):
-            out.pop("executor", None)
-        return out
+    _stable_dump = omitted_while_unset("executor")  # a recipe without one dumps exactly as before the field
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":

@@ -10,9 +10,9 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_serializer, model_validator
+from pydantic import Field, model_validator
 
-from .documents import Spec
+from .documents import Spec, omitted_while_unset
 
 TRACE_HEADER = "quantgate_trace"  # the key of a trace file's header line (serve/trace.py writes them)
 TRACE_VERSION = 1
@@ -59,14 +59,7 @@ class WorkloadSpec(Spec):
     trace: str | None = Field(None, description="replay a gateway trace (serving.trace) instead of a synthetic mix")
     time_scale: float = Field(1.0, ge=0, description="trace arrival times are multiplied by this (0: all at once)")
 
-    @model_serializer(mode="wrap")
-    def _without_trace(self, handler):
-        # keep the dump (and so recipe hashes) of a workload without a trace what it was
-        out = handler(self)
-        if self.trace is None and isinstance(out, dict):
-            out.pop("trace", None)
-            out.pop("time_scale", None)
-        return out
+    _stable_dump = omitted_while_unset("trace", "time_scale")  # recipe hashes of workloads without a trace
 
     @model_validator(mode="after")
     def _stop_rule(self) -> "WorkloadSpec":
