@@ -66,6 +66,12 @@ def verify_folder(folder: Path, expected: dict[str, str]) -> list[str]:
     return compare(expected, folder_checksums(folder))
 
 
+def problems_line(problems: list[str], first: int = 5) -> str:
+    """The first few problems on one line, and how many more there are."""
+    more = len(problems) - first
+    return "; ".join(problems[:first]) + (f"; and {more} more" if more > 0 else "")
+
+
 def deployment_problems(artifact: str | None, files: dict[str, str] | None, weights_sha256: str | None) -> list[str]:
     """What is wrong with a deployment's artifact on disk, from what its manifest entry records (blocking).
 

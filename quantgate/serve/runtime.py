@@ -21,7 +21,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..integrity import deployment_problems
+from ..integrity import deployment_problems, problems_line
 from .access import Principal, exposure_problem, key_table
 from .manifest import Deployment, Manifest, ManifestError, manifest_digest, parse_manifest
 from .providers import Provider, make_provider
@@ -170,7 +170,7 @@ async def verify_artifacts(m: Manifest, source: str) -> None:
             continue
         problems = await asyncio.to_thread(deployment_problems, folder, d.files, d.sha256)
         if problems:
-            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            shown = problems_line(problems)
             raise ManifestError(f"{source}: {role} ({d.key}): the artifact does not match the manifest's "
                                 f"checksums: {shown}. Re-promote it (quantgate promote) if the change is intended")
         if not d.files and not d.sha256:

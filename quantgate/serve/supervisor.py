@@ -31,7 +31,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ..integrity import deployment_problems
+from ..integrity import deployment_problems, problems_line
 from ..procs import LOOPBACK, Command, EngineStartError, ServerProcess, free_port, tail_of
 from .manifest import Deployment, ManifestError
 from .supervision import CPU_BIND_ENV, Life, Refs, core_plan, cpu_bind_needed, engine_identity, launch_argv
@@ -174,7 +174,7 @@ class Supervisor:
         d = e.deployment
         problems = await asyncio.to_thread(deployment_problems, d.artifact, d.files, d.sha256)
         if problems:
-            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            shown = problems_line(problems)
             why = f"the artifact does not match the manifest's checksums: {shown}"
             e.life.refused(why)
             self._gauge(e)
