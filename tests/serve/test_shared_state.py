@@ -30,7 +30,16 @@ fakeredis = pytest.importorskip("fakeredis", reason="fakeredis (the `test` extra
 
 BUDGETS = BudgetsSpec.model_validate({"tenants": {"acme": {"tokens": 100, "period_s": 3600}},
                                       "global": {"tokens": 1000, "usd": 1.0, "period_s": 3600}})
-NOW = time.time() // 3600 * 3600 + 1.0  # Redis expires keys on its own clock: stay in this hour
+NOW = 0.0  # set by `_this_hour` when each test starts
+
+
+@pytest.fixture(autouse=True)
+def _this_hour():
+    """Redis expires budget keys on its own (real) clock, a minute after their window ends, so every
+    test's wall time is the start of the hour it runs in: a window stays alive for the test's whole
+    run. Taken at import instead, a suite that crossed the hour found its keys already expired."""
+    global NOW
+    NOW = time.time() // 3600 * 3600 + 1.0
 
 
 def aio(fn):
