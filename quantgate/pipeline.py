@@ -233,7 +233,7 @@ def compare_run(recipe: Recipe, ws: Workspace, records: list[dict]):
              "dtype": r.get("dtype")} for r in records]
     if not any(r["name"] == baseline.name and not r["error"] for r in rows):
         raise QuantgateError(f"the baseline '{baseline.name}' has no evaluation; rerun `quantgate evaluate`")
-    comp = compare(rows, baseline.name, recipe.card.gates)
+    comp = compare(rows, baseline.name, recipe.card.gates, cost_tolerance=recipe.card.cost_tolerance_or_default)
     ws.run(recipe).write_comparison(recipe, comp.to_dict(), comparison_markdown(recipe, comp, records))
     return comp
 

@@ -239,6 +239,9 @@ class GateSpec(Spec):
         return f"{k} {self.threshold:g}"
 
 
+DEFAULT_COST_TOLERANCE = 0.05  # costs this close to the cheapest are a tie, won by the smaller model
+
+
 class TradeoffCardSpec(Spec):
     """The chapter's trade-off card: targets in words, gates as rules, the rollback target."""
 
@@ -247,6 +250,17 @@ class TradeoffCardSpec(Spec):
     cost: str | None = None
     gates: list[GateSpec] = Field(default_factory=list)
     rollback_to: str | None = Field(None, description="candidate served on rollback (default: the baseline)")
+    cost_tolerance: float | None = Field(
+        None, ge=0, le=1,
+        description="passing candidates whose cost is within this fraction of the cheapest count as equally "
+                    f"cheap, and the smallest of them is recommended (default {DEFAULT_COST_TOLERANCE}): a short "
+                    "load test cannot tell a few percent apart")
+
+    _stable_dump = omitted_while_unset("cost_tolerance")  # a card without one hashes as before the field
+
+    @property
+    def cost_tolerance_or_default(self) -> float:
+        return DEFAULT_COST_TOLERANCE if self.cost_tolerance is None else self.cost_tolerance
 
 
 class TrackingSpec(Spec):

@@ -51,6 +51,31 @@ def test_cheapest_passing_candidate_is_recommended():
     assert "cheapest of 3" in comp.why  # the baseline passes its own gates too
 
 
+def test_costs_within_the_tolerance_are_a_tie_won_by_the_smaller_model():
+    # the CI run that recommended the baseline: AWQ 1.8% dearer in a 12-request load test, a fifth the size
+    rows = [row("baseline-fp32", usd_per_1m_output_tokens=1.198, weights_mb=538.0),
+            row("awq-w4", usd_per_1m_output_tokens=1.22, weights_mb=114.0),
+            row("gptq-w4", usd_per_1m_output_tokens=1.30, weights_mb=100.0)]   # smaller, but 8.5% dearer
+    comp = compare(rows, "baseline-fp32", GATES)
+    assert comp.recommended == "awq-w4"
+    assert "smallest (114 MB" in comp.why and "within 5% of the cheapest" in comp.why
+    assert "baseline-fp32's 1.198" in comp.why
+    # a wider tolerance takes in gptq-w4; none at all makes the cheapest win outright
+    assert compare(rows, "baseline-fp32", GATES, cost_tolerance=0.1).recommended == "gptq-w4"
+    strict = compare(rows, "baseline-fp32", GATES, cost_tolerance=0.0)
+    assert strict.recommended == "baseline-fp32" and "cheapest of 3" in strict.why
+
+
+def test_the_card_tolerance_is_validated_and_leaves_old_recipe_hashes_alone():
+    from quantgate.recipe import DEFAULT_COST_TOLERANCE, TradeoffCardSpec
+
+    card = TradeoffCardSpec()
+    assert card.cost_tolerance_or_default == DEFAULT_COST_TOLERANCE and "cost_tolerance" not in card.model_dump()
+    assert TradeoffCardSpec(cost_tolerance=0.1).model_dump()["cost_tolerance"] == 0.1
+    with pytest.raises(ValueError, match="cost_tolerance"):
+        TradeoffCardSpec(cost_tolerance=-0.1)
+
+
 def test_no_candidate_passes():
     rows = [row("baseline-fp32", error_rate=0.2), row("rtn-w4", perplexity=40.0)]
     comp = compare(rows, "baseline-fp32", GATES)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from ..recipe import GateSpec
+from ..recipe import DEFAULT_COST_TOLERANCE, GateSpec
 
 # Metrics where smaller is better; everything else (accuracy, pass rates, throughput) is larger-better.
 EPS = 1e-9  # ratios like 0.75/0.8333 land a hair under 0.9: a gate should not fail on rounding
@@ -107,7 +107,8 @@ class Comparison:
                 "candidates": [c.to_dict() for c in self.candidates]}
 
 
-def compare(rows: list[dict], baseline: str, gates: list[GateSpec], cost_metric: str = "usd_per_1m_output_tokens") -> Comparison:
+def compare(rows: list[dict], baseline: str, gates: list[GateSpec], cost_metric: str = "usd_per_1m_output_tokens",
+            cost_tolerance: float = DEFAULT_COST_TOLERANCE) -> Comparison:
     """rows: [{"name", "method", "metrics": {...}, "error": str|None, "dtype": str|None}] → verdicts and a
     recommendation."""
     by_name = {r["name"]: r for r in rows}
@@ -121,21 +122,32 @@ def compare(rows: list[dict], baseline: str, gates: list[GateSpec], cost_metric:
         gate_results = [] if r.get("error") else [evaluate_gate(g, m, base) for g in gates]
         verdicts.append(CandidateVerdict(r["name"], r.get("method", ""), m, rec, gate_results, r.get("error"),
                                          r.get("dtype")))
-    return Comparison(baseline, verdicts, *select_recommended(verdicts, cost_metric))
+    return Comparison(baseline, verdicts, *select_recommended(verdicts, cost_metric, cost_tolerance))
 
 
-def select_recommended(verdicts: list[CandidateVerdict], cost_metric: str) -> tuple[str | None, str]:
-    """The cheapest candidate that passes every gate; ties go to the smaller model."""
+def select_recommended(verdicts: list[CandidateVerdict], cost_metric: str,
+                       tolerance: float = DEFAULT_COST_TOLERANCE) -> tuple[str | None, str]:
+    """The cheapest candidate that passes every gate. Costs within `tolerance` of the cheapest are a
+    tie (a short load test measures cost to a few percent: which of two equal models is "cheaper"
+    changes from run to run), and a tie goes to the smaller model, then to the cheaper one."""
     passing = [v for v in verdicts if v.passed]
     if not passing:
         return None, "no candidate passes every gate"
 
-    def key(v: CandidateVerdict):
-        return (v.metrics.get(cost_metric, float("inf")), v.metrics.get("weights_mb", float("inf")), v.name)
+    def cost(v: CandidateVerdict) -> float:
+        return v.metrics.get(cost_metric, float("inf"))
 
-    best = min(passing, key=key)
-    cost = best.metrics.get(cost_metric)
+    def size(v: CandidateVerdict) -> float:
+        return v.metrics.get("weights_mb", float("inf"))
+
+    cheapest = min(passing, key=lambda v: (cost(v), size(v), v.name))
+    tied = [v for v in passing if cost(v) <= cost(cheapest) * (1 + tolerance)]
+    best = min(tied, key=lambda v: (size(v), cost(v), v.name))
     others = len(passing) - 1
-    return best.name, (f"cheapest of {len(passing)} candidate(s) passing every gate"
-                       + (f" at {cost:.4g} {cost_metric}" if cost is not None else "")
-                       + (f"; {others} other(s) also pass" if others else ""))
+    also = f"; {others} other(s) also pass" if others else ""
+    if best is cheapest:
+        at = f" at {cost(best):.4g} {cost_metric}" if cost_metric in best.metrics else ""
+        return best.name, f"cheapest of {len(passing)} candidate(s) passing every gate{at}{also}"
+    return best.name, (f"smallest ({size(best):.0f} MB of weights) of the {len(tied)} passing candidates within "
+                       f"{tolerance:.0%} of the cheapest {cost_metric} ({cost(best):.4g} vs {cheapest.name}'s "
+                       f"{cost(cheapest):.4g}, {size(cheapest):.0f} MB){also}")

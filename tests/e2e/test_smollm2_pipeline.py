@@ -78,11 +78,13 @@ def test_promote_recommended_then_rollback_restores_previous(smollm2_run, tmp_pa
     assert rec, "the shipped recipe should have a candidate passing every gate"
     manifest = tmp_path / "manifest.json"
     base = smollm2_run["recipe"].baseline.name
-    assert cli("promote", run_dir, "--candidate", base, "--manifest", manifest).returncode == 0
+    passing = [c["name"] for c in comp["candidates"] if c["passed"] and c["name"] != rec]
+    first = base if rec != base else passing[0]   # what serves before the recommended one
+    assert cli("promote", run_dir, "--candidate", first, "--manifest", manifest).returncode == 0
     proc = cli("promote", run_dir, "--candidate", rec, "--manifest", manifest)
     assert proc.returncode == 0, proc.stderr
     m = load_manifest(manifest)
-    assert m.active.name == rec and m.previous[0].name == base
+    assert m.active.name == rec and m.previous[0].name == first
     assert m.evidence["go_live_check"]["engine_supports_format"]["ok"]
     assert m.evidence["go_live_check"]["rollback_target"]["verified"]
     tracking = json.loads((run_dir / "tracking.json").read_text())
@@ -106,8 +108,8 @@ def test_promote_recommended_then_rollback_restores_previous(smollm2_run, tmp_pa
     proc = cli("rollback", "--manifest", manifest, "--reason", "e2e test")
     assert proc.returncode == 0, proc.stderr
     back = load_manifest(manifest)
-    assert back.active.name == base and back.history[-1].what == "rollback"
-    assert client.get_model_version_by_alias(model, "champion").version == int(tracking["versions"][base])
+    assert back.active.name == first and back.history[-1].what == "rollback"
+    assert client.get_model_version_by_alias(model, "champion").version == int(tracking["versions"][first])
 
 
 def test_resume_that_changes_nothing_logs_nothing_new(smollm2_run):
