@@ -42,10 +42,22 @@ log = logging.getLogger("quantgate.serve")
 
 _KEEP_S = 60  # a budget window's key outlives its window by this much (settles of late answers)
 
+# Each script's ARGV arrives as one space-separated string (`_evalsha`): redis-py encodes every
+# argument of a command in Python, and one string instead of two dozen numbers per request was the
+# largest cut in the gateway's CPU per request with shared state (bench/replicas.py).
+WORDS = """
+local function words(s)
+  local out = {}
+  for w in string.gmatch(s, '%S+') do out[#out + 1] = w end
+  return out
+end
+"""
+
 # KEYS: n budget accounts (one hash per window: t, u used; rt, ru reserved), the request bucket,
 # the token bucket. ARGV: n, tokens, usd, now, then (limit_tokens, limit_usd, expire_at) per account
 # (-1 = no limit), then req rate, req capacity, token rate, token capacity (-1 = no bucket), bucket ttl.
 ADMIT = """
+local ARGV = words(ARGV[1])
 local n = tonumber(ARGV[1])
 local tokens, usd, now = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 for i = 1, n do
@@ -95,6 +107,7 @@ return {0}
 # KEYS: n budget accounts, the token bucket. ARGV: n, reserved tokens, reserved usd, used tokens,
 # used usd, token capacity (-1 = no bucket), then expire_at per account.
 SETTLE = """
+local ARGV = words(ARGV[1])
 local n = tonumber(ARGV[1])
 local rt, ru, t, u, cap = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
                           tonumber(ARGV[6])
@@ -201,11 +214,13 @@ class RedisState(LocalState):
             from redis.asyncio.retry import Retry
             from redis.backoff import NoBackoff
 
-            t = spec.timeout_ms / 1000
             # A slow Redis costs one timeout, then the local path (a timed-out script may have run:
-            # never resend it). A closed connection is retried once at once: after Redis restarts,
-            # the pool's old connections fail once each, and that is not Redis being down.
-            client = aioredis.from_url(spec.redis, socket_timeout=t, socket_connect_timeout=t,
+            # never resend it). The timeout is this class's, one per round trip (`_bounded`): the
+            # client's own socket_timeout would arm one per reply, and a batch has dozens (that cost
+            # the gateway 20 us of CPU per request, bench/replicas.py). A closed connection is retried
+            # once at once: after Redis restarts, the pool's old connections fail once each, and that
+            # is not Redis being down.
+            client = aioredis.from_url(spec.redis, socket_timeout=None, socket_connect_timeout=spec.timeout_ms / 1000,
                                        retry=Retry(NoBackoff(), 1, supported_errors=(self.exceptions.ConnectionError,)),
                                        health_check_interval=0)
         self.redis = client
@@ -231,6 +246,12 @@ class RedisState(LocalState):
 
     def _errors(self) -> tuple:
         return (self.exceptions.RedisError, OSError, asyncio.TimeoutError)
+
+    async def _bounded(self, aw):
+        """One round trip, or asyncio.TimeoutError after timeout_ms (Redis counts as down). Cancelled
+        mid-reply, the client closes that connection rather than reuse it."""
+        async with asyncio.timeout(self.spec.timeout_ms / 1000):
+            return await aw
 
     def _use_redis(self) -> bool:
         if self.up:
@@ -286,7 +307,7 @@ class RedisState(LocalState):
             return
         self.trip("ping")
         try:
-            await self.redis.ping()
+            await self._bounded(self.redis.ping())
         except self._errors() as exc:
             self._down(exc)
         else:
@@ -298,7 +319,7 @@ class RedisState(LocalState):
         many requests share one pipeline (one round trip), each script still atomic on its own."""
         for again in (False, True):
             try:
-                out = await self._call(("EVALSHA", self._sha[name], len(keys), *keys, *args))
+                out = await self._call(self._evalsha(name, keys, args))
             except self.exceptions.NoScriptError as exc:
                 out = exc
             if not _noscript(out) or again:
@@ -308,9 +329,12 @@ class RedisState(LocalState):
             raise out
         return out
 
+    def _evalsha(self, name: str, keys: list, args: list) -> tuple:
+        return ("EVALSHA", self._sha[name], len(keys), *keys, " ".join(map(str, args)))
+
     async def _load_scripts(self) -> None:
         for name, src in SCRIPTS.items():
-            self._sha[name] = await self.redis.script_load(src)
+            self._sha[name] = await self._bounded(self.redis.script_load(src))
 
     def call_soon(self, cmd: tuple) -> asyncio.Future:
         """One command in the next batch; its reply (or its own error) is the future's result."""
@@ -338,7 +362,7 @@ class RedisState(LocalState):
             pipe.execute_command(*cmd)
         self.trip("batch")
         try:
-            out = await pipe.execute(raise_on_error=False)
+            out = await self._bounded(pipe.execute(raise_on_error=False))
         except BaseException as exc:  # noqa: BLE001 - every waiting request hears of it (and goes local)
             for _, fut in calls:
                 if not fut.done():
@@ -357,7 +381,8 @@ class RedisState(LocalState):
             return
         self.trip("breaker")
         try:
-            await self.redis.set(f"{self.spec.prefix}breaker:{deployment}", event, px=max(1, int(ttl_s * 1000)))
+            await self._bounded(self.redis.set(f"{self.spec.prefix}breaker:{deployment}", event,
+                                               px=max(1, int(ttl_s * 1000))))
         except self._errors() as exc:
             self._down(exc)
         else:
@@ -369,7 +394,7 @@ class RedisState(LocalState):
             return None
         self.trip("breaker")
         try:
-            got = await self.redis.get(f"{self.spec.prefix}breaker:{deployment}")
+            got = await self._bounded(self.redis.get(f"{self.spec.prefix}breaker:{deployment}"))
         except self._errors() as exc:
             self._down(exc)
             return None
@@ -463,12 +488,12 @@ class RedisState(LocalState):
             pipe = self.redis.pipeline(transaction=False)
             for kind, a in batch:
                 if kind == "settle":
-                    pipe.execute_command("EVALSHA", self._sha["settle"], len(a[0]), *a[0], *a[1])
+                    pipe.execute_command(*self._evalsha("settle", *a))
                 else:
                     pipe.set(a[0], a[1], px=a[2])
             self.trip("writes")
             try:
-                out = await pipe.execute(raise_on_error=False)
+                out = await self._bounded(pipe.execute(raise_on_error=False))
             except self.exceptions.NoScriptError:
                 out = [self.exceptions.NoScriptError()] * len(batch)
             except self._errors() as exc:
@@ -496,7 +521,7 @@ class RedisState(LocalState):
         await self.redis.aclose()
 
 
-SCRIPTS = {"admit": ADMIT, "settle": SETTLE}
+SCRIPTS = {"admit": WORDS + ADMIT, "settle": WORDS + SETTLE}
 
 
 def _retrieved(fut: asyncio.Future) -> None:

@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import time
 import uuid
 
@@ -166,6 +167,32 @@ def redis_server(tmp_path):
     r = RedisServer(binary, tmp_path).start()
     yield r
     r.stop()
+
+
+@aio
+async def test_a_redis_that_stops_answering_costs_one_timeout_then_the_local_path(redis_server):
+    """A real redis-server frozen mid-service (SIGSTOP): the round trip in flight times out after
+    timeout_ms, the request is decided locally, and a probe after retry_s finds Redis back."""
+    clock = Clock()
+    st = RedisState(StateSpec(redis=redis_server.url, on_redis_down="open", timeout_ms=200, retry_s=1.0),
+                    Ledger(BUDGETS), TenantLimiter({}), GatewayMetrics(), clock=clock)
+    try:
+        first = await st.admit("acme", None, 30, 0.0, NOW, 0)
+        assert isinstance(first, Held) and first.remote is not None and st.up
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            frozen = await st.admit("acme", None, 30, 0.0, NOW, 0)
+            assert isinstance(frozen, Held) and frozen.local is not None and frozen.remote is None
+            assert not st.up and "TimeoutError" in st.status()["error"]
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        clock.t = 1.5
+        await st.probe()
+        assert st.up
+        again = await st.admit("acme", None, 30, 0.0, NOW, 0)
+        assert isinstance(again, Held) and again.remote is not None
+    finally:
+        await st.close()
 
 
 @pytest.fixture()
