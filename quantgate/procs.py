@@ -299,10 +299,12 @@ class ServerProcess:
         """The exit status once the leader has exited (negative: the signal that ended it)."""
         return self._proc.poll() if self._proc is not None else None
 
-    def stop(self) -> LaunchRecord:
-        """SIGTERM to the whole session, SIGKILL after `grace_s`; records how it ended."""
+    def stop(self, grace_s: float | None = None) -> LaunchRecord:
+        """SIGTERM to the whole session, SIGKILL after `grace_s` (default: the one it was made with; 0
+        for a hung process); records how it ended."""
         if self._proc is None or self.record.stopped_by is not None:
             return self.record
+        grace_s = self.grace_s if grace_s is None else grace_s
         t0 = self.clock()
         how = "exited"
         if self._proc.poll() is None:
@@ -311,7 +313,7 @@ class ServerProcess:
                 self._watch.sample()  # the last look at the workers before they are signalled
             self._signal(signal.SIGTERM)
             try:
-                self._proc.wait(timeout=self.grace_s)
+                self._proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
                 how = "sigkill"
                 self._signal(signal.SIGKILL)

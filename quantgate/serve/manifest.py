@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from ..documents import Spec, read_mapping, validate
+from ..documents import Spec, omitted_while_unset, read_mapping, validate
 from ..errors import QuantgateError
 from ..util import atomic_write_text
 
@@ -99,6 +99,17 @@ ENGINE_KINDS = ("vllm", "llamacpp", "transformers", "openai-url")
 ENGINE_PROVIDER = {"vllm": "openai", "llamacpp": "openai", "openai-url": "openai", "transformers": "local"}
 
 
+class EngineHealthSpec(Spec):
+    """How the gateway tells a started engine that is alive but hung from a busy one: its health path
+    asked every `every_s`, `misses` unanswered in a row (each within `timeout_s`) → killed and
+    restarted with backoff, traffic on the fallback meanwhile. The defaults are slow to judge on
+    purpose: a false restart costs a whole engine start."""
+
+    every_s: float = Field(10.0, gt=0, le=3600)
+    timeout_s: float = Field(5.0, gt=0, le=600)
+    misses: int = Field(3, ge=1, le=100)
+
+
 class ServingEngineSpec(Spec):
     """The engine that serves a deployment, and how: its kind, arguments, environment and start deadline.
 
@@ -123,6 +134,14 @@ class ServingEngineSpec(Spec):
     port: int | None = Field(None, ge=1, le=65535, description="the port a started engine serves on (loopback)")
     startup_timeout_s: float = Field(900.0, gt=0, description="deadline for a started engine to answer")
     source: str = Field("", description="where this choice came from: the card row, --engine, a migration")
+    health: EngineHealthSpec | None = Field(None, description="the liveness check of a started engine "
+                                            "(default: every 10 s, 5 s timeout, restarted after 3 misses)")
+
+    _stable_dump = omitted_while_unset("health")  # a manifest without one dumps (and hashes) as before
+
+    @property
+    def liveness(self) -> EngineHealthSpec:
+        return self.health or EngineHealthSpec()
 
     @field_validator("env")
     @classmethod

@@ -104,9 +104,18 @@ class Life:
     failures: int = 0           # consecutive failures (reset when ready): sets the backoff
     retry_at: float | None = None
     error: str | None = None
+    misses: int = 0             # liveness checks unanswered in a row while ready
 
     def became_ready(self) -> None:
-        self.state, self.failures, self.retry_at, self.error = "ready", 0, None, None
+        self.state, self.failures, self.retry_at, self.error, self.misses = "ready", 0, None, None, 0
+
+    def answered(self) -> None:
+        self.misses = 0
+
+    def unanswered(self, limit: int) -> bool:
+        """One more liveness check without an answer; True once `limit` in a row: it is hung."""
+        self.misses += 1
+        return self.misses >= limit
 
     def lost(self, why: str, now: float, retry: bool, base_s: float = 0.5, cap_s: float = 30.0) -> float | None:
         """It exited or never answered; returns the delay before the next start (None: given up)."""

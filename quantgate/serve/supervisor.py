@@ -15,6 +15,8 @@ I/O around the pure decisions of `serve/supervision.py` (identity, command line,
   to a ready fallback, or get a 503 naming the trace id;
 - a ready engine that exits is restarted with exponential backoff (capped), counted in
   `quantgate_engine_restarts_total`; until it is ready again the request path skips it;
+- so is one that is alive but hung: its health path is asked every `engine.health.every_s`, and
+  `misses` unanswered in a row get its group SIGKILLed (a stopped process never handles SIGTERM);
 - `release` stops an engine after its last user; `close` stops every engine; quantgate.procs
   kills any group still alive at interpreter exit.
 """
@@ -32,7 +34,7 @@ import urllib.request
 from pathlib import Path
 
 from ..integrity import deployment_problems, problems_line
-from ..procs import LOOPBACK, Command, EngineStartError, ServerProcess, free_port, tail_of
+from ..procs import LOOPBACK, Command, EngineStartError, ServerProcess, free_port, http_ok, tail_of
 from .manifest import Deployment, ManifestError
 from .supervision import CPU_BIND_ENV, Life, Refs, core_plan, cpu_bind_needed, engine_identity, launch_argv
 
@@ -58,6 +60,8 @@ class Engine:
         self.task: asyncio.Task | None = None  # a background start or restart
         self.pids: list[int] = []  # every process-group leader spawned for it
         self.cores: list[int] = []  # the CPU cores the supervisor pinned it to (vLLM on CPU), else empty
+        self.next_check = 0.0  # when its liveness is asked next (while ready)
+        self.check: asyncio.Task | None = None  # the liveness check in flight
 
     @property
     def base_url(self) -> str:
@@ -76,6 +80,8 @@ class Engine:
             out["cores"] = self.cores
         if self.life.error:
             out["error"] = self.life.error
+        if self.life.misses:
+            out["health_misses"] = self.life.misses
         return out
 
 
@@ -139,6 +145,9 @@ class Supervisor:
 
     async def _stop(self, e: Engine) -> None:
         e.abort.set()
+        if e.check is not None:
+            e.check.cancel()
+            await asyncio.gather(e.check, return_exceptions=True)
         if e.task is not None and e.task is not asyncio.current_task():
             e.task.cancel()
             await asyncio.gather(e.task, return_exceptions=True)
@@ -253,26 +262,45 @@ class Supervisor:
             for e in list(self.engines.values()):
                 await self._check(e)
 
-    def _lost(self, e: Engine) -> None:
-        """Its process exited while serving: out of rotation at once, restart after the backoff."""
-        code = e.proc.returncode
-        delay = e.life.lost(f"the engine exited (code {code}) while serving", self.clock(), True,
-                            self.backoff_base_s, self.backoff_cap_s)
+    def _lost(self, e: Engine, hung: str | None = None) -> None:
+        """Its process exited while serving, or it is `hung` (why): out of rotation at once, its group
+        stopped (a hung one SIGKILLed at once), restart after the backoff."""
+        why = hung or f"the engine exited (code {e.proc.returncode}) while serving"
+        delay = e.life.lost(why, self.clock(), True, self.backoff_base_s, self.backoff_cap_s)
         self._gauge(e)
         tail = "\n".join(f"    {x}" for x in tail_of(e.log_path, TAIL)) or "    (nothing)"
-        log.error("engine for %s exited with code %s; restart in %.1f s; its last log lines:\n%s",
-                  e.deployment.key, code, delay or 0, tail)
+        log.error("engine for %s: %s; restart in %.1f s; its last log lines:\n%s",
+                  e.deployment.key, why, delay or 0, tail)
         proc = e.proc
-        asyncio.get_running_loop().create_task(asyncio.to_thread(proc.stop))  # reap it, kill workers it left
+        # reap it, kill workers it left
+        asyncio.get_running_loop().create_task(asyncio.to_thread(proc.stop, 0.0 if hung else None))
 
     async def _check(self, e: Engine) -> None:
         if e.life.state == "ready" and e.proc is not None and not e.proc.alive():
             self._lost(e)
+        elif e.life.state == "ready" and self.clock() >= e.next_check and (e.check is None or e.check.done()):
+            e.next_check = self.clock() + e.deployment.engine.liveness.every_s
+            e.check = asyncio.get_running_loop().create_task(self._liveness(e))
         if e.life.due(self.clock()) and (e.task is None or e.task.done()):
             e.life.restart_begun()
             if self.metrics is not None:
                 self.metrics.engine_restarts.labels(e.deployment.name, e.deployment.model_version).inc()
             e.task = asyncio.get_running_loop().create_task(self._start_retrying(e))
+
+    async def _liveness(self, e: Engine) -> None:
+        """Ask a ready engine's health path once (off the event loop); count what it did not answer."""
+        h, proc = e.deployment.engine.liveness, e.proc
+        ok = await asyncio.to_thread(http_ok, f"{e.base_url}{HEALTH_PATH}", h.timeout_s)
+        if e.proc is not proc or e.life.state != "ready":
+            return  # restarted, lost or stopped meanwhile: this answer is about a process gone
+        if ok:
+            e.life.answered()
+        elif e.life.unanswered(h.misses):
+            self._lost(e, hung=f"the engine is alive but did not answer {HEALTH_PATH} within {h.timeout_s:g} s, "
+                              f"{h.misses} times in a row (hung): killed")
+        else:
+            log.warning("engine for %s did not answer %s within %g s (%d of %d before a restart)",
+                        e.deployment.key, HEALTH_PATH, h.timeout_s, e.life.misses, h.misses)
 
     def _gauge(self, e: Engine) -> None:
         if self.metrics is not None:

@@ -9,6 +9,7 @@ the load generator is quantgate's own. Every wait is on a condition with a deadl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -189,6 +190,18 @@ def test_life_of_an_engine():
     assert Life().lost("no", 0.0, retry=False) is None
 
 
+def test_a_hung_engine_is_judged_on_misses_in_a_row():
+    life = Life()
+    life.became_ready()
+    assert not life.unanswered(3) and not life.unanswered(3)
+    life.answered()                       # one answer forgives the misses before it
+    assert [life.unanswered(3) for _ in range(3)] == [False, False, True]
+    life.lost("hung", now=0.0, retry=True)
+    life.restart_begun()
+    life.became_ready()
+    assert life.misses == 0
+
+
 def test_refs_start_with_the_first_user_and_stop_after_the_last():
     r = Refs()
     assert r.acquire("a") and not r.acquire("a")
@@ -352,6 +365,32 @@ def test_an_engine_killed_mid_load_is_restarted_while_the_fallback_answers(serve
     assert status["restarts"] == 1 and status["state"] == "ready"
     metrics = urllib.request.urlopen(f"{srv.url}/metrics", timeout=10).read().decode()
     assert 'quantgate_engine_restarts_total{deployment="blue",model_version="1"} 1.0' in metrics
+
+
+def test_a_hung_engine_is_killed_and_restarted_while_the_fallback_answers(serve, tmp_path):
+    """Alive but frozen (SIGSTOP): it never exits, so only the liveness check can tell."""
+    blue = engine_dep(tmp_path, "blue")
+    blue["engine"]["health"] = {"every_s": 0.1, "timeout_s": 0.3, "misses": 2}
+    srv = serve(manifest(blue, engine_dep(tmp_path, "spare")))
+    wait_until(lambda: ready(srv.url, "blue"), 60, "both engines ready")
+    srv.gateway.supervisor.backoff_base_s = 2.0  # the restart waits long enough to see the fallback answer
+    first = pids(tmp_path, "blue")[0]
+    os.killpg(first, signal.SIGSTOP)
+    try:
+        active = wait_until(lambda: (lambda a: a if a["state"] == "restarting" else None)(
+            get_json(f"{srv.url}/readyz")[1]["engines"]["active"]), 30, "blue taken out of rotation")
+        assert "did not answer /v1/models within 0.3 s, 2 times in a row (hung)" in active["error"]
+        code, _, body = answer_of(srv.url)
+        assert code == 200 and body["deployment"] == "spare"
+        wait_until(lambda: not alive(first), 30, "the frozen engine killed")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first, signal.SIGCONT)
+    wait_until(lambda: len(pids(tmp_path, "blue")) == 2 and ready(srv.url, "blue"), 60, "blue restarted")
+    code, _, body = answer_of(srv.url)
+    assert code == 200 and body["deployment"] == "blue"
+    status = get_json(f"{srv.url}/readyz")[1]["engines"]["active"]
+    assert status["restarts"] == 1 and "health_misses" not in status
 
 
 def test_no_deployment_ready_is_a_clear_503(serve, tmp_path):
