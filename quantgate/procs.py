@@ -149,6 +149,33 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
+def started_at(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot, /proc/PID/stat field 22); None if there is no such
+    process. A pid and this together name one process: a reused pid starts later."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rfind(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def kill_leftover_session(sid: int, leader_started: int) -> list[int]:
+    """SIGKILL what is left of a session this program started (leader pid `sid`, started at
+    `leader_started`) and another process of it recorded; returns the pids signalled. The kernel
+    keeps a pid unused while a session still carries it, so the members found are that session's,
+    unless its leader pid now names a later process (the session ended and the pid was reused)."""
+    members = session_pids(sid)
+    if not members:
+        return []
+    now = started_at(sid)
+    if now is not None and now != leader_started:
+        return []
+    for pid in members:  # each one: a worker may have moved to a process group of its own
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return members
+
+
 def _status_kb(pid: int, key: str) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -243,9 +270,10 @@ class ServerProcess:
     def base_url(self) -> str:
         return self.record.base_url
 
-    def start(self, abort: threading.Event | None = None) -> ServerProcess:
+    def start(self, abort: threading.Event | None = None, on_spawn=None) -> ServerProcess:
         """Spawn and wait until the health path answers; `abort` (set from another thread) gives up
-        early, as a timeout does: the group is stopped and EngineStartError raised."""
+        early, as a timeout does: the group is stopped and EngineStartError raised. `on_spawn(pid)`
+        is called as soon as the process exists (the supervisor records its group there)."""
         rec = self.record
         Path(rec.log_path).parent.mkdir(parents=True, exist_ok=True)
         self._log = open(rec.log_path, "wb")
@@ -261,6 +289,8 @@ class ServerProcess:
         rec.pid = self._proc.pid
         with _LIVE_LOCK:
             _LIVE[self._proc.pid] = self
+        if on_spawn is not None:
+            on_spawn(self._proc.pid)
         self._watch = _MemoryWatch(self._proc.pid)
         self._watch.start()
         url = f"{self.base_url}{self.command.health_path}"

@@ -166,3 +166,17 @@ class Refs:
             del self.n[key]
             return True
         return False
+
+
+def left_behind(ledgers: dict[str, dict], started_at) -> list[str]:
+    """The engine ledgers (name → {"gateway": {"pid", "started"}, "groups": [...]}) whose gateway is
+    gone: its pid names no process, or a later one (`started_at(pid)` → start time or None). Their
+    groups were left running by a gateway that could not stop them (SIGKILL, the OOM killer)."""
+    gone = []
+    for name, ledger in ledgers.items():
+        owner = ledger.get("gateway") or {}
+        pid, started = owner.get("pid"), owner.get("started")
+        if not isinstance(pid, int) or started_at(pid) != started:
+            gone.append(name)
+    return gone
+

@@ -18,7 +18,11 @@ I/O around the pure decisions of `serve/supervision.py` (identity, command line,
 - so is one that is alive but hung: its health path is asked every `engine.health.every_s`, and
   `misses` unanswered in a row get its group SIGKILLed (a stopped process never handles SIGTERM);
 - `release` stops an engine after its last user; `close` stops every engine; quantgate.procs
-  kills any group still alive at interpreter exit.
+  kills any group still alive at interpreter exit;
+- a gateway that dies without running any of that (SIGKILL, the OOM killer) leaves its engines
+  running, holding memory and GPUs: every spawn is recorded in `gateway-<pid>.json` beside the
+  engine logs, and the next gateway on the same manifest folder kills the groups recorded by a
+  gateway that is gone before it starts its own (a live replica's engines are left alone).
 """
 
 from __future__ import annotations
@@ -34,9 +38,12 @@ import urllib.request
 from pathlib import Path
 
 from ..integrity import deployment_problems, problems_line
-from ..procs import LOOPBACK, Command, EngineStartError, ServerProcess, free_port, http_ok, tail_of
+from ..procs import (LOOPBACK, Command, EngineStartError, ServerProcess, free_port, http_ok, kill_leftover_session,
+                     session_pids, started_at, tail_of)
+from ..util import atomic_write_json
 from .manifest import Deployment, ManifestError
-from .supervision import CPU_BIND_ENV, Life, Refs, core_plan, cpu_bind_needed, engine_identity, launch_argv
+from .supervision import (CPU_BIND_ENV, Life, Refs, core_plan, cpu_bind_needed, engine_identity, launch_argv,
+                          left_behind)
 
 log = logging.getLogger("quantgate.serve")
 HEALTH_PATH = "/v1/models"  # vLLM, llama.cpp's server and the fake engine all answer it
@@ -109,6 +116,10 @@ class Supervisor:
         self._pending: set[asyncio.Future] = set()  # start threads, awaited on close even if their caller left
         self._watch: asyncio.Task | None = None
         self._closed = False
+        self._me = {"pid": os.getpid(), "started": started_at(os.getpid())}
+        self._groups: dict[int, dict] = {}  # the process groups this gateway spawned (its ledger)
+        self._ledger_lock = threading.Lock()
+        self._reaped = False
 
     # ------------------------------------------------------------------ users
     async def acquire(self, d: Deployment, wait: bool) -> Engine:
@@ -118,6 +129,9 @@ class Supervisor:
             return self.engines[key]
         e = self.engines[key] = Engine(key, d, self.log_dir)
         try:
+            if not self._reaped:
+                self._reaped = True
+                await asyncio.to_thread(self.stop_left_behind)
             await self._verify(e)
             self._ensure_watch()
             if wait:
@@ -168,6 +182,7 @@ class Supervisor:
         await asyncio.gather(*(self._stop(e) for e in engines), return_exceptions=True)
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
+        self._ledger_path().unlink(missing_ok=True)  # every group it recorded is stopped
 
     def status(self) -> list[dict]:
         return [e.status() for e in self.engines.values()]
@@ -206,7 +221,7 @@ class Supervisor:
         e.proc = proc
 
         def run():
-            proc.start(e.abort)
+            proc.start(e.abort, on_spawn=lambda pid: self._record_group(e, pid))
             if proc.record.pid is not None:
                 e.pids.append(proc.record.pid)
             if e.abort.is_set():  # superseded or shutting down while it came up: stop it here
@@ -250,6 +265,38 @@ class Supervisor:
             delay = e.life.lost(str(exc).splitlines()[0], self.clock(), True, self.backoff_base_s, self.backoff_cap_s)
             self._gauge(e)
             log.error("engine for %s did not start (retry in %.1f s): %s", e.deployment.key, delay or 0, exc)
+
+    # ------------------------------------------------------------------ groups left behind
+    def _ledger_path(self) -> Path:
+        return self.log_dir / f"gateway-{self._me['pid']}.json"
+
+    def _record_group(self, e: Engine, pid: int) -> None:
+        """Called in the start thread as soon as the engine's process exists."""
+        with self._ledger_lock:
+            self._groups = {p: g for p, g in self._groups.items() if session_pids(p)}  # drop stopped ones
+            self._groups[pid] = {"pid": pid, "started": started_at(pid), "deployment": e.deployment.key}
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self._ledger_path(), {"gateway": self._me, "groups": list(self._groups.values())})
+
+    def stop_left_behind(self) -> None:
+        """Kill the engine groups recorded by gateways that are gone (see the module docstring)."""
+        ledgers = {}
+        for f in sorted(self.log_dir.glob("gateway-*.json")):
+            try:
+                ledgers[str(f)] = json.loads(f.read_text())
+            except (OSError, ValueError) as exc:
+                log.warning("engine ledger %s is unreadable (%s); left as it is", f, exc)
+        for name in left_behind({k: v for k, v in ledgers.items() if isinstance(v, dict)}, started_at):
+            owner = ledgers[name].get("gateway", {}).get("pid")
+            for g in ledgers[name].get("groups") or []:
+                pid, started = (g.get("pid"), g.get("started")) if isinstance(g, dict) else (None, None)
+                if not (isinstance(pid, int) and isinstance(started, int) and pid > 1):
+                    continue
+                killed = kill_leftover_session(pid, started)
+                if killed:
+                    log.warning("stopped engine %s (process group %d, %d process(es)) left running by gateway "
+                                "pid %s, which is gone", g.get("deployment", "?"), pid, len(killed), owner)
+            Path(name).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ watching
     def _ensure_watch(self) -> None:

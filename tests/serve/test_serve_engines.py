@@ -29,7 +29,8 @@ from quantgate.evaluate.loadgen import run_load
 from quantgate.integrity import folder_checksums
 from quantgate.procs import session_pids
 from quantgate.serve.manifest import ManifestError, parse_manifest
-from quantgate.serve.supervision import Life, Refs, backoff_s, core_plan, engine_identity, launch_argv
+from quantgate.serve.supervision import (Life, Refs, backoff_s, core_plan, engine_identity, launch_argv,
+                                         left_behind)
 from quantgate.workload import LengthClass, WorkloadSpec
 
 pytestmark = pytest.mark.timeout(180)
@@ -200,6 +201,31 @@ def test_a_hung_engine_is_judged_on_misses_in_a_row():
     life.restart_begun()
     life.became_ready()
     assert life.misses == 0
+
+
+def test_a_ledger_is_left_behind_when_its_gateway_pid_is_gone_or_names_a_later_process():
+    running = {101: 5000, 102: 7000}          # pid -> start time, as /proc says
+    ledgers = {"same": {"gateway": {"pid": 101, "started": 5000}},
+               "gone": {"gateway": {"pid": 103, "started": 100}},
+               "reused": {"gateway": {"pid": 102, "started": 6000}},   # pid 102 now names a later process
+               "garbled": {"gateway": {"pid": "101"}}}
+    assert left_behind(ledgers, running.get) == ["gone", "reused", "garbled"]
+
+
+def test_a_leftover_session_is_killed_only_while_its_leader_pid_is_the_same_process(tmp_path):
+    from quantgate.procs import kill_leftover_session, started_at
+
+    leader = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        t0 = started_at(leader.pid)
+        assert kill_leftover_session(leader.pid, t0 + 1) == []   # a later process under that pid: not ours
+        assert leader.poll() is None
+        assert kill_leftover_session(leader.pid, t0) == [leader.pid]
+        assert leader.wait(10) == -signal.SIGKILL
+    finally:
+        if leader.poll() is None:
+            leader.kill()
+            leader.wait(10)
 
 
 def test_refs_start_with_the_first_user_and_stop_after_the_last():
@@ -421,14 +447,63 @@ def test_sigterm_to_quantgate_serve_leaves_no_engine_process(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, proc.stderr.read().decode()[-2000:]
         assert not [p for p in everything if alive(p)], "an engine process outlived `quantgate serve`"
-    finally:  # SIGTERM first even when an assertion failed: a SIGKILLed gateway cannot stop its engines
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+    finally:
+        _terminate(proc)
+
+
+def _terminate(gateway: subprocess.Popen) -> None:
+    """SIGTERM first even when an assertion failed: a SIGKILLed gateway cannot stop its engines."""
+    if gateway.poll() is None:
+        gateway.terminate()
+        try:
+            gateway.wait(30)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+            gateway.wait(10)
+
+
+def _serve(path: Path, port: int, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    return subprocess.Popen([sys.executable, "-m", "quantgate", "serve", str(path), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=env)
+
+
+def test_engines_a_killed_gateway_left_are_stopped_by_the_next_one_not_by_a_live_replica(tmp_path):
+    from quantgate.procs import free_port
+
+    path = write(tmp_path / "manifest.json", manifest(engine_dep(tmp_path, "blue", "--spawn-child")))
+    gateways, orphans = [], []
+    try:
+        first = _serve(path, free_port(), tmp_path / "first.log")
+        gateways.append(first)
+        wait_until(lambda: pids(tmp_path, "blue"), 90, "the first gateway's engine spawned")
+        orphan = pids(tmp_path, "blue")[0]
+        wait_until(lambda: len(group_members(orphan)) == 2, 60, "the engine and its worker")
+        orphans += group_members(orphan)
+        first.kill()                      # SIGKILL: nothing of the gateway runs to stop its engines
+        first.wait(30)
+        assert all(alive(p) for p in orphans)
+        port = free_port()
+        second = _serve(path, port, tmp_path / "second.log")
+        gateways.append(second)
+        wait_until(lambda: _ready_or_none(f"http://127.0.0.1:{port}"), 90, "the second gateway ready")
+        assert not [p for p in orphans if alive(p)], "the dead gateway's engine is still running"
+        log = (tmp_path / "second.log").read_text()
+        assert f"left running by gateway pid {first.pid}, which is gone" in log and "2 process(es)" in log
+        mine = [p for p in pids(tmp_path, "blue") if p != orphan]
+        # a replica started on the same folder while the second is alive leaves its engines alone
+        port3 = free_port()
+        third = _serve(path, port3, tmp_path / "third.log")
+        gateways.append(third)
+        wait_until(lambda: _ready_or_none(f"http://127.0.0.1:{port3}"), 90, "the third gateway ready")
+        assert mine and all(alive(p) for p in mine)
+        assert "left running" not in (tmp_path / "third.log").read_text()
+    finally:
+        for g in gateways:
+            _terminate(g)
+        for p in orphans:  # a failed assertion must not leave the dead gateway's engine running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
 
 
 def _ready_or_none(url: str):
