@@ -70,11 +70,46 @@ class WorkloadSpec(Spec):
         return self
 
 
+def trace_files(path: str | Path) -> list[Path]:
+    """The files of a trace, oldest first: FILE.K … FILE.1 (the gateway's rotated files) then FILE.
+    Named by a rotated file (FILE.2), or a trace not rotated, just that file."""
+    p = Path(path).expanduser()
+    older = []
+    while (p.parent / f"{p.name}.{len(older) + 1}").is_file():
+        older.append(p.parent / f"{p.name}.{len(older) + 1}")
+    return [*reversed(older), p]
+
+
+def chain_segments(segments: list[list[dict]]) -> list[dict]:
+    """One replay from several files' records (oldest first): each file's arrivals count from its own
+    first request, so each continues from the previous file's last arrival. The time between two
+    files (a rotation, or a gateway restarted hours later) is not replayed as idle time."""
+    out, offset = [], 0.0
+    for seg in segments:
+        if not seg:
+            continue
+        t0 = seg[0]["t"]
+        out += [{**r, "t": r["t"] - t0 + offset} for r in seg]
+        offset = out[-1]["t"]
+    return out
+
+
 def read_trace(path: str | Path) -> list[dict]:
-    """The request records of one trace file (header lines skipped), with a clear error for a bad line."""
+    """The request records of a trace (FILE and the files it was rotated into, see `trace_files`),
+    in arrival order, with a clear error naming the file and line that is bad."""
     from .errors import QuantgateError
 
-    p = Path(path).expanduser()
+    files = trace_files(path)
+    out = chain_segments([_read_trace_file(f) for f in files])
+    if not out:
+        raise QuantgateError(f"trace {files[-1]}: no requests in it" + (f" or the {len(files) - 1} file(s) rotated "
+                                                                         "from it" if len(files) > 1 else ""))
+    return out
+
+
+def _read_trace_file(p: Path) -> list[dict]:
+    from .errors import QuantgateError
+
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
@@ -101,6 +136,4 @@ def read_trace(path: str | Path) -> list[dict]:
         if not math.isfinite(t) or t < 0 or pin < 0 or pout < 0:
             raise QuantgateError(f"trace {p}: line {n} has a negative time or token count")
         out.append({"t": t, "prompt_tokens": pin, "output_tokens": pout, "max_tokens": mx})
-    if not out:
-        raise QuantgateError(f"trace {p}: no requests in it")
     return sorted(out, key=lambda r: r["t"])

@@ -121,7 +121,8 @@ def register(app: typer.Typer) -> None:
                                           "--url may point anywhere)."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report (every request) here."),
         trace: Optional[Path] = typer.Option(None, "--trace", help="Replay a gateway trace (serving.trace) instead "
-                                             "of the workload's synthetic mix."),
+                                             "of the workload's synthetic mix: FILE and the files it was rotated "
+                                             "into (FILE.1 …), oldest first."),
         time_scale: Optional[float] = typer.Option(None, "--time-scale", min=0,
                                                    help="Multiply the trace's arrival times (0.5: twice as fast)."),
     ):
@@ -141,6 +142,11 @@ def register(app: typer.Typer) -> None:
                                arrival=arrival, rate=rate, trace=str(trace) if trace else None,
                                time_scale=time_scale)
         prompts = load_prompts(spec, workload, warn=lambda m: err.print(f"[yellow]warning:[/] {m}", highlight=False))
+        if spec.trace:
+            from ..workload import trace_files
+
+            files = trace_files(spec.trace)
+            err.print(f"replaying the trace in {', '.join(str(f) for f in files)}", highlight=False, soft_wrap=True)
         if env_key and not api_key:
             api_key = os.environ.get("OPENAI_API_KEY")
             if not api_key:

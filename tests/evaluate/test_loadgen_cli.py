@@ -116,6 +116,9 @@ def test_loadtest_replays_a_trace(app, workload_file, tmp_path):
                      '{"t": 0.0, "prompt_tokens": 12, "output_tokens": 4, "max_tokens": 16}\n'
                      '{"t": 0.5, "prompt_tokens": 40, "output_tokens": 2, "max_tokens": 2}\n'
                      '{"t": 1.5, "prompt_tokens": 12, "output_tokens": 0, "max_tokens": 7}\n')
+    older = tmp_path / "gw.jsonl.1"  # what it rotated out before: replayed first
+    older.write_text('{"quantgate_trace": 1, "started": "2025-12-31T00:00:00+00:00"}\n'
+                     '{"t": 0.0, "prompt_tokens": 20, "output_tokens": 3, "max_tokens": 3}\n')
     out = tmp_path / "r.json"
     with ServerThread() as srv:
         res = CliRunner().invoke(app, ["loadtest", "--url", srv.url, "--model", "m", "--workload", str(workload_file),
@@ -123,11 +126,12 @@ def test_loadtest_replays_a_trace(app, workload_file, tmp_path):
     assert res.exit_code == 0, res.output + repr(res.exception)
     d = json.loads(out.read_text())
     assert d["workload"]["trace"] == str(trace) and d["workload"]["time_scale"] == 0
-    assert len(d["records"]) == 3  # the trace's requests, not the workload's 6
+    assert len(d["records"]) == 4  # the trace's requests (both files), not the workload's 6
+    assert f"{older}, {trace}" in res.output
     sent = sorted(b["max_tokens"] for b in srv.bodies)
-    assert sent == [2, 4, 4, 7]  # the warm-up repeats the first request; no output recorded: its max_tokens
+    assert sent == [2, 3, 3, 4, 7]  # the warm-up repeats the oldest request; no output recorded: its max_tokens
     # each prompt is the recorded length by the ~4 chars/token estimate a gateway without a tokenizer uses
-    assert sorted(len(b["messages"][0]["content"]) for b in srv.bodies) == [48, 48, 48, 160]
+    assert sorted(len(b["messages"][0]["content"]) for b in srv.bodies) == [48, 48, 80, 80, 160]
 
 
 def test_a_bad_trace_is_named(app, tmp_path):

@@ -17,7 +17,7 @@ from quantgate.serve.manifest import TraceSpec
 from quantgate.serve.server import ServerThread
 from quantgate.serve.trace import (TraceWriter, _File, event, line, needs_rotation, outcome_of, rotation_moves,
                                    tenant_hash)
-from quantgate.workload import LengthClass, WorkloadSpec, read_trace
+from quantgate.workload import LengthClass, WorkloadSpec, chain_segments, read_trace, trace_files
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -92,6 +92,31 @@ def test_rotation_keeps_at_most_keep_files_each_within_max_bytes(tmp_path, keep)
     # the newest file ends with the last request, and the times count from that file's first request
     last = lines(tmp_path / "t.jsonl")
     assert last[-1]["prompt_tokens"] == 399 and last[1]["t"] == 0.0
+
+
+def test_a_rotated_trace_replays_from_its_oldest_file_on_without_the_gaps_between_files(tmp_path):
+    spec = TraceSpec(path=str(tmp_path / "t.jsonl"), max_bytes=8192, keep=10)  # room for every request
+    # one request a second; after request 199 the gateway stops, and one started an hour later goes on
+    evs = [event(1000.0 + i + (3600 if i >= 200 else 0), "t", "chat", False, "ok", tokens_in=i, tokens_out=1,
+                 max_tokens=1, budget_ms=1000) for i in range(240)]
+    for part in (evs[:200], evs[200:]):
+        f = _File(spec)
+        for i in range(0, len(part), 7):
+            f.write(part[i:i + 7])
+        f.close()
+    files = trace_files(tmp_path / "t.jsonl")
+    assert [p.name for p in files][-2:] == ["t.jsonl.1", "t.jsonl"] and len(files) > 2
+    recs = read_trace(tmp_path / "t.jsonl")
+    assert [r["prompt_tokens"] for r in recs] == list(range(240))   # every file, oldest first, no gap lost
+    steps = [b["t"] - a["t"] for a, b in zip(recs, recs[1:])]
+    assert max(steps) <= 1.0 + 1e-6 and min(steps) >= 0          # neither the hour nor a rotation replayed
+    assert len(read_trace(files[0])) < 240                         # a rotated file named alone: just it
+
+
+def test_chaining_files_continues_each_from_the_last_arrival():
+    a = [{"t": 0.0, "n": 1}, {"t": 2.0, "n": 2}]
+    b = [{"t": 0.0, "n": 3}, {"t": 0.5, "n": 4}]
+    assert [(r["t"], r["n"]) for r in chain_segments([a, [], b])] == [(0.0, 1), (2.0, 2), (2.0, 3), (2.5, 4)]
 
 
 def test_a_full_buffer_drops_and_counts(tmp_path):
