@@ -174,8 +174,8 @@ def left_behind(ledgers: dict[str, dict], started_at) -> list[str]:
     groups were left running by a gateway that could not stop them (SIGKILL, the OOM killer)."""
     gone = []
     for name, ledger in ledgers.items():
-        owner = ledger.get("gateway") or {}
-        pid, started = owner.get("pid"), owner.get("started")
+        owner = ledger.get("gateway")
+        pid, started = (owner.get("pid"), owner.get("started")) if isinstance(owner, dict) else (None, None)
         if not isinstance(pid, int) or started_at(pid) != started:
             gone.append(name)
     return gone

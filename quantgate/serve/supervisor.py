@@ -119,7 +119,7 @@ class Supervisor:
         self._me = {"pid": os.getpid(), "started": started_at(os.getpid())}
         self._groups: dict[int, dict] = {}  # the process groups this gateway spawned (its ledger)
         self._ledger_lock = threading.Lock()
-        self._reaped = False
+        self._reaped: asyncio.Future | None = None  # stopping what gateways that are gone left running
 
     # ------------------------------------------------------------------ users
     async def acquire(self, d: Deployment, wait: bool) -> Engine:
@@ -129,9 +129,9 @@ class Supervisor:
             return self.engines[key]
         e = self.engines[key] = Engine(key, d, self.log_dir)
         try:
-            if not self._reaped:
-                self._reaped = True
-                await asyncio.to_thread(self.stop_left_behind)
+            if self._reaped is None:  # once, and every engine's first spawn waits for it
+                self._reaped = asyncio.ensure_future(asyncio.to_thread(self.stop_left_behind))
+            await asyncio.shield(self._reaped)
             await self._verify(e)
             self._ensure_watch()
             if wait:
@@ -287,8 +287,10 @@ class Supervisor:
             except (OSError, ValueError) as exc:
                 log.warning("engine ledger %s is unreadable (%s); left as it is", f, exc)
         for name in left_behind({k: v for k, v in ledgers.items() if isinstance(v, dict)}, started_at):
-            owner = ledgers[name].get("gateway", {}).get("pid")
-            for g in ledgers[name].get("groups") or []:
+            owner = ledgers[name].get("gateway")
+            owner = owner.get("pid") if isinstance(owner, dict) else None
+            groups = ledgers[name].get("groups")
+            for g in groups if isinstance(groups, list) else []:
                 pid, started = (g.get("pid"), g.get("started")) if isinstance(g, dict) else (None, None)
                 if not (isinstance(pid, int) and isinstance(started, int) and pid > 1):
                     continue
@@ -296,7 +298,10 @@ class Supervisor:
                 if killed:
                     log.warning("stopped engine %s (process group %d, %d process(es)) left running by gateway "
                                 "pid %s, which is gone", g.get("deployment", "?"), pid, len(killed), owner)
-            Path(name).unlink(missing_ok=True)
+            try:
+                Path(name).unlink(missing_ok=True)
+            except OSError as exc:  # never a reason not to serve
+                log.warning("engine ledger %s could not be removed (%s)", name, exc)
 
     # ------------------------------------------------------------------ watching
     def _ensure_watch(self) -> None:

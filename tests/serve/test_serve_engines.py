@@ -208,8 +208,8 @@ def test_a_ledger_is_left_behind_when_its_gateway_pid_is_gone_or_names_a_later_p
     ledgers = {"same": {"gateway": {"pid": 101, "started": 5000}},
                "gone": {"gateway": {"pid": 103, "started": 100}},
                "reused": {"gateway": {"pid": 102, "started": 6000}},   # pid 102 now names a later process
-               "garbled": {"gateway": {"pid": "101"}}}
-    assert left_behind(ledgers, running.get) == ["gone", "reused", "garbled"]
+               "garbled": {"gateway": {"pid": "101"}}, "not a mapping": {"gateway": "101"}}
+    assert left_behind(ledgers, running.get) == ["gone", "reused", "garbled", "not a mapping"]
 
 
 def test_a_leftover_session_is_killed_only_while_its_leader_pid_is_the_same_process(tmp_path):
