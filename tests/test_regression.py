@@ -43,3 +43,15 @@ def test_shipped_regression_set_loads():
 
     cases = load_cases(Path(__file__).resolve().parents[1] / "recipes/regression/smollm2-basics.jsonl")
     assert len(cases) >= 10 and len({c.id for c in cases}) == len(cases)
+
+
+@pytest.mark.parametrize("output, ok", [
+    ("Water freezes at 0°C.", True), ("0 degrees Celsius", True), ("At zero degrees.", True),
+    ("The freezing point of water is -18.0°C.", False),   # the baseline's answer, once counted right by \b0\b
+    ("It freezes at 0.0 °C", True), ("It freezes at 10°C.", False), ("About 0.5 degrees", False)])
+def test_the_freezing_point_case_wants_zero_not_a_number_with_a_zero_in_it(output, ok):
+    from pathlib import Path
+
+    cases = load_cases(Path(__file__).resolve().parents[1] / "recipes/regression/smollm2-basics.jsonl")
+    case = next(c for c in cases if c.id == "freezing-point")
+    assert all(check(output, c) for c in case.checks) is ok
