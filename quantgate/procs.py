@@ -134,17 +134,22 @@ def tail_of(path: str | Path, n: int = TAIL_LINES, max_bytes: int = 256 * 1024) 
 
 
 # ------------------------------------------------------------------------------ /proc reading
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat after "pid (comm) " (so fields[0] is the state, field 3 of stat(5)); None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2:].split()
+
+
 def session_pids(sid: int) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) "
-        if len(fields) > 3 and int(fields[3]) == sid:  # state ppid pgrp session
+        fields = _stat_fields(entry)
+        if fields and len(fields) > 3 and int(fields[3]) == sid:  # state ppid pgrp session
             pids.append(int(entry))
     return pids
 
@@ -152,10 +157,10 @@ def session_pids(sid: int) -> list[int]:
 def started_at(pid: int) -> int | None:
     """When `pid` started (clock ticks since boot, /proc/PID/stat field 22); None if there is no such
     process. A pid and this together name one process: a reused pid starts later."""
+    fields = _stat_fields(pid)
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat[stat.rfind(")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
+        return int(fields[19]) if fields else None
+    except (ValueError, IndexError):
         return None
 
 

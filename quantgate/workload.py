@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .documents import Spec, omitted_while_unset
+from .errors import QuantgateError
 
 TRACE_HEADER = "quantgate_trace"  # the key of a trace file's header line (serve/trace.py writes them)
 TRACE_VERSION = 1
@@ -97,8 +98,6 @@ def chain_segments(segments: list[list[dict]]) -> list[dict]:
 def read_trace(path: str | Path) -> list[dict]:
     """The request records of a trace (FILE and the files it was rotated into, see `trace_files`),
     in arrival order, with a clear error naming the file and line that is bad."""
-    from .errors import QuantgateError
-
     files = trace_files(path)
     out = chain_segments([_read_trace_file(f) for f in files])
     if not out:
@@ -108,8 +107,6 @@ def read_trace(path: str | Path) -> list[dict]:
 
 
 def _read_trace_file(p: Path) -> list[dict]:
-    from .errors import QuantgateError
-
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
