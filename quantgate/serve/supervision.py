@@ -62,32 +62,6 @@ def launch_argv(argv: list[str], python: str | None, port: int) -> list[str]:
     return out
 
 
-CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM's CPU build: the cores its OpenMP threads are pinned to
-
-
-def cpu_bind_needed(d: Deployment) -> bool:
-    """A vLLM CPU engine whose manifest does not pin its cores: the supervisor plans them, because
-    vLLM's own `auto` binding puts every engine on the same cores (on a 2-core machine: core 0), so
-    a blue/green switch would start the new engine on the cores the old one is serving from."""
-    e = d.engine
-    return e is not None and e.kind == "vllm" and e.device == "cpu" and CPU_BIND_ENV not in e.env
-
-
-def core_plan(allowed: list[int], held: list[list[int]], want: int | None = None) -> list[int]:
-    """The cores for a new CPU engine: `want` of them (default half the allowed cores, at least one,
-    so the next engine of a switch finds free ones), cores no running engine holds first, then the
-    least shared; sorted. `held` lists the cores of every other running engine."""
-    if not allowed:
-        return []
-    n = max(1, min(len(allowed), want or len(allowed) // 2))
-    use = {c: 0 for c in allowed}
-    for cores in held:
-        for c in cores:
-            if c in use:
-                use[c] += 1
-    return sorted(sorted(allowed, key=lambda c: (use[c], c))[:n])
-
-
 def backoff_s(failures: int, base_s: float = 0.5, cap_s: float = 30.0) -> float:
     """Wait before restart number `failures` (1, 2, …): base, 2×base, 4×base … capped."""
     return min(cap_s, base_s * 2 ** max(0, failures - 1))
@@ -166,17 +140,3 @@ class Refs:
             del self.n[key]
             return True
         return False
-
-
-def left_behind(ledgers: dict[str, dict], started_at) -> list[str]:
-    """The engine ledgers (name → {"gateway": {"pid", "started"}, "groups": [...]}) whose gateway is
-    gone: its pid names no process, or a later one (`started_at(pid)` → start time or None). Their
-    groups were left running by a gateway that could not stop them (SIGKILL, the OOM killer)."""
-    gone = []
-    for name, ledger in ledgers.items():
-        owner = ledger.get("gateway")
-        pid, started = (owner.get("pid"), owner.get("started")) if isinstance(owner, dict) else (None, None)
-        if not isinstance(pid, int) or started_at(pid) != started:
-            gone.append(name)
-    return gone
-

@@ -1,14 +1,16 @@
 """The gateway's engine supervisor: starts the engine processes its deployments name (vLLM,
 llama.cpp), keeps them running, and stops them when no runtime uses them any more.
 
-I/O around the pure decisions of `serve/supervision.py` (identity, command line, life, backoff):
+I/O around the pure decisions of `serve/supervision.py` (identity, command line, life, backoff); the
+cores an engine is pinned to are planned by `serve/cores.py`, and what a gateway that is gone left
+running is stopped by `serve/reaper.py`:
 - before every spawn, first start and restart alike, the artifact's files are checked against the
   manifest's checksums (quantgate.integrity); a mismatch is refused and nothing is spawned;
 - an engine runs in its own process group on a free loopback port (quantgate.procs, the one
   launcher), its output in `<manifest folder>/logs/engines/`; it counts as ready when its health
   path answers AND a one-token chat completion (the probe) comes back; a vLLM CPU engine is pinned
-  to cores no other running engine holds (supervision.core_plan), so a blue/green switch does not
-  warm the new engine up on the old one's core;
+  to cores no other running engine holds (cores.plan), so a blue/green switch does not warm the new
+  engine up on the old one's core;
 - `acquire(d, wait=True)` (a manifest reload: blue/green) returns only once the engine is ready,
   or raises (EngineStartError, ChecksumMismatch) so the gateway keeps its old plan;
   `acquire(d, wait=False)` (the gateway's start) spawns in the background: requests meanwhile go
@@ -20,9 +22,8 @@ I/O around the pure decisions of `serve/supervision.py` (identity, command line,
 - `release` stops an engine after its last user; `close` stops every engine; quantgate.procs
   kills any group still alive at interpreter exit;
 - a gateway that dies without running any of that (SIGKILL, the OOM killer) leaves its engines
-  running, holding memory and GPUs: every spawn is recorded in `gateway-<pid>.json` beside the
-  engine logs, and the next gateway on the same manifest folder kills the groups recorded by a
-  gateway that is gone before it starts its own (a live replica's engines are left alone).
+  running: every spawn is recorded by the reaper, and the next gateway on the same manifest folder
+  kills what a gateway that is gone left before it starts its own (serve/reaper.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import threading
 import time
 import urllib.error
@@ -38,12 +38,11 @@ import urllib.request
 from pathlib import Path
 
 from ..integrity import deployment_problems, problems_line
-from ..procs import (LOOPBACK, Command, EngineStartError, ServerProcess, free_port, http_ok, kill_leftover_session,
-                     session_pids, started_at, tail_of)
-from ..util import atomic_write_json
+from ..procs import LOOPBACK, Command, EngineStartError, ServerProcess, free_port, http_ok, tail_of
+from . import cores
 from .manifest import Deployment, ManifestError
-from .supervision import (CPU_BIND_ENV, Life, Refs, core_plan, cpu_bind_needed, engine_identity, launch_argv,
-                          left_behind)
+from .reaper import Reaper
+from .supervision import Life, Refs, engine_identity, launch_argv
 
 log = logging.getLogger("quantgate.serve")
 HEALTH_PATH = "/v1/models"  # vLLM, llama.cpp's server and the fake engine all answer it
@@ -113,13 +112,10 @@ class Supervisor:
         self.engines: dict[str, Engine] = {}
         self.refs = Refs()
         self.switch_failure: dict | None = None  # the last blue/green candidate that did not come up
+        self.reaper = Reaper(self.log_dir)  # records every group spawned; stops what gone gateways left
         self._pending: set[asyncio.Future] = set()  # start threads, awaited on close even if their caller left
         self._watch: asyncio.Task | None = None
         self._closed = False
-        self._me = {"pid": os.getpid(), "started": started_at(os.getpid())}
-        self._groups: dict[int, dict] = {}  # the process groups this gateway spawned (its ledger)
-        self._ledger_lock = threading.Lock()
-        self._reaped: asyncio.Future | None = None  # stopping what gateways that are gone left running
 
     # ------------------------------------------------------------------ users
     async def acquire(self, d: Deployment, wait: bool) -> Engine:
@@ -129,9 +125,7 @@ class Supervisor:
             return self.engines[key]
         e = self.engines[key] = Engine(key, d, self.log_dir)
         try:
-            if self._reaped is None:  # once, and every engine's first spawn waits for it
-                self._reaped = asyncio.ensure_future(asyncio.to_thread(self.stop_left_behind))
-            await asyncio.shield(self._reaped)
+            await self.reaper.swept()
             await self._verify(e)
             self._ensure_watch()
             if wait:
@@ -182,7 +176,7 @@ class Supervisor:
         await asyncio.gather(*(self._stop(e) for e in engines), return_exceptions=True)
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
-        self._ledger_path().unlink(missing_ok=True)  # every group it recorded is stopped
+        self.reaper.forget()  # every group it recorded is stopped
 
     def status(self) -> list[dict]:
         return [e.status() for e in self.engines.values()]
@@ -210,18 +204,16 @@ class Supervisor:
     async def _start_once(self, e: Engine) -> None:
         """Spawn, wait for the health path and the probe; raises EngineStartError (the group is stopped)."""
         d, spec = e.deployment, e.deployment.engine
-        env = dict(spec.env)
-        if cpu_bind_needed(d):
-            held = [o.cores for o in self.engines.values() if o is not e and o.cores and o.life.state != "stopped"]
-            e.cores = core_plan(sorted(os.sched_getaffinity(0)), held, spec.threads)
-            env[CPU_BIND_ENV] = ",".join(map(str, e.cores))
+        held = [o.cores for o in self.engines.values() if o is not e and o.cores and o.life.state != "stopped"]
+        e.cores = cores.plan(d, held, cores.allowed_cores)
+        env = {**spec.env, **cores.bind_env(e.cores)}
         cmd = Command(launch_argv(spec.argv, spec.python, e.port), env, HEALTH_PATH)
         proc = ServerProcess(d.key, cmd, port=e.port, log_path=e.log_path, startup_timeout_s=spec.startup_timeout_s,
                              poll_s=0.1, grace_s=self.grace_s)
         e.proc = proc
 
         def run():
-            proc.start(e.abort, on_spawn=lambda pid: self._record_group(e, pid))
+            proc.start(e.abort, on_spawn=lambda pid: self.reaper.record(pid, d.key))
             if proc.record.pid is not None:
                 e.pids.append(proc.record.pid)
             if e.abort.is_set():  # superseded or shutting down while it came up: stop it here
@@ -265,43 +257,6 @@ class Supervisor:
             delay = e.life.lost(str(exc).splitlines()[0], self.clock(), True, self.backoff_base_s, self.backoff_cap_s)
             self._gauge(e)
             log.error("engine for %s did not start (retry in %.1f s): %s", e.deployment.key, delay or 0, exc)
-
-    # ------------------------------------------------------------------ groups left behind
-    def _ledger_path(self) -> Path:
-        return self.log_dir / f"gateway-{self._me['pid']}.json"
-
-    def _record_group(self, e: Engine, pid: int) -> None:
-        """Called in the start thread as soon as the engine's process exists."""
-        with self._ledger_lock:
-            self._groups = {p: g for p, g in self._groups.items() if session_pids(p)}  # drop stopped ones
-            self._groups[pid] = {"pid": pid, "started": started_at(pid), "deployment": e.deployment.key}
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self._ledger_path(), {"gateway": self._me, "groups": list(self._groups.values())})
-
-    def stop_left_behind(self) -> None:
-        """Kill the engine groups recorded by gateways that are gone (see the module docstring)."""
-        ledgers = {}
-        for f in sorted(self.log_dir.glob("gateway-*.json")):
-            try:
-                ledgers[str(f)] = json.loads(f.read_text())
-            except (OSError, ValueError) as exc:
-                log.warning("engine ledger %s is unreadable (%s); left as it is", f, exc)
-        for name in left_behind({k: v for k, v in ledgers.items() if isinstance(v, dict)}, started_at):
-            owner = ledgers[name].get("gateway")
-            owner = owner.get("pid") if isinstance(owner, dict) else None
-            groups = ledgers[name].get("groups")
-            for g in groups if isinstance(groups, list) else []:
-                pid, started = (g.get("pid"), g.get("started")) if isinstance(g, dict) else (None, None)
-                if not (isinstance(pid, int) and isinstance(started, int) and pid > 1):
-                    continue
-                killed = kill_leftover_session(pid, started)
-                if killed:
-                    log.warning("stopped engine %s (process group %d, %d process(es)) left running by gateway "
-                                "pid %s, which is gone", g.get("deployment", "?"), pid, len(killed), owner)
-            try:
-                Path(name).unlink(missing_ok=True)
-            except OSError as exc:  # never a reason not to serve
-                log.warning("engine ledger %s could not be removed (%s)", name, exc)
 
     # ------------------------------------------------------------------ watching
     def _ensure_watch(self) -> None:

@@ -29,8 +29,9 @@ from quantgate.evaluate.loadgen import run_load
 from quantgate.integrity import folder_checksums
 from quantgate.procs import session_pids
 from quantgate.serve.manifest import ManifestError, parse_manifest
-from quantgate.serve.supervision import (Life, Refs, backoff_s, core_plan, engine_identity, launch_argv,
-                                         left_behind)
+from quantgate.serve.cores import core_plan
+from quantgate.serve.reaper import left_behind
+from quantgate.serve.supervision import Life, Refs, backoff_s, engine_identity, launch_argv
 from quantgate.workload import LengthClass, WorkloadSpec
 
 pytestmark = pytest.mark.timeout(180)
