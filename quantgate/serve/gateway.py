@@ -70,6 +70,7 @@ class Gateway:
         self.cache = None
         self.ladder: Ladder | None = None
         self.last_reload_error: str | None = None
+        self.switch_failure: dict | None = None  # the last blue/green candidate that did not come up
         self.replica_id = f"{socket.gethostname()}/{os.getpid()}"
         self.trace: TraceWriter | None = None  # serving.trace; None (the default): nothing recorded
         self._breaker_seen: str | None = None  # the last breaker opening shared through the state
@@ -187,7 +188,7 @@ class Gateway:
         self._configure(m, old)
         old.retire()  # closed once its in-flight requests are done
         self.last_reload_error = None
-        self.supervisor.switch_failure = None
+        self.switch_failure = None
         self.metrics.reloads.labels("ok").inc()
         log.warning("manifest reloaded: active %s (was %s), fallback %s", rt.active.key, old.active.key,
                     rt.fallback.key if rt.fallback else "none")
@@ -195,7 +196,7 @@ class Gateway:
 
     def _switch_failed(self, why: str, log_tail: list[str] | None) -> None:
         self.metrics.engine_switch_failed.inc()
-        self.supervisor.switch_failure = {"when": self.wall(), "error": why, "log_tail": log_tail or []}
+        self.switch_failure = {"when": self.wall(), "error": why, "log_tail": log_tail or []}
 
     async def _tick(self) -> None:
         while True:
@@ -247,8 +248,8 @@ class Gateway:
                 engines[role] = {"deployment": d.key, "state": "stopped"}
         if engines:
             out["engines"] = engines
-        if self.supervisor.switch_failure:
-            out["engine_switch_failed"] = self.supervisor.switch_failure
+        if self.switch_failure:
+            out["engine_switch_failed"] = self.switch_failure
         if self.last_reload_error:
             out["reload_error"] = self.last_reload_error
         await self.state.probe()

@@ -58,7 +58,7 @@ class Engine:
 
     def __init__(self, key: str, d: Deployment, log_dir: Path):
         self.key, self.deployment = key, d
-        self.port = free_port()
+        self.port: int | None = None  # taken when it is first started (Supervisor.acquire), kept across restarts
         self.life = Life()
         self.proc: ServerProcess | None = None
         self.log_path = log_dir / f"{d.name}-{key}.log"
@@ -111,7 +111,6 @@ class Supervisor:
         self.clock = clock
         self.engines: dict[str, Engine] = {}
         self.refs = Refs()
-        self.switch_failure: dict | None = None  # the last blue/green candidate that did not come up
         self.reaper = Reaper(self.log_dir)  # records every group spawned; stops what gone gateways left
         self._pending: set[asyncio.Future] = set()  # start threads, awaited on close even if their caller left
         self._watch: asyncio.Task | None = None
@@ -125,6 +124,7 @@ class Supervisor:
             return self.engines[key]
         e = self.engines[key] = Engine(key, d, self.log_dir)
         try:
+            e.port = free_port()  # now, not at its spawn: a background start's provider points at it at once
             await self.reaper.swept()
             await self._verify(e)
             self._ensure_watch()
