@@ -135,6 +135,8 @@ def run_view(recipe: Recipe, chosen, log=print, *, evaluate: bool = False, live:
 
 
 def resolve_device(device: str) -> str:
+    """auto → cuda where torch sees a GPU here, else cpu. An explicit cuda is passed on as asked even
+    where this process sees none: under the Ray executor the GPU may be on a worker node."""
     if device != "auto":
         return device
     try:
@@ -230,7 +232,7 @@ def compare_run(recipe: Recipe, ws: Workspace, records: list[dict]):
     if baseline is None:
         raise QuantgateError(f"recipe '{recipe.name}': comparing needs a baseline candidate (method: baseline)")
     rows = [{"name": r["name"], "method": r.get("method", ""), "metrics": r.get("metrics", {}), "error": r.get("error"),
-             "dtype": r.get("dtype")} for r in records]
+             "dtype": r.get("dtype"), "kernels": r.get("kernels")} for r in records]
     if not any(r["name"] == baseline.name and not r["error"] for r in rows):
         raise QuantgateError(f"the baseline '{baseline.name}' has no evaluation; rerun `quantgate evaluate`")
     comp = compare(rows, baseline.name, recipe.card.gates, cost_tolerance=recipe.card.cost_tolerance_or_default)

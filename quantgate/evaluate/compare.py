@@ -84,6 +84,7 @@ class CandidateVerdict:
     gates: list[GateResult] = field(default_factory=list)
     error: str | None = None
     dtype: str | None = None  # what it was scored in (evaluation.dtype); one for every candidate of a run
+    kernels: dict | None = None  # the record's quantized-matmul classes and counts ({}: dense; None: not recorded)
 
     @property
     def passed(self) -> bool:
@@ -109,8 +110,8 @@ class Comparison:
 
 def compare(rows: list[dict], baseline: str, gates: list[GateSpec], cost_metric: str = "usd_per_1m_output_tokens",
             cost_tolerance: float = DEFAULT_COST_TOLERANCE) -> Comparison:
-    """rows: [{"name", "method", "metrics": {...}, "error": str|None, "dtype": str|None}] → verdicts and a
-    recommendation."""
+    """rows: [{"name", "method", "metrics": {...}, "error": str|None, "dtype": str|None, "kernels": dict|None}]
+    → verdicts and a recommendation."""
     by_name = {r["name"]: r for r in rows}
     if baseline not in by_name:
         raise ValueError(f"baseline '{baseline}' is not among the evaluated candidates")
@@ -121,7 +122,7 @@ def compare(rows: list[dict], baseline: str, gates: list[GateSpec], cost_metric:
         rec = {k: recovery(k, v, base.get(k)) for k, v in m.items() if isinstance(v, (int, float)) and base.get(k)}
         gate_results = [] if r.get("error") else [evaluate_gate(g, m, base) for g in gates]
         verdicts.append(CandidateVerdict(r["name"], r.get("method", ""), m, rec, gate_results, r.get("error"),
-                                         r.get("dtype")))
+                                         r.get("dtype"), r.get("kernels")))
     return Comparison(baseline, verdicts, *select_recommended(verdicts, cost_metric, cost_tolerance))
 
 

@@ -45,6 +45,24 @@ def scored_in(comp: Comparison) -> str:
     return "; NOT on equal terms, scored in " + ", ".join(f"{v.name} {v.dtype}" for v in comp.candidates if v.dtype)
 
 
+def kernel_label(kernels: dict | None) -> str | None:
+    """'TorchQuantLinear' (or 'A + B' for a mix), 'dense' for {}, None where the record has none."""
+    if kernels is None:
+        return None
+    return " + ".join(sorted(kernels)) or "dense"
+
+
+def arithmetic(comp: Comparison) -> str:
+    """'; quantized candidates on different arithmetic: …' when their records name different kernels
+    (one dequantizing into float32 beside an int4 kernel in bfloat16, say), else ''. The baseline is
+    dense by definition and is left out; a dtype mix is scored_in's to report."""
+    got = {v.name: kernel_label(v.kernels) for v in comp.candidates if v.name != comp.baseline and not v.error}
+    named = {n: k for n, k in got.items() if k is not None}
+    if len(set(named.values())) <= 1:
+        return ""
+    return "; quantized candidates on different arithmetic: " + ", ".join(f"{n} {k}" for n, k in named.items())
+
+
 def latency_n(comp: Comparison) -> str:
     ns = {int(v.metrics["load_requests_n"]) for v in comp.candidates if v.metrics.get("load_requests_n")}
     return f"; latency percentiles over n={'/'.join(map(str, sorted(ns)))} requests each" if ns else ""
@@ -84,7 +102,7 @@ def comparison_table(comp: Comparison):
     from rich.table import Table
 
     cols = columns(comp)
-    t = Table(title=f"candidates vs baseline '{comp.baseline}'  (recovery in brackets{latency_n(comp)}{scored_in(comp)})")
+    t = Table(title=f"candidates vs baseline '{comp.baseline}'  (recovery in brackets{latency_n(comp)}{scored_in(comp)}{arithmetic(comp)})")
     t.add_column("candidate")
     t.add_column("gates")
     for _, head, _ in cols:
@@ -117,11 +135,15 @@ def comparison_markdown(recipe, comp: Comparison, records: list[dict]) -> str:
                 lines.append(f"| {k} | {getattr(recipe.card, k)} |")
         lines.append(f"| rollback | {recipe.card.rollback_to or comp.baseline} |")
         lines.append("")
-    lines += ["## Comparison", "", f"Recovery in brackets{latency_n(comp)}{scored_in(comp)}.", "", "| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
+    lines += ["## Comparison", "", f"Recovery in brackets{latency_n(comp)}{scored_in(comp)}{arithmetic(comp)}.", "", "| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
     for v in comp.candidates:
         name = f"**{v.name}** ★" if v.name == comp.recommended else v.name
         lines.append("| " + " | ".join([name, v.method, _status(v, comp)] + [_cell(m, f, v) for m, _, f in cols]) + " |")
-    lines += ["", f"**Recommended:** {comp.recommended or 'none'} — {comp.why}", "", "## Gates", ""]
+    lines += ["", f"**Recommended:** {comp.recommended or 'none'} — {comp.why}", ""]
+    ks = {v.name: kernel_label(v.kernels) for v in comp.candidates if v.kernels is not None}
+    if ks:  # what each candidate's matmuls ran on (records from before the field have none)
+        lines += ["Kernels: " + "; ".join(f"`{n}` {k}" for n, k in ks.items()) + ".", ""]
+    lines += ["## Gates", ""]
     for v in comp.candidates:
         for g in v.gates:
             lines.append(f"- {'✅' if g.passed else '❌'} `{v.name}` {g.rule} on `{g.metric}`: {g.reason}")
