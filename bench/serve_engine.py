@@ -159,9 +159,8 @@ def need_vllm() -> None:
 
 def engine_server(artifact: str | None, work: Path, threads: int | None):
     """A not-yet-started ServerProcess for vLLM on the bundled baseline or on `artifact`."""
-    from quantgate.engines.commands import command_for
-    from quantgate.procs import ServerProcess, free_port
-    from quantgate.engines.spec import LaunchSpec, engine_python
+        from quantgate.procs import ServerProcess, free_port
+    from quantgate.engines.spec import EngineSpec, engine_python
     from quantgate.formats import Artifact, artifact_of_candidate, expected
     from quantgate.models import resolve
 
@@ -177,9 +176,9 @@ def engine_server(artifact: str | None, work: Path, threads: int | None):
         sup = expected("vllm", art)
         if sup.status == "no":
             sys.exit(f"serve_engine: --artifact {artifact} ({art.label}): vLLM does not serve it on CPU: {sup.reason}")
-    spec = LaunchSpec(kind="vllm", dtype="bfloat16", kv_cache_gb=1, max_model_len=1024, threads=threads)
+    spec = EngineSpec(kind="vllm", dtype="bfloat16", kv_cache_gb=1, max_model_len=1024, threads=threads)
     port = free_port()
-    cmd = command_for("vllm", str(engine_python("vllm")[0]), art, spec, port)
+    cmd = spec.command_on(art, str(engine_python("vllm")[0]), port)
     return ServerProcess("vllm", cmd, port=port, log_path=work / "vllm.log", startup_timeout_s=1500), art
 
 
@@ -268,13 +267,12 @@ async def measure_rounds(urls: dict[str, tuple[str, str | None]], gateway_pid: i
 # ------------------------------------------------------------------ the switch
 def engine_deployment(name: str, art, threads: int | None) -> dict:
     """A manifest deployment whose vLLM the gateway starts itself, serving `art` as `name`."""
-    from quantgate.engines.commands import command_for
-    from quantgate.engines.spec import LaunchSpec, engine_python
+        from quantgate.engines.spec import EngineSpec, engine_python
     from quantgate.integrity import folder_checksums
 
-    spec = LaunchSpec(kind="vllm", dtype="bfloat16", kv_cache_gb=1, max_model_len=1024, threads=threads)
+    spec = EngineSpec(kind="vllm", dtype="bfloat16", kv_cache_gb=1, max_model_len=1024, threads=threads)
     python = str(engine_python("vllm")[0])
-    cmd = command_for("vllm", python, type(art)(**{**art.to_dict(), "name": name}), spec, 8000)
+    cmd = spec.command_on(type(art)(**{**art.to_dict(), "name": name}), python, 8000)
     return {"name": name, "model_version": "1", "artifact": art.path, "files": folder_checksums(Path(art.path)),
             "provider": {"kind": "openai", "base_url": "http://127.0.0.1:8000/v1", "model": name, "timeout_s": 300},
             "engine": {"kind": "vllm", "argv": cmd.argv, "env": cmd.env, "python": python, "dtype": "bfloat16",

@@ -2,7 +2,8 @@
 measure every candidate × engine pair under the recipe's workload, and write the card.
 
     spec.py       what the user asks (EngineSelectionSpec): engines and their interpreters, goal, sweep
-    commands.py   pure: an engine's command line for an artifact (support: quantgate.formats)
+    (quantgate/engine_spec.py, layer 1: EngineSpec, one engine's description from this selection to
+                  the gateway's supervisor, and KINDS, each kind's facts and its command-line builder)
     logs.py       pure: the kernel an engine reports, and why a start failed, from its own log
     sweep.py      pure: the concurrency sweep's plan and knee, the failure modes a pair showed
     card.py       pure: the engine-selection card (dict + Markdown) and the manifest deployment

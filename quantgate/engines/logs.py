@@ -1,6 +1,6 @@
 """Pure: what an engine's own log lines say — the kernel it picked, and why a start failed.
 
-Patterns are data, per engine, read against the log as written; a line that matches nothing
+Patterns are data (kernel patterns per kind in engine_spec.KINDS), read against the log as written; a line that matches nothing
 is never invented into a reason: the card then shows the engine's last lines as they are.
 """
 
@@ -9,18 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-# the kernel the engine reports choosing (first group), in order of preference
-KERNEL_PATTERNS: dict[str, list[str]] = {
-    "vllm": [
-        r"Using (\w+Kernel) for (?:\w+LinearMethod|mixed-precision linear)",
-        r"Using (\w+) kernel",
-        r"The model is convertible to (\w+) during runtime",
-    ],
-    "llamacpp": [
-        r"file type\s*=\s*([A-Za-z0-9_]+(?:\s*-\s*[A-Za-z0-9_ ]+)?)",
-        r"type\s+(q\d\w*|f16|f32|bf16):\s+\d+ tensors",
-    ],
-}
+from ..engine_spec import KINDS
 
 # (failure kind, pattern): the first matching line, searched from the end, names the cause
 FAILURE_PATTERNS: list[tuple[str, str]] = [
@@ -53,7 +42,8 @@ class LogReading:
 def kernels_in(engine_kind: str, lines: list[str]) -> list[str]:
     """Every distinct kernel name the engine logged, in order of first mention."""
     seen: list[str] = []
-    for pat in KERNEL_PATTERNS.get(engine_kind, []):
+    kind = KINDS.get(engine_kind)
+    for pat in kind.kernel_patterns if kind else ():
         for line in lines:
             m = re.search(pat, line)
             if m and m.group(1).strip() not in seen:

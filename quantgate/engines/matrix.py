@@ -19,7 +19,7 @@ from ..workspace import RunFolder, read_json
 from .card import build_card, render_markdown
 from .host import machine
 from .pairs import refresh, run_pair
-from .spec import EngineSelectionSpec, LaunchSpec, gguf_converter
+from .spec import EngineSelectionSpec, EngineSpec, gguf_converter
 
 
 def _load_range(pairs: list[dict]) -> str:
@@ -51,7 +51,7 @@ def token_counter(recipe, log=print):
         return None
 
 
-def pair_key(name: str, spec: LaunchSpec, art: Artifact, workload: WorkloadSpec, selection: EngineSelectionSpec) -> str:
+def pair_key(name: str, spec: EngineSpec, art: Artifact, workload: WorkloadSpec, selection: EngineSelectionSpec) -> str:
     """What a pair's measurement depends on: the engine settings, the artifact's identity (name,
     path, format, modification time), the workload and sweep. Not the table or the log reading:
     those are re-applied to a reused record (refresh), so a better rule needs no re-measurement."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..evaluate.clients.openai_http import OpenAIClient
 from ..workload import WorkloadSpec
 from . import sweep as sw
-from .spec import LaunchSpec
+from .spec import EngineSpec
 
 
 def metrics_of(report: dict, cost) -> dict:
@@ -78,7 +78,10 @@ class LlamaCppClient(OpenAIClient):
         return b
 
 
-def client(kind: str, base_url: str, model: str, spec: LaunchSpec, timeout_s: float) -> OpenAIClient:
-    """The HTTP client a server of `kind` is measured with."""
-    cls = LlamaCppClient if kind == "llamacpp" else OpenAIClient
+DIALECTS = {"openai": OpenAIClient, "llamacpp": LlamaCppClient}  # engine_spec.Kind.dialect → client
+
+
+def client(kind: str, base_url: str, model: str, spec: EngineSpec, timeout_s: float) -> OpenAIClient:
+    """The HTTP client a server of `kind` is measured with (its kind's dialect)."""
+    cls = DIALECTS[spec.info.dialect or "openai"]
     return cls(base_url, model, timeout=timeout_s, extra_body=spec.extra_body)

@@ -8,15 +8,15 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from ..engine_spec import Served
 from ..errors import QuantgateError
 from ..formats import Artifact, expected
 from ..procs import EngineStartError, ServerProcess, free_port
 from ..util import atomic_write_json
 from . import sweep as sw
-from .commands import command_for
 from .logs import oom_in, read_log
 from .measure import client, measure
-from .spec import LAUNCHED, LaunchSpec, engine_python
+from .spec import EngineSpec, engine_python
 
 
 def _full_log(path: str) -> list[str]:
@@ -26,7 +26,7 @@ def _full_log(path: str) -> list[str]:
         return []
 
 
-def run_pair(name: str, spec: LaunchSpec, art: Artifact, ctx: dict, log=print) -> tuple[dict, dict | None]:
+def run_pair(name: str, spec: EngineSpec, art: Artifact, ctx: dict, log=print) -> tuple[dict, dict | None]:
     """(matrix cell, pair record or None). The pair record exists for every pair the table does
     not rule out; a pair that failed to start carries the engine's message and is not measured."""
     sup = expected(spec.kind, art, spec.device, spec.serves)
@@ -34,14 +34,14 @@ def run_pair(name: str, spec: LaunchSpec, art: Artifact, ctx: dict, log=print) -
             "expected": sup.to_dict(), "observed": {"tried": False, "loads": None}}
     if spec.kind == "openai" and spec.serves and spec.serves != art.name:
         return cell, None
-    if sup.status == "no" and (not ctx["selection"].probe_unsupported or spec.kind not in LAUNCHED):
+    if sup.status == "no" and (not ctx["selection"].probe_unsupported or not spec.launched):
         return cell, None
     pair = {"engine": name, "engine_kind": spec.kind, "artifact": cell["artifact"], "measured": False,
             "expected": sup.status, "threads": spec.threads, "device": spec.device}
     slug = f"{name}--{art.name}"
     log(f"→ {art.name} on {name} (table: {sup.status}{', ' + sup.kernel if sup.kernel else ''})")
     try:
-        if spec.kind in LAUNCHED:
+        if spec.launched:
             got = _launched(name, spec, art, ctx, slug, log)
         elif spec.kind == "openai":
             got = _running(spec, art, ctx, log)
@@ -71,17 +71,21 @@ def run_pair(name: str, spec: LaunchSpec, art: Artifact, ctx: dict, log=print) -
     return cell, pair
 
 
-def _launched(name: str, spec: LaunchSpec, art: Artifact, ctx: dict, slug: str, log) -> dict:
+def _launched(name: str, spec: EngineSpec, art: Artifact, ctx: dict, slug: str, log) -> dict:
     python, origin = engine_python(spec.kind, spec)
     if not python.is_file():
         raise QuantgateError(f"{spec.kind} is not installed here: {python} (from {origin}) does not exist; "
                              f"see `quantgate engines --list`")
-    port = free_port()
-    cmd = command_for(spec.kind, str(python), art, spec, port)
-    serve = command_for(spec.kind, str(python), art, spec, spec.port or ctx["selection"].serve_port)
+    port, serve_port = free_port(), spec.port or ctx["selection"].serve_port
+    # the card keeps the spec as it started (interpreter, --quantization, context made explicit): promote
+    # copies it into the manifest and the gateway starts exactly that; the command is for people to read
+    resolved = spec.resolved_for(art, str(python)).model_copy(update={"port": serve_port})
+    served = Served(art.path, art.name)
+    cmd = resolved.command(served, port)
     server = ServerProcess(slug, cmd, port=port, log_path=ctx["run"].engine_log_file(slug),
                            startup_timeout_s=spec.startup_timeout_s)
-    out = {"serve_command": {**serve.to_dict(), "port": spec.port or ctx["selection"].serve_port},
+    out = {"engine_spec": resolved.model_dump(mode="json"),
+           "serve_command": {**resolved.command(served, serve_port).to_dict(), "port": serve_port},
            "served_model": art.name}
     try:
         server.start()
@@ -107,7 +111,7 @@ def _launched(name: str, spec: LaunchSpec, art: Artifact, ctx: dict, slug: str, 
                                                "log": rec.log_path}}
 
 
-def _running(spec: LaunchSpec, art: Artifact, ctx: dict, log) -> dict:
+def _running(spec: EngineSpec, art: Artifact, ctx: dict, log) -> dict:
     engine = client(spec.kind, spec.base_url, spec.model or art.name, spec, ctx["workload"].timeout_s)
     measured = asyncio.run(measure(engine, ctx["workload"], ctx["selection"].sweep, ctx["prompts"],
                                    cost=ctx["cost"], log=log))
@@ -118,7 +122,7 @@ def _running(spec: LaunchSpec, art: Artifact, ctx: dict, log) -> dict:
                          "reason": None if ok else measured["first_error"]}}
 
 
-def _inprocess(spec: LaunchSpec, art: Artifact, ctx: dict, slug: str, log) -> dict:
+def _inprocess(spec: EngineSpec, art: Artifact, ctx: dict, slug: str, log) -> dict:
     """The transformers engine, in a child process of its own so its peak memory is the model's."""
     from ..isolate import run_in_child
 
@@ -139,7 +143,7 @@ def _inprocess(spec: LaunchSpec, art: Artifact, ctx: dict, slug: str, log) -> di
             "observed": {"tried": True, "loads": True, "kernel": r["kernel"]}}
 
 
-def refresh(cell: dict, pair: dict | None, spec: LaunchSpec, art: Artifact) -> tuple[dict, dict | None]:
+def refresh(cell: dict, pair: dict | None, spec: EngineSpec, art: Artifact) -> tuple[dict, dict | None]:
     """A reused record with today's table and log reading applied (both pure)."""
     sup = expected(spec.kind, art, spec.device, spec.serves)
     cell = {**cell, "artifact": {**art.to_dict(), "label": art.label}, "expected": sup.to_dict()}

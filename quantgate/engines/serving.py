@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from ..errors import QuantgateError
 from ..formats import Artifact, expected
 from .card import deployment_of, pair_id, rank
-from .commands import command_for
-from .spec import LaunchSpec, engine_python
+from .spec import EngineSpec, engine_python
 
-CHOICES = ("vllm", "llamacpp", "transformers", "url:URL")
+CHOICES = ("vllm", "llamacpp", "transformers", "url:URL")  # a url: is a running server (engine kind openai)
 DEFAULT_PORT = 8000
 
 
@@ -39,46 +38,17 @@ def parse_choice(text: str) -> tuple[str, str | None]:
         url = text[4:].strip()
         if not url.startswith(("http://", "https://")):
             raise QuantgateError(f"--engine {text}: give the server's URL, e.g. url:http://10.0.0.5:8000")
-        return "openai-url", url
+        return "openai", url
     if text in ("vllm", "llamacpp", "transformers"):
         return text, None
     raise QuantgateError(f"--engine {text!r}: choose one of {', '.join(CHOICES)}")
 
 
-def _opt(argv: list[str], *names: str) -> str | None:
-    for i, a in enumerate(argv[:-1]):
-        if a in names:
-            return argv[i + 1]
-    return None
-
-
-def _int(v) -> int | None:
-    try:
-        return int(v) if v is not None else None
-    except ValueError:
-        return None
-
-
 def engine_of_pair(pair: dict, device: str) -> tuple[dict, dict]:
-    """(engine mapping, provider mapping) for one measured pair of the card."""
+    """(engine mapping, provider mapping) for one measured pair of the card: the EngineSpec the pair
+    ran with, as the card stored it (nothing is read back out of a command line)."""
     dep = deployment_of(pair, device)
-    kind = pair["engine_kind"]
-    if kind == "transformers":
-        return {"kind": "transformers", "device": device, "threads": pair.get("threads"),
-                "kernel": pair.get("kernel")}, dep["provider"]
-    if kind == "openai":
-        return {"kind": "openai-url", "kernel": pair.get("kernel")}, dep["provider"]
-    cmd = pair.get("serve_command") or {}
-    argv, env = list(cmd.get("argv") or []), dict(cmd.get("env") or {})
-    engine = {"kind": kind, "argv": argv, "env": env, "port": cmd.get("port", DEFAULT_PORT), "device": device,
-              "python": argv[0] if argv else None, "kernel": pair.get("kernel"),
-              "quantization": _opt(argv, "--quantization"), "dtype": _opt(argv, "--dtype") or "auto",
-              "max_model_len": _int(_opt(argv, "--max-model-len", "--n_ctx")),
-              "threads": _int(_opt(argv, "--n_threads") or env.get("OMP_NUM_THREADS")) or pair.get("threads")}
-    startup = (pair.get("launch") or {}).get("startup_timeout_s")
-    if startup:
-        engine["startup_timeout_s"] = startup
-    return engine, dep["provider"]
+    return dep["engine"], dep["provider"]
 
 
 def failed_start(card: dict | None, name: str, kind: str) -> str | None:
@@ -113,8 +83,8 @@ def for_choice(text: str, art: Artifact, card: dict | None = None, device: str =
     refused when the matrix saw it fail on this artifact or the format table rules it out."""
     kind, url = parse_choice(text)
     source = f"--engine {text}"
-    if kind == "openai-url":
-        engine = {"kind": "openai-url", "source": source}
+    if kind == "openai":
+        engine = {"kind": "openai", "source": source}
         provider = {"kind": "openai", "base_url": url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1"),
                     "model": art.name}
         return EngineChoice(engine, provider, source)
@@ -124,15 +94,12 @@ def for_choice(text: str, art: Artifact, card: dict | None = None, device: str =
     if kind == "transformers":
         engine = {"kind": "transformers", "device": device, "kernel": sup.kernel, "source": source}
         return EngineChoice(engine, {"kind": "local", "model": art.path, "device": device}, source, refused)
-    spec = LaunchSpec(kind=kind, device=device)
+    spec = EngineSpec(kind=kind, device=device)
     python, origin = engine_python(kind, spec)
     notes = [] if python.is_file() else [f"{kind}'s interpreter {python} (from {origin}) does not exist here yet; "
                                          "the serving machine needs it"]
-    cmd = command_for(kind, str(python), art, spec, port)
-    engine = {"kind": kind, "argv": cmd.argv, "env": cmd.env, "port": port, "device": device, "python": str(python),
-              "kernel": sup.kernel, "quantization": sup.quantization, "dtype": spec.dtype,
-              "max_model_len": spec.max_model_len, "threads": spec.threads,
-              "startup_timeout_s": spec.startup_timeout_s, "source": source}
+    resolved = spec.resolved_for(art, str(python))
+    engine = {**resolved.model_dump(mode="json"), "port": port, "kernel": sup.kernel, "source": source}
     provider = {"kind": "openai", "base_url": f"http://127.0.0.1:{port}/v1", "model": art.name}
     return EngineChoice(engine, provider, source, refused, notes)
 

@@ -16,40 +16,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ..documents import Spec, load_document
+from ..engine_spec import EngineSpec
 from ..workload import WorkloadSpec
-
-EngineKind = Literal["vllm", "llamacpp", "openai", "transformers"]
-LAUNCHED = ("vllm", "llamacpp")  # kinds this module starts as servers
-
-
-class LaunchSpec(Spec):
-    """One engine the matrix measures."""
-
-    kind: EngineKind
-    python: str | None = Field(None, description="the engine's own interpreter (vllm, llamacpp)")
-    base_url: str | None = Field(None, description="openai: an already-running server")
-    model: str | None = Field(None, description="openai: the model name that server serves")
-    serves: str | None = Field(None, description="openai: the candidate (or extra) that server serves")
-    device: Literal["cpu", "cuda"] = "cpu"
-    dtype: str = Field("auto", description="vllm --dtype (auto, bfloat16, float16, float32)")
-    threads: int | None = Field(None, ge=1, description="llamacpp --n_threads; transformers torch threads")
-    max_model_len: int = Field(2048, ge=64, description="context the server reserves (vllm/llamacpp)")
-    kv_cache_gb: float | None = Field(None, gt=0, description="vllm on CPU: VLLM_CPU_KVCACHE_SPACE")
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
-    args: list[str] = Field(default_factory=list, description="extra engine arguments, appended")
-    env: dict[str, str] = Field(default_factory=dict)
-    extra_body: dict = Field(default_factory=dict, description="extra fields in every request body")
-    startup_timeout_s: float = Field(900.0, gt=0, description="deadline for the server to answer")
-    port: int | None = Field(None, ge=1, le=65535, description="serving port written to the manifest")
-
-    @model_validator(mode="after")
-    def _kind_fields(self) -> LaunchSpec:
-        if self.kind == "openai" and not self.base_url:
-            raise ValueError("an 'openai' engine is a running server: give base_url (and model, serves)")
-        if self.kind != "openai" and (self.base_url or self.serves):
-            raise ValueError(f"base_url/serves are for kind 'openai' only; a '{self.kind}' engine is launched")
-        return self
-
 
 class ExtraArtifactSpec(Spec):
     """A checkpoint measured beside the candidates: a GGUF file, the bundled model's own GGUF, a
@@ -89,7 +57,7 @@ class SweepSpec(Spec):
 class EngineSelectionSpec(Spec):
     goal: Literal["latency", "throughput"] = Field(
         "latency", description="latency: lowest P95 TTFT/E2E within the SLOs; throughput: most goodput at the knee")
-    engines: dict[str, LaunchSpec] = Field(default_factory=lambda: {"transformers": LaunchSpec(kind="transformers")},
+    engines: dict[str, EngineSpec] = Field(default_factory=lambda: {"transformers": EngineSpec(kind="transformers")},
                                            min_length=1)
     candidates: list[str] | None = Field(None, description="which candidates (default: all)")
     extra: list[ExtraArtifactSpec] = Field(default_factory=list)
@@ -102,6 +70,14 @@ class EngineSelectionSpec(Spec):
     gguf_converter: str | None = Field(
         None, description="llama.cpp's convert_hf_to_gguf.py (default: $QUANTGATE_GGUF_CONVERTER, else "
                           "$QUANTGATE_ENGINES_HOME/llama.cpp/); it runs in the llama.cpp engine's interpreter")
+
+    @model_validator(mode="after")
+    def _running_servers_named(self) -> EngineSelectionSpec:
+        for name, e in self.engines.items():
+            if e.kind == "openai" and not e.base_url:
+                raise ValueError(f"engines.{name}: an 'openai' engine is a running server: give base_url "
+                                 "(and model, serves)")
+        return self
 
 
 # ------------------------------------------------------------------------------- loading
@@ -119,9 +95,9 @@ def selection_for(recipe, path: str | Path | None = None) -> EngineSelectionSpec
     engines = {}
     for name, e in recipe.evaluation.engines.items():
         if e.kind == "openai":
-            engines[name] = LaunchSpec(kind="openai", base_url=e.base_url or "", model=e.model, threads=e.threads)
+            engines[name] = EngineSpec(kind="openai", base_url=e.base_url or "", model=e.model, threads=e.threads)
         else:
-            engines[name] = LaunchSpec(kind="transformers", threads=e.threads)
+            engines[name] = EngineSpec(kind="transformers", threads=e.threads)
     return EngineSelectionSpec(engines=engines)
 
 
@@ -134,7 +110,7 @@ def engines_home() -> Path:
     return root / "engines"
 
 
-def engine_python(kind: str, spec: LaunchSpec | None = None) -> tuple[Path, str]:
+def engine_python(kind: str, spec: EngineSpec | None = None) -> tuple[Path, str]:
     """(the interpreter to start `kind` with, where that choice came from). Not checked here."""
     if spec is not None and spec.python:
         return Path(spec.python).expanduser(), "the engine's `python` setting"

@@ -21,7 +21,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from ..documents import Spec, omitted_while_unset, read_mapping, validate
+from ..documents import Spec, read_mapping, validate
+from ..engine_spec import EngineSpec
 from ..errors import QuantgateError
 from ..util import atomic_write_text
 
@@ -90,75 +91,12 @@ class CommandProviderSpec(Spec):
 
 ProviderSpec = Annotated[Union[MockProviderSpec, OpenAIProviderSpec, LocalProviderSpec, CommandProviderSpec],
                          Field(discriminator="kind")]
-PROVIDER_KINDS = ("mock", "openai", "local", "command")
 
 
 # -------------------------------------------------------------------------------- engines
-ENGINE_KINDS = ("vllm", "llamacpp", "transformers", "openai-url")
-# the provider the gateway talks to each engine kind through
-ENGINE_PROVIDER = {"vllm": "openai", "llamacpp": "openai", "openai-url": "openai", "transformers": "local"}
-
-
-class EngineHealthSpec(Spec):
-    """How the gateway tells a started engine that is alive but hung from a busy one: its health path
-    asked every `every_s`, `misses` unanswered in a row (each within `timeout_s`) → killed and
-    restarted with backoff, traffic on the fallback meanwhile. The defaults are slow to judge on
-    purpose: a false restart costs a whole engine start."""
-
-    every_s: float = Field(10.0, gt=0, le=3600)
-    timeout_s: float = Field(5.0, gt=0, le=600)
-    misses: int = Field(3, ge=1, le=100)
-
-
-class ServingEngineSpec(Spec):
-    """The engine that serves a deployment, and how: its kind, arguments, environment and start deadline.
-
-    vllm and llamacpp are servers quantgate starts (`argv`, in the engine's own interpreter, as the
-    launchers in quantgate.engines resolve it) and talks to through the `openai` provider on `port`;
-    transformers is the in-process `local` provider; openai-url is a server someone else runs (a
-    Kubernetes service, a hosted API): nothing to start.
-    """
-
-    kind: Literal["vllm", "llamacpp", "transformers", "openai-url"]
-    quantization: str | None = Field(None, description="the engine's quantization/kernel argument the matrix "
-                                     "found working (vLLM --quantization); none = the engine picks")
-    kernel: str | None = Field(None, description="the kernel the engine reported (informational)")
-    dtype: str = Field("auto", max_length=32)
-    max_model_len: int | None = Field(None, ge=64, description="context the engine reserves; caps the prompt")
-    threads: int | None = Field(None, ge=1)
-    device: Literal["cpu", "cuda"] = "cpu"
-    python: str | None = Field(None, description="the engine's own interpreter (vllm, llamacpp)")
-    argv: list[str] = Field(default_factory=list, description="the command line that starts the engine "
-                            "(vllm, llamacpp), as the engine matrix ran it")
-    env: dict[str, str] = Field(default_factory=dict, description="environment the engine starts with")
-    port: int | None = Field(None, ge=1, le=65535, description="the port a started engine serves on (loopback)")
-    startup_timeout_s: float = Field(900.0, gt=0, description="deadline for a started engine to answer")
-    source: str = Field("", description="where this choice came from: the card row, --engine, a migration")
-    health: EngineHealthSpec | None = Field(None, description="the liveness check of a started engine "
-                                            "(default: every 10 s, 5 s timeout, restarted after 3 misses)")
-
-    _stable_dump = omitted_while_unset("health")  # a manifest without one dumps (and hashes) as before
-
-    @property
-    def liveness(self) -> EngineHealthSpec:
-        return self.health or EngineHealthSpec()
-
-    @field_validator("env")
-    @classmethod
-    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
-        bad = [k for k in v if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k)]
-        if bad:
-            raise ValueError(f"not environment variable names: {', '.join(map(repr, bad))}")
-        return v
-
-    @model_validator(mode="after")
-    def _launched_needs_argv(self) -> "ServingEngineSpec":
-        if self.kind in ("vllm", "llamacpp") and not self.argv:
-            raise ValueError(f"a '{self.kind}' engine is started by the gateway: give 'argv' (its command line; "
-                             "`quantgate promote` writes it from the engine card or --engine)")
-        if self.kind in ("transformers", "openai-url") and self.argv:
-            raise ValueError(f"a '{self.kind}' engine is not started as a process: remove 'argv'")
-        return self
+# A deployment's engine is the one description engine_spec.EngineSpec (the card stores it, promote
+# copies it here, the supervisor starts it). Schema 2's argv-based engines validate as they are:
+# their `argv` is used verbatim, and `openai-url` is read as `openai`.
 
 
 class PriceSpec(Spec):
@@ -186,8 +124,8 @@ class Deployment(Spec):
     method: str = "baseline"
     params: dict[str, Any] = Field(default_factory=dict)
     provider: ProviderSpec = Field(default_factory=MockProviderSpec)
-    engine: ServingEngineSpec | None = Field(None, description="the engine that serves this deployment and how; "
-                                     "none for mock and command providers")
+    engine: EngineSpec | None = Field(None, description="the engine that serves this deployment and how; "
+                                      "none for mock and command providers")
     price: PriceSpec | None = Field(None, description="overrides serving.price for this deployment")
     max_tokens: int | None = Field(None, ge=1, description="cap on output tokens for this deployment")
     shared_cache: bool = Field(False, description="cached answers may be served to every tenant (public, "
@@ -200,12 +138,16 @@ class Deployment(Spec):
         if self.provider.kind == "local" and not (self.artifact or self.provider.model):
             raise ValueError("a 'local' deployment needs 'artifact' (or provider.model): the checkpoint folder")
         if self.engine is not None:
-            want = ENGINE_PROVIDER[self.engine.kind]
+            e = self.engine
+            want = e.info.provider
             if self.provider.kind != want:
-                raise ValueError(f"engine '{self.engine.kind}' is served through a '{want}' provider, "
+                raise ValueError(f"engine '{e.kind}' is served through a '{want}' provider, "
                                  f"not '{self.provider.kind}'")
-            if self.engine.kind in ("vllm", "llamacpp") and not self.artifact:
-                raise ValueError(f"a '{self.engine.kind}' deployment needs 'artifact': the checkpoint it serves")
+            if e.launched and not self.artifact:
+                raise ValueError(f"a '{e.kind}' deployment needs 'artifact': the checkpoint it serves")
+            if e.launched and not (e.python or e.argv):
+                raise ValueError(f"a '{e.kind}' engine is started by the gateway: give engine.python (its "
+                                 "interpreter; `quantgate promote` writes it from the engine card or --engine)")
         return self
 
     @property
@@ -450,7 +392,7 @@ def _engine_of_v1(dep: dict) -> dict | None:
         return {"kind": "transformers", "dtype": p.get("dtype", "auto"),
                 "device": "cuda" if p.get("device") == "cuda" else "cpu", "source": "migrated from schema 1"}
     if p.get("kind") == "openai":
-        return {"kind": "openai-url", "source": "migrated from schema 1"}
+        return {"kind": "openai", "source": "migrated from schema 1"}
     return None
 
 
@@ -466,7 +408,7 @@ def _migrate_1(obj: dict) -> tuple[dict, str]:
         out["previous"] = [dep(d) for d in obj["previous"]]
     if isinstance(obj.get("serving"), dict) and obj["serving"].get("fallback") is not None:
         out["serving"] = {**obj["serving"], "fallback": dep(obj["serving"]["fallback"])}
-    return out, "schema 1 → 2: each deployment names its engine (local → transformers, openai → openai-url)"
+    return out, "schema 1 → 2: each deployment names its engine (local → transformers, openai → openai)"
 
 
 MIGRATIONS = {1: _migrate_1}  # version → (document → next version's document, what changed)

@@ -16,50 +16,30 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from ..engine_spec import PORT, Served
+from ..procs import Command
 from .manifest import Deployment
 
-LAUNCHED = ("vllm", "llamacpp")  # engine kinds the gateway starts as processes
 STATES = ("starting", "ready", "restarting", "failed", "stopped")
 
 
 def launched(d: Deployment | None) -> bool:
     """True when the gateway starts this deployment's engine itself."""
-    return d is not None and d.engine is not None and d.engine.kind in LAUNCHED
+    return d is not None and d.engine is not None and d.engine.launched
 
 
-def _port_free_argv(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            out.append("{port}")
-            skip = False
-        elif a == "--port":
-            out.append(a)
-            skip = True
-        elif a.startswith("--port="):
-            out.append("--port={port}")
-        else:
-            out.append(a)
-    return out
+def launch_command(d: Deployment, port) -> Command:
+    """The command that starts `d`'s engine on `port`, built from its EngineSpec (or its verbatim
+    argv); engine_spec.PORT in place of a port gives the command an identity is made of."""
+    return d.engine.command(Served(d.artifact, d.provider.model), port)
 
 
 def engine_identity(d: Deployment) -> str:
     """What makes two launched engines the same process (hex digest; see the module docstring)."""
-    e = d.engine
-    doc = {"argv": _port_free_argv(e.argv), "env": e.env, "python": e.python, "artifact": d.artifact,
+    cmd = launch_command(d, PORT)
+    doc = {"argv": cmd.argv, "env": cmd.env, "python": d.engine.python, "artifact": d.artifact,
            "files": d.files, "sha256": d.sha256}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def launch_argv(argv: list[str], python: str | None, port: int) -> list[str]:
-    """The command line with the supervisor's port: `--port N` / `--port=N` / a `{port}` placeholder
-    take it (appended when the command names no port); `python`, when given, replaces argv[0]."""
-    out = [a.replace("{port}", str(port)) for a in _port_free_argv(argv)]
-    if not any(a == "--port" or a.startswith("--port=") for a in argv) and not any("{port}" in a for a in argv):
-        out += ["--port", str(port)]
-    if python and out:
-        out[0] = python
-    return out
 
 
 def backoff_s(failures: int, base_s: float = 0.5, cap_s: float = 30.0) -> float:

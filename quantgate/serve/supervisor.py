@@ -42,10 +42,10 @@ from ..procs import LOOPBACK, Command, EngineStartError, ServerProcess, free_por
 from . import cores
 from .manifest import Deployment, ManifestError
 from .reaper import Reaper
-from .supervision import Life, Refs, engine_identity, launch_argv
+from .supervision import Life, Refs, engine_identity, launch_command
 
 log = logging.getLogger("quantgate.serve")
-HEALTH_PATH = "/v1/models"  # vLLM, llama.cpp's server and the fake engine all answer it
+HEALTH_PATH = "/v1/models"  # a kind that names none in engine_spec.KINDS: the OpenAI servers' models list
 TAIL = 12
 
 
@@ -204,10 +204,11 @@ class Supervisor:
     async def _start_once(self, e: Engine) -> None:
         """Spawn, wait for the health path and the probe; raises EngineStartError (the group is stopped)."""
         d, spec = e.deployment, e.deployment.engine
+        cmd = launch_command(d, e.port)
         held = [o.cores for o in self.engines.values() if o is not e and o.cores and o.life.state != "stopped"]
         e.cores = cores.plan(d, held, cores.allowed_cores)
-        env = {**spec.env, **cores.bind_env(e.cores)}
-        cmd = Command(launch_argv(spec.argv, spec.python, e.port), env, HEALTH_PATH)
+        env = {**cmd.env, **cores.bind_env(e.cores)}
+        cmd = Command(cmd.argv, env, cmd.health_path or HEALTH_PATH)
         proc = ServerProcess(d.key, cmd, port=e.port, log_path=e.log_path, startup_timeout_s=spec.startup_timeout_s,
                              poll_s=0.1, grace_s=self.grace_s)
         e.proc = proc
@@ -297,17 +298,18 @@ class Supervisor:
     async def _liveness(self, e: Engine) -> None:
         """Ask a ready engine's health path once (off the event loop); count what it did not answer."""
         h, proc = e.deployment.engine.liveness, e.proc
-        ok = await asyncio.to_thread(http_ok, f"{e.base_url}{HEALTH_PATH}", h.timeout_s)
+        path = e.deployment.engine.info.health_path or HEALTH_PATH
+        ok = await asyncio.to_thread(http_ok, f"{e.base_url}{path}", h.timeout_s)
         if e.proc is not proc or e.life.state != "ready":
             return  # restarted, lost or stopped meanwhile: this answer is about a process gone
         if ok:
             e.life.answered()
         elif e.life.unanswered(h.misses):
-            self._lost(e, hung=f"the engine is alive but did not answer {HEALTH_PATH} within {h.timeout_s:g} s, "
+            self._lost(e, hung=f"the engine is alive but did not answer {path} within {h.timeout_s:g} s, "
                               f"{h.misses} times in a row (hung): killed")
         else:
             log.warning("engine for %s did not answer %s within %g s (%d of %d before a restart)",
-                        e.deployment.key, HEALTH_PATH, h.timeout_s, e.life.misses, h.misses)
+                        e.deployment.key, path, h.timeout_s, e.life.misses, h.misses)
 
     def _gauge(self, e: Engine) -> None:
         if self.metrics is not None:

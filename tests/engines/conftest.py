@@ -25,7 +25,7 @@ def fake_python(tmp_path) -> Path:
 @pytest.fixture()
 def fake_cmd():
     """A Command that runs the fake engine directly with extra flags."""
-    from quantgate.engines.commands import Command
+    from quantgate.procs import Command
 
     def make(port: int, *flags: str) -> Command:
         return Command([sys.executable, str(FAKE), "-m", "fake", "--port", str(port), "--model", "m", *flags], {})

@@ -58,9 +58,9 @@ def test_quality_failures_and_unmeasured_pairs_are_excluded_and_slo_misses_rank_
 
 def test_deployment_for_each_engine_kind():
     d = deployment_of(FAST)
-    assert d["engine"] == "vllm" and d["provider"] == {"kind": "openai", "base_url": "http://127.0.0.1:8000/v1",
+    assert d["engine"]["kind"] == "vllm" and d["provider"] == {"kind": "openai", "base_url": "http://127.0.0.1:8000/v1",
                                                         "model": "gptq"}
-    assert d["launch"]["argv"][2] == "vllm.entrypoints.openai.api_server"
+    assert d["command"]["argv"][2] == "vllm.entrypoints.openai.api_server"
     assert deployment_of(LOCAL)["provider"] == {"kind": "local", "model": "/w/base", "device": "cpu"}
     remote = {**pair("x", "sglang", "openai", 1, 1, 1), "base_url": "http://10.0.0.2:30000", "served_model": "m"}
     assert deployment_of(remote)["provider"]["base_url"] == "http://10.0.0.2:30000/v1"

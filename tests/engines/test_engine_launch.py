@@ -74,7 +74,7 @@ def test_never_ready_is_stopped_at_the_deadline(fake_cmd, tmp_path):
 
 
 def test_missing_binary_is_a_clear_error(tmp_path):
-    from quantgate.engines.commands import Command
+    from quantgate.procs import Command
 
     srv = ServerProcess("none", Command([str(tmp_path / "no-such-python"), "-m", "x"], {}), port=free_port(),
                         log_path=tmp_path / "x.log")
@@ -93,7 +93,7 @@ def test_an_already_running_server_is_measured_without_a_launch(fake_cmd, tmp_pa
     from quantgate.engines.card import deployment_of
     from quantgate.formats import Artifact
     from quantgate.engines.pairs import run_pair
-    from quantgate.engines.spec import EngineSelectionSpec, LaunchSpec, SweepSpec
+    from quantgate.engines.spec import EngineSelectionSpec, EngineSpec, SweepSpec
     from quantgate.evaluate.loadgen import PromptSource
     from quantgate.workload import LengthClass, WorkloadSpec
     from quantgate.workspace import RunFolder
@@ -101,7 +101,7 @@ def test_an_already_running_server_is_measured_without_a_launch(fake_cmd, tmp_pa
     port = free_port()
     with ServerProcess("sglang-stand-in", fake_cmd(port), port=port, log_path=tmp_path / "s.log",
                        startup_timeout_s=30) as srv:
-        spec = LaunchSpec(kind="openai", base_url=srv.base_url, model="m", serves="cand")
+        spec = EngineSpec(kind="openai", base_url=srv.base_url, model="m", serves="cand")
         sel = EngineSelectionSpec(engines={"sglang": spec}, sweep=SweepSpec(levels=[1], requests_per_level=2))
         ctx = {"selection": sel, "run": RunFolder(tmp_path), "cost": None,
                "prompts": PromptSource(["some words to cut prompts from"] * 3),

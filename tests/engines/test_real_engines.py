@@ -11,10 +11,9 @@ import asyncio
 import pytest
 
 from quantgate.engines.available import check
-from quantgate.engines.commands import command_for
 from quantgate.procs import ServerProcess, free_port
 from quantgate.engines.logs import read_log
-from quantgate.engines.spec import LaunchSpec, engine_python
+from quantgate.engines.spec import EngineSpec, engine_python
 from quantgate.formats import Artifact
 
 pytestmark = pytest.mark.e2e
@@ -35,7 +34,7 @@ def _run_requests(kind: str, base_url: str, model: str, n: int = 4, concurrency:
                      mix=[LengthClass(name="short", prompt_tokens=32, output_tokens=8)])
 
     async def go():
-        async with client(kind, base_url, model, LaunchSpec(kind=kind), 300) as eng:
+        async with client(kind, base_url, model, EngineSpec(kind=kind), 300) as eng:
             return await run_load(eng, w, ["The river rises in the hills to the north and runs south to the sea."])
 
     return asyncio.run(go())
@@ -46,10 +45,10 @@ def test_llamacpp_serves_the_bundled_gguf(tmp_path):
     from quantgate.models import _bundled_file
 
     gguf = _bundled_file("smollm2-135m-instruct")
-    spec = LaunchSpec(kind="llamacpp", threads=2, max_model_len=1024)
+    spec = EngineSpec(kind="llamacpp", threads=2, max_model_len=1024)
     art = Artifact("bundled-q4_1", str(gguf), "gguf", "gguf", dtype="Q4_1")
     port = free_port()
-    cmd = command_for("llamacpp", str(engine_python("llamacpp")[0]), art, spec, port)
+    cmd = spec.command_on(art, str(engine_python("llamacpp")[0]), port)
     with ServerProcess("llama.cpp", cmd, port=port, log_path=tmp_path / "llama.log", startup_timeout_s=180) as srv:
         report = _run_requests("llamacpp", srv.base_url, art.name)
     assert report.aggregates.ok == 4, [r.error for r in report.records]
@@ -65,10 +64,10 @@ def test_vllm_serves_the_embedded_default_model(tmp_path):
     from quantgate.models import resolve
 
     folder = resolve("bundled:smollm2-135m-instruct")
-    spec = LaunchSpec(kind="vllm", dtype="bfloat16", kv_cache_gb=1, max_model_len=1024)
+    spec = EngineSpec(kind="vllm", dtype="bfloat16", kv_cache_gb=1, max_model_len=1024)
     art = Artifact("smollm2", str(folder), "dense", "baseline", dtype="float32")
     port = free_port()
-    cmd = command_for("vllm", str(engine_python("vllm")[0]), art, spec, port)
+    cmd = spec.command_on(art, str(engine_python("vllm")[0]), port)
     with ServerProcess("vllm", cmd, port=port, log_path=tmp_path / "vllm.log", startup_timeout_s=1500) as srv:
         report = _run_requests("vllm", srv.base_url, art.name)
     assert report.aggregates.ok == 4, [r.error for r in report.records]

@@ -29,9 +29,10 @@ from quantgate.evaluate.loadgen import run_load
 from quantgate.integrity import folder_checksums
 from quantgate.procs import session_pids
 from quantgate.serve.manifest import ManifestError, parse_manifest
+from quantgate.engine_spec import with_port
 from quantgate.serve.cores import core_plan
 from quantgate.serve.reaper import left_behind
-from quantgate.serve.supervision import Life, Refs, backoff_s, engine_identity, launch_argv
+from quantgate.serve.supervision import Life, Refs, backoff_s, engine_identity
 from quantgate.workload import LengthClass, WorkloadSpec
 
 pytestmark = pytest.mark.timeout(180)
@@ -136,12 +137,12 @@ def answer_of(url: str, prompt: str = "hi", **extra) -> tuple[int, dict, dict]:
 
 
 # ------------------------------------------------------------------------------ pure part
-def test_launch_argv_takes_the_supervisors_port():
+def test_a_verbatim_argv_takes_the_supervisors_port():
     argv = ["py", "-m", "x", "--port", "8000", "--model", "m"]
-    assert launch_argv(argv, None, 4242) == ["py", "-m", "x", "--port", "4242", "--model", "m"]
-    assert launch_argv(["py", "--port=8000"], "/venv/python", 5) == ["/venv/python", "--port=5"]
-    assert launch_argv(["py", "-m", "x"], None, 7) == ["py", "-m", "x", "--port", "7"]
-    assert launch_argv(["py", "--listen", "127.0.0.1:{port}"], None, 9) == ["py", "--listen", "127.0.0.1:9"]
+    assert with_port(argv, None, 4242) == ["py", "-m", "x", "--port", "4242", "--model", "m"]
+    assert with_port(["py", "--port=8000"], "/venv/python", 5) == ["/venv/python", "--port=5"]
+    assert with_port(["py", "-m", "x"], None, 7) == ["py", "-m", "x", "--port", "7"]
+    assert with_port(["py", "--listen", "127.0.0.1:{port}"], None, 9) == ["py", "--listen", "127.0.0.1:9"]
 
 
 def test_an_engine_is_identified_by_argv_env_and_checksums_not_port_or_serving_fields(tmp_path):

@@ -120,7 +120,9 @@ def test_engine_errors_name_the_field(tmp_path):
     m["active"]["engine"] = VLLM  # a mock provider cannot reach a vLLM server
     assert "engine 'vllm' is served through a 'openai' provider, not 'mock'" in _error(tmp_path, m)
     m["active"]["engine"] = {"kind": "vllm"}
-    assert "active.engine" in _error(tmp_path, m) and "give 'argv'" in _error(tmp_path, m)
+    m["active"]["provider"] = {"kind": "openai", "base_url": "http://127.0.0.1:8000/v1", "model": "m"}
+    m["active"]["artifact"] = "/w/m"
+    assert "active: a 'vllm' engine is started by the gateway: give engine.python" in _error(tmp_path, m)
     m["active"]["engine"] = {"kind": "sglang"}
     assert "active.engine.kind" in _error(tmp_path, m)
     m["active"]["engine"] = {"kind": "openai-url", "env": {"BAD NAME": "1"}}
@@ -154,7 +156,7 @@ def test_migrate_rewrites_atomically_and_keeps_history(tmp_path):
     again = load_manifest(p)
     assert again == m and again.schema_version == 2
     assert again.active.engine.kind == "transformers" and again.active.engine.dtype == "float32"
-    assert again.previous[0].engine.kind == "openai-url" and again.serving.fallback.engine is None
+    assert again.previous[0].engine.kind == "openai" and again.serving.fallback.engine is None
     assert [e.what for e in again.history] == ["promote", "migrate"] and again.history[0].by == "ana"
     assert sorted(x.name for x in tmp_path.iterdir() if x.is_file()) == ["manifest.json"]
     # a current manifest is left as it is
