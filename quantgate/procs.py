@@ -43,6 +43,7 @@ class Command:
     argv: list[str]
     env: dict[str, str]
     health_path: str = "/v1/models"
+    cpus: list[int] = field(default_factory=list)  # the cores the whole process tree may run on (empty: any)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -292,6 +293,13 @@ class ServerProcess:
             self._close_log()
             raise EngineStartError(rec.error, rec) from None
         rec.pid = self._proc.pid
+        if self.command.cpus:
+            # the whole tree, its API server included: children and threads inherit the mask. Set right
+            # after the spawn (no preexec_fn, unsafe in a threaded gateway), while the new interpreter is
+            # still importing, before it starts a thread or a worker. The planner offers only cores this
+            # process may use, so a refusal means the process is already gone (its start then fails)
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(rec.pid, self.command.cpus)
         with _LIVE_LOCK:
             _LIVE[self._proc.pid] = self
         if on_spawn is not None:

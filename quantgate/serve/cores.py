@@ -1,9 +1,13 @@
-"""The core planner: which CPU cores a vLLM CPU engine the gateway starts is pinned to.
+"""The core planner: which CPU cores an engine the gateway starts on CPU is pinned to.
 
 vLLM's CPU build pins its OpenMP threads itself (`VLLM_CPU_OMP_THREADS_BIND=auto`), and `auto`
 puts every engine on the same cores (on a 2-core machine: core 0). During a blue/green switch the
 new engine would then warm up on the core the old one is serving from. So the supervisor plans the
-cores of every such engine: the ones no other running engine holds first.
+cores of every engine whose kind names such a variable (engine_spec.Kind.cores_env), the ones no
+other running engine holds first, and pins the engine's whole process tree there (procs.Command.cpus):
+the threads binding alone left the new engine's API-server process free to queue behind the old
+engine's busy worker, where it sat runnable with 0 CPU seconds for minutes of a switch under load.
+An engine whose spec names `cores` gets exactly those.
 
 `needed` and `plan` are pure; `allowed_cores` is the one read of the machine (this process's CPU
 affinity); `bind_env` is what the engine is started with.
@@ -19,10 +23,11 @@ CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM's CPU build: the cores its Op
 
 
 def cpu_bind_needed(d: Deployment) -> bool:
-    """A vLLM CPU engine whose manifest does not pin its cores: the supervisor plans them (a manifest
-    that sets the variable itself knows better and is left alone)."""
+    """A CPU engine whose kind pins its threads (vLLM) and whose manifest does not: the supervisor
+    plans its cores (a manifest that sets the variable itself knows better and is left alone)."""
     e = d.engine
-    return e is not None and e.kind == "vllm" and e.device == "cpu" and CPU_BIND_ENV not in e.env
+    return (e is not None and e.launched and e.device == "cpu" and e.info.cores_env is not None
+            and e.info.cores_env not in e.env)
 
 
 def core_plan(allowed: list[int], held: list[list[int]], want: int | None = None) -> list[int]:
@@ -43,6 +48,8 @@ def core_plan(allowed: list[int], held: list[list[int]], want: int | None = None
 def plan(d: Deployment, held: list[list[int]], allowed) -> list[int]:
     """The cores to pin `d`'s new engine to, or [] when the supervisor does not pin it. `allowed` is
     called only when a plan is needed (it reads the machine: `allowed_cores`)."""
+    if d.engine is not None and d.engine.cores:
+        return list(d.engine.cores)
     if not cpu_bind_needed(d):
         return []
     return core_plan(allowed(), held, d.engine.threads)

@@ -208,7 +208,7 @@ class Supervisor:
         held = [o.cores for o in self.engines.values() if o is not e and o.cores and o.life.state != "stopped"]
         e.cores = cores.plan(d, held, cores.allowed_cores)
         env = {**cmd.env, **cores.bind_env(e.cores)}
-        cmd = Command(cmd.argv, env, cmd.health_path or HEALTH_PATH)
+        cmd = Command(cmd.argv, env, cmd.health_path or HEALTH_PATH, cpus=e.cores)  # the whole tree
         proc = ServerProcess(d.key, cmd, port=e.port, log_path=e.log_path, startup_timeout_s=spec.startup_timeout_s,
                              poll_s=0.1, grace_s=self.grace_s)
         e.proc = proc
