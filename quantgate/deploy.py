@@ -20,6 +20,7 @@ from .formats import Artifact, artifact_of_candidate, expected, provider_support
 from .integrity import folder_checksums
 from .models import weights_sha256
 from .serve.manifest import (
+    ArithmeticSpec,
     Deployment,
     LocalProviderSpec,
     Manifest,
@@ -67,12 +68,58 @@ def deployment_for(run_dir: Path, name: str) -> Deployment:
     if version:
         params["mlflow"] = {"uri": redact_uri(tracking["uri"]), "model": tracking["registered_model"], "version": version,
                             "run_id": tracking["child_run_ids"].get(name)}
+    evaluated = evaluated_arithmetic(run.evaluation(name))
+    local = LocalProviderSpec(kind="local", **({"dtype": evaluated.dtype, "device": evaluated.device}
+                                               if evaluated and evaluated.dtype in LOCAL_DTYPES else {}))
     return Deployment(
         name=name, model_version=version or recipe.recipe_hash[:12], artifact=res.artifact,
         sha256=weights_sha256(Path(res.artifact)), files=folder_checksums(Path(res.artifact)),
         method=rec.get("method", ""), params=params,
-        provider=LocalProviderSpec(kind="local"), price=measured_price(run, name),
+        provider=local, price=measured_price(run, name), evaluated=evaluated,
     )
+
+
+LOCAL_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def evaluated_arithmetic(record: dict | None) -> ArithmeticSpec | None:
+    """The dtype and kernels an evaluation record says its scores were computed on (None: no record)."""
+    if not record or not record.get("dtype"):
+        return None
+    return ArithmeticSpec(dtype=record["dtype"], kernels=record.get("kernels") or {},
+                          device="cuda" if record.get("device") == "cuda" else "cpu")
+
+
+def served_arithmetic(dep: Deployment) -> tuple[Deployment, list[str]]:
+    """The deployment on the arithmetic its gates were measured on, and what still differs (pure).
+
+    In process: the local provider loads in the evaluated dtype with the same kernel rule
+    (quantgate.kernels), so an `auto` dtype becomes the evaluated one and only an explicit other one
+    differs. A started engine from a card row: its dtype flag must name the evaluated dtype (`auto`
+    lets the engine pick, which is not a measured choice); one chosen with `--engine KIND` (no row
+    measured it) is started in the evaluated dtype. Its kernels are the engine's own, as the card
+    measured them (quality on the serving engine itself is not measured here).
+    A running server someone else runs (openai) reports no arithmetic: nothing to compare."""
+    ev = dep.evaluated
+    if ev is None:
+        return dep, []
+    if dep.provider.kind == "local":
+        p = dep.provider
+        if p.dtype == "auto" and ev.dtype in LOCAL_DTYPES:
+            p = p.model_copy(update={"dtype": ev.dtype})
+            dep = dep.model_copy(update={"provider": p})
+        return dep, [] if p.dtype in ("auto", ev.dtype) else [
+            f"the in-process provider loads {p.dtype}; the gates were measured in {ev.dtype}"]
+    e = dep.engine
+    if e is None or not e.launched:
+        return dep, []
+    if e.dtype == "auto" and not (e.source or "").startswith("engine card"):
+        # `--engine KIND` without a measured row: start it in the evaluated dtype rather than let it pick
+        return dep.model_copy(update={"engine": e.model_copy(update={"dtype": ev.dtype})}), []
+    if e.dtype != ev.dtype:
+        return dep, [f"{e.kind} starts with --dtype {e.dtype}; the gates were measured in {ev.dtype} "
+                     f"(set `dtype: {ev.dtype}` for this engine in the selection file and measure it again)"]
+    return dep, []
 
 
 def measured_price(run, name: str) -> PriceSpec | None:
@@ -119,9 +166,13 @@ def go_live_check(run_dir: Path, name: str, dep: Deployment, serving: ServingSpe
     art = artifact_of(name, dep)
     kind, support = engine_support(dep, art)
     fb = serving.fallback
+    _, differs = served_arithmetic(dep)
+    served_dtype = dep.engine.dtype if dep.engine and dep.engine.launched else getattr(dep.provider, "dtype", None)
     return {
         "engine_supports_format": {"engine": kind, "format": art.format, "ok": support.status == "yes",
                                    "support": support.status, "kernel": support.kernel, "why": support.reason},
+        "arithmetic": {"evaluated": dep.evaluated.model_dump() if dep.evaluated else None,
+                       "served_dtype": served_dtype, "ok": not differs, "why": "; ".join(differs) or None},
         "calibration": q.get("calibration"),
         "rollback_target": {"name": fb.name if fb else None, "present": fb is not None,
                             "verified": bool(fb and fb.sha256 and weights_sha256(Path(fb.artifact)) == fb.sha256)},
@@ -130,6 +181,18 @@ def go_live_check(run_dir: Path, name: str, dep: Deployment, serving: ServingSpe
         "recovery": verdict.get("recovery"),
         "recommended": comp.get("recommended"),
     }
+
+
+def gated_arithmetic(dep: Deployment, *, force: bool, reason: str) -> tuple[Deployment, list[str]]:
+    """served_arithmetic, refused when something still differs unless forced with a reason."""
+    dep, differs = served_arithmetic(dep)
+    if differs and not force:
+        raise PromotionRefused(f"'{dep.name}' would not be served on the arithmetic its gates were measured on: "
+                               + "; ".join(differs) + "\npromote it anyway only with --force --reason \"...\"")
+    if differs and not reason.strip():
+        raise PromotionRefused("--force needs --reason \"...\": the history records why a deployment went live on "
+                               "arithmetic its gates did not measure")
+    return dep, differs
 
 
 def artifact_of(name: str, dep: Deployment) -> Artifact:
@@ -186,6 +249,9 @@ def promote_candidate(run_dir: Path, name: str, manifest_path: Path, *, force: b
     dep = deployment_for(run_dir, name)
     dep, engine_evidence = with_engine(dep, engine_for(artifact_of(name, dep)) if engine_for else None,
                                        force=force, reason=reason)
+    dep, differs = gated_arithmetic(dep, force=force, reason=reason)
+    if differs:
+        engine_evidence["arithmetic_differs_but_forced"] = differs
     serving = serving_for(run_dir, name)
     evidence = {"run": str(run_dir), "engine": engine_evidence,
                 "go_live_check": go_live_check(run_dir, name, dep, serving)}

@@ -69,7 +69,7 @@ def test_the_comparison_says_what_every_candidate_was_scored_in():
 
 
 def test_float32_on_cpu_picks_the_gptq_kernel_that_computes_in_float32():
-    from quantgate.evaluate.clients.transformers_local import kernel_backend
+    from quantgate.kernels import kernel_backend
 
     assert kernel_backend("gptq", "float32", "cpu") == "torch"
     assert kernel_backend("gptq", "bfloat16", "cpu") is None  # the automatic int4 kernel computes in bf16

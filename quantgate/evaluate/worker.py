@@ -11,6 +11,7 @@ import sys
 import time
 
 from ..isolate import child_main
+from ..kernels import dtype_of
 from ..progress import emit
 from ..recipe import EvaluationClientSpec, EvaluationSpec
 from . import memory
@@ -183,7 +184,7 @@ def execute(job: dict) -> dict:
     asyncio.run(local.start())
     TIMINGS["model_load"] = round(time.perf_counter() - t_load, 2)
     # what the scores were computed in: the declared dtype and the quantized kernels it ran on
-    loaded = {"dtype": str(local.model.dtype).removeprefix("torch."), "kernels": local.kernels()}
+    loaded = {"dtype": dtype_of(local.model), "kernels": local.kernels()}
     q_section, flat = quality(local, spec, cand["name"])
     speed_engine = local
     if engine_spec.kind == "openai":

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from ..documents import Spec, read_mapping, validate
+from ..documents import Spec, omitted_while_unset, read_mapping, validate
 from ..engine_spec import EngineSpec
 from ..errors import QuantgateError
 from ..util import atomic_write_text
@@ -112,6 +112,17 @@ class PriceSpec(Spec):
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$"
 
 
+class ArithmeticSpec(Spec):
+    """The arithmetic a deployment's gates were measured on (its evaluation record): the dtype it was
+    scored in, the quantized-matmul kernels that ran (class → count; a dense model: none) and where.
+    The in-process provider loads in this dtype with the same kernel rule (quantgate.kernels) and
+    says what it got in /readyz; promote refuses an engine whose dtype differs, unless forced."""
+
+    dtype: str = Field(..., max_length=32)
+    kernels: dict[str, int] = Field(default_factory=dict)
+    device: Literal["cpu", "cuda"] = "cpu"
+
+
 class Deployment(Spec):
     """One servable thing: a model artifact behind a provider, with how it was made."""
 
@@ -130,6 +141,10 @@ class Deployment(Spec):
     max_tokens: int | None = Field(None, ge=1, description="cap on output tokens for this deployment")
     shared_cache: bool = Field(False, description="cached answers may be served to every tenant (public, "
                                "non-personal prompts only); by default each tenant has its own cache")
+    evaluated: ArithmeticSpec | None = Field(None, description="the arithmetic the gates were measured on "
+                                             "(promote writes it from the evaluation record)")
+
+    _stable_dump = omitted_while_unset("evaluated")  # a deployment without one dumps as before
 
     @model_validator(mode="after")
     def _local_needs_artifact(self) -> "Deployment":

@@ -100,7 +100,7 @@ def reference_perplexity(py: Path, tmp_path: Path, folder: str, windows: list, d
 @pytest.mark.parametrize("name", ["gptq-w4g64", "rtn-w4g64"])
 def test_checkpoint_in_float32_gives_the_same_perplexity_within_0_1_percent(smollm2_run, tmp_path, name):
     """Like with like at full precision: quantgate's own client and perplexity code in float32 (GPTQModel's
-    float32 kernel, see transformers_local.kernel_backend) against transformers 4.57 + auto-gptq in
+    float32 kernel, see quantgate.kernels.kernel_backend) against transformers 4.57 + auto-gptq in
     float32, on the windows quantgate's evaluation scored. This is where the checkpoint is read, with no
     kernel rounding in between: the issue's 0.1%."""
     py = interop_python()

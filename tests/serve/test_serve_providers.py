@@ -56,10 +56,13 @@ def test_mock_error_rate_follows_its_seed():
 def test_local_provider_serves_a_real_checkpoint(serve, tiny_model):
     m = base_manifest(cache={"enabled": False})
     m["active"] = {"name": "tiny-local", "artifact": str(tiny_model), "method": "baseline",
-                   "provider": {"kind": "local", "device": "cpu", "max_new_tokens": 6}}
+                   "provider": {"kind": "local", "device": "cpu", "max_new_tokens": 6},
+                   "evaluated": {"dtype": "bfloat16"}}  # a hand-edited manifest: auto loads the saved float32
     srv = serve(m)
     with httpx.Client(base_url=srv.url, timeout=60) as c:
-        assert c.get("/readyz").json()["active_ready"].endswith("on cpu")
+        said = c.get("/readyz").json()["active_ready"]
+        assert said == (f"{tiny_model} on cpu in float32 (dense); NOT the gated arithmetic: "
+                        "dtype float32 is served, the gates were measured in bfloat16")
         a = c.post("/chat", json=chat_body("The quick brown fox", max_tokens=4, budget_ms=10000)).json()
         assert a["deployment"] == "tiny-local" and a["degrade"]["path"] == ["active"], a
         assert 1 <= a["tokens"]["out"] <= 4 and a["tokens"]["in"] > 1

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import AsyncIterator
 
+from ...kernels import kernels_of, load_kwargs
 from .base import Chunk, GenerationRequest
 
 
@@ -33,42 +34,6 @@ class _QueueStreamer:
 
     def end(self):
         pass
-
-
-# GPTQModel's automatic CPU kernels for GPTQ and AWQ (TorchAtenLinear, TorchAtenAwqLinear: the
-# int4pack ATen matmul) cast activations and scales to bfloat16 whatever the model's dtype. So when
-# an evaluation asks for float32 on CPU, GPTQ-layout checkpoints (GPTQ, RTN) get GPTQModel's `torch`
-# kernel, which dequantizes into the model's dtype: float32 then means float32 arithmetic, and a
-# checkpoint's perplexity agrees with transformers 4.57 + auto-gptq to 0.002% (GPTQ) / 0.03% (RTN)
-# (tests/e2e/test_interop.py). It keeps the dequantized weights, so those layers run at dense float32
-# speed, about 3x slower per token than the int4 kernel: the CPU recipes score in bfloat16. AWQ keeps
-# the automatic kernel (GPTQModel's `torch_awq` dequantizes on every call, ~12x slower); the record's
-# `kernels` says which ran.
-EXACT_CPU_BACKENDS = {"gptq": "torch"}
-
-
-def kernel_backend(quant_method: str | None, dtype: str | None, device: str) -> str | None:
-    """The GPTQModel backend that computes in `dtype` where the automatic choice would not (else None)."""
-    if dtype == "float32" and device == "cpu":
-        return EXACT_CPU_BACKENDS.get(quant_method or "")
-    return None
-
-
-def quantization_override(folder: str, dtype: str | None, device: str):
-    """A quantization_config for from_pretrained that only picks the kernel (transformers keeps the
-    checkpoint's own settings and takes the backend from it), or None to leave the choice alone."""
-    import json
-
-    try:
-        qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, ValueError):
-        return None
-    backend = kernel_backend(qc.get("quant_method"), dtype, device)
-    if backend is None:
-        return None
-    from transformers import GPTQConfig
-
-    return GPTQConfig(bits=qc["bits"], backend=backend)
 
 
 class TransformersClient:
@@ -95,17 +60,13 @@ class TransformersClient:
         if self.threads:
             torch.set_num_threads(self.threads)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        kw = {"dtype": getattr(torch, self.dtype) if self.dtype else "auto"}
-        if (override := quantization_override(self.model_path, self.dtype, self.device)) is not None:
-            kw["quantization_config"] = override
+        kw = load_kwargs(self.model_path, self.dtype, self.device)  # the gateway's local provider loads alike
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, device_map=self.device, **kw).eval()
 
     def kernels(self) -> dict:
         """The classes doing the model's quantized matmuls and how many of each (a dense model: {}):
-        evidence for the record of which arithmetic the scores came from (see kernel_backend)."""
-        from collections import Counter
-
-        return dict(Counter(type(m).__name__ for m in self.model.modules() if hasattr(m, "qweight")))
+        evidence for the record of which arithmetic the scores came from (quantgate.kernels)."""
+        return kernels_of(self.model)
 
     def encode(self, messages: list[dict]):
         if getattr(self.tokenizer, "chat_template", None):

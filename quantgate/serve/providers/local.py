@@ -10,12 +10,16 @@ of finishing a generation nobody will read.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
+from ...kernels import arithmetic_problems, dtype_of, kernels_of, load_kwargs
 from .base import GenRequest, GenResult, Provider, ProviderError, StreamStats
+
+log = logging.getLogger("quantgate.serve")
 
 
 class LocalProvider(Provider):
@@ -28,6 +32,8 @@ class LocalProvider(Provider):
         self.model = self.tok = self.torch = None
         self.counter = None  # a tokenizer of its own for the event loop: the worker thread uses self.tok
         self.device = "cpu"
+        self.arithmetic: dict | None = None  # the dtype and kernels it loaded with (in /readyz)
+        self.problems: list[str] = []  # how that differs from the deployment's evaluated arithmetic
 
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
@@ -40,21 +46,33 @@ class LocalProvider(Provider):
         dev = self.spec.device
         if dev == "auto":
             dev = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = "auto" if self.spec.dtype == "auto" else getattr(torch, self.spec.dtype)
+        # the dtype and the kernel rule the evaluation used (quantgate.kernels): the gated arithmetic
+        kw = load_kwargs(self.path, None if self.spec.dtype == "auto" else self.spec.dtype, dev)
         try:
             self.tok = transformers.AutoTokenizer.from_pretrained(self.path)
             self.counter = transformers.AutoTokenizer.from_pretrained(self.path)
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(dev).eval()
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(self.path, **kw).to(dev).eval()
         except OSError as exc:
             raise ProviderError("unavailable", f"cannot load checkpoint {self.path}: {exc}") from None
         self.torch, self.device = torch, dev
+        self.arithmetic = {"dtype": dtype_of(self.model), "kernels": kernels_of(self.model)}
+        evaluated = getattr(self.deployment, "evaluated", None)
+        self.problems = arithmetic_problems(evaluated.model_dump(), self.arithmetic) if evaluated else []
+        if self.problems:
+            log.warning("%s is not served on the arithmetic its gates were measured on: %s",
+                        self.deployment.key, "; ".join(self.problems))
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.model = None
 
     async def ready(self) -> tuple[bool, str]:
-        return (self.model is not None, f"{self.path} on {self.device}" if self.model is not None else "not loaded")
+        if self.model is None:
+            return False, "not loaded"
+        a = self.arithmetic or {}
+        kernels = ", ".join(sorted(a.get("kernels") or {})) or "dense"
+        note = f"; NOT the gated arithmetic: {'; '.join(self.problems)}" if self.problems else ""
+        return True, f"{self.path} on {self.device} in {a.get('dtype')} ({kernels}){note}"
 
     @staticmethod
     def _text(tok, req: GenRequest) -> str:

@@ -1,0 +1,77 @@
+"""Which arithmetic a checkpoint runs on in process: the dtype it is loaded in and the quantized-matmul
+kernels that then compute — one rule for the evaluation's client and the gateway's local provider,
+so a deployment is served on the arithmetic its gates were measured on, and both can say which.
+
+GPTQModel's automatic CPU kernels for GPTQ and AWQ (TorchAtenLinear, TorchAtenAwqLinear: the
+int4pack ATen matmul) cast activations and scales to bfloat16 whatever the model's dtype. So when
+float32 is asked for on CPU, GPTQ-layout checkpoints (GPTQ, RTN) get GPTQModel's `torch` kernel,
+which dequantizes into the model's dtype: float32 then means float32 arithmetic, and a checkpoint's
+perplexity agrees with transformers 4.57 + auto-gptq to 0.002% (GPTQ) / 0.03% (RTN)
+(tests/e2e/test_interop.py). It keeps the dequantized weights, so those layers run at dense float32
+speed, about 3x slower per token than the int4 kernel: the CPU recipes score in bfloat16. AWQ keeps
+the automatic kernel (GPTQModel's `torch_awq` dequantizes on every call, ~12x slower).
+
+Layer 1: torch/transformers are imported only inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+EXACT_CPU_BACKENDS = {"gptq": "torch"}
+
+
+def kernel_backend(quant_method: str | None, dtype: str | None, device: str) -> str | None:
+    """The GPTQModel backend that computes in `dtype` where the automatic choice would not (else None)."""
+    if dtype == "float32" and device == "cpu":
+        return EXACT_CPU_BACKENDS.get(quant_method or "")
+    return None
+
+
+def quantization_override(folder: str, dtype: str | None, device: str):
+    """A quantization_config for from_pretrained that only picks the kernel (transformers keeps the
+    checkpoint's own settings and takes the backend from it), or None to leave the choice alone."""
+    try:
+        qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return None
+    backend = kernel_backend(qc.get("quant_method"), dtype, device)
+    if backend is None:
+        return None
+    from transformers import GPTQConfig
+
+    return GPTQConfig(bits=qc["bits"], backend=backend)
+
+
+def load_kwargs(folder: str, dtype: str | None, device: str) -> dict:
+    """from_pretrained's dtype and kernel arguments for `folder` in `dtype` (None: the checkpoint's own)."""
+    import torch
+
+    kw = {"dtype": getattr(torch, dtype) if dtype else "auto"}
+    if (override := quantization_override(folder, dtype, device)) is not None:
+        kw["quantization_config"] = override
+    return kw
+
+
+def kernels_of(model) -> dict[str, int]:
+    """The classes doing the model's quantized matmuls and how many of each (a dense model: {})."""
+    from collections import Counter
+
+    return dict(Counter(type(m).__name__ for m in model.modules() if hasattr(m, "qweight")))
+
+
+def dtype_of(model) -> str:
+    return str(model.dtype).removeprefix("torch.")
+
+
+def arithmetic_problems(evaluated: dict, served: dict) -> list[str]:
+    """Pure: how the arithmetic served ({dtype, kernels}) differs from the one evaluated (empty: none)."""
+    out = []
+    if evaluated.get("dtype") and served.get("dtype") and evaluated["dtype"] != served["dtype"]:
+        out.append(f"dtype {served['dtype']} is served, the gates were measured in {evaluated['dtype']}")
+    ek, sk = evaluated.get("kernels"), served.get("kernels")
+    if ek is not None and sk is not None and set(ek) != set(sk):
+        out.append(f"kernels {', '.join(sorted(sk)) or 'dense'} are served, the gates were measured on "
+                   f"{', '.join(sorted(ek)) or 'dense'}")
+    return out
