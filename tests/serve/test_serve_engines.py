@@ -262,13 +262,17 @@ def test_the_gateway_starts_its_engines_answers_through_them_and_stops_them(serv
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPU cores to start engines on disjoint cores")
 def test_engines_started_side_by_side_are_pinned_to_different_cores(serve, tmp_path):
     """vLLM's own `auto` binding would put both on the same core (the switch then starves)."""
-    srv = serve(manifest(engine_dep(tmp_path, "blue"), engine_dep(tmp_path, "spare")))
+    srv = serve(manifest(engine_dep(tmp_path, "blue", "--spawn-child"), engine_dep(tmp_path, "spare", "--spawn-child")))
     body = wait_until(lambda: ready(srv.url), 60, "the engines to be ready")
     blue, spare = body["engines"]["active"], body["engines"]["fallback"]
     assert blue["cores"] and spare["cores"] and not set(blue["cores"]) & set(spare["cores"])
     for e in (blue, spare):  # the engine itself was started with that binding
         bind = ",".join(map(str, e["cores"]))
         assert f"VLLM_CPU_OMP_THREADS_BIND={bind}" in Path(e["log"]).read_text()
+        # and its whole process tree runs there, the API server and the worker it forked included
+        members = group_members(e["pid"])
+        assert len(members) >= 2
+        assert {tuple(sorted(os.sched_getaffinity(p))) for p in members} == {tuple(e["cores"])}
     srv.stop()
 
 
