@@ -159,7 +159,7 @@ def need_vllm() -> None:
 
 def engine_server(artifact: str | None, work: Path, threads: int | None):
     """A not-yet-started ServerProcess for vLLM on the bundled baseline or on `artifact`."""
-        from quantgate.procs import ServerProcess, free_port
+    from quantgate.procs import ServerProcess, free_port
     from quantgate.engines.spec import EngineSpec, engine_python
     from quantgate.formats import Artifact, artifact_of_candidate, expected
     from quantgate.models import resolve
@@ -267,16 +267,16 @@ async def measure_rounds(urls: dict[str, tuple[str, str | None]], gateway_pid: i
 # ------------------------------------------------------------------ the switch
 def engine_deployment(name: str, art, threads: int | None) -> dict:
     """A manifest deployment whose vLLM the gateway starts itself, serving `art` as `name`."""
-        from quantgate.engines.spec import EngineSpec, engine_python
+    from quantgate.engines.spec import EngineSpec, engine_python
     from quantgate.integrity import folder_checksums
 
-    spec = EngineSpec(kind="vllm", dtype="bfloat16", kv_cache_gb=1, max_model_len=1024, threads=threads)
-    python = str(engine_python("vllm")[0])
-    cmd = spec.command_on(type(art)(**{**art.to_dict(), "name": name}), python, 8000)
+    # the engine as promote writes it: its spec, from which the supervisor builds the command
+    spec = EngineSpec(kind="vllm", dtype="bfloat16", kv_cache_gb=1, max_model_len=1024, threads=threads,
+                      startup_timeout_s=1500, source="bench/serve_engine.py")
+    engine = spec.resolved_for(art, str(engine_python("vllm")[0]))
     return {"name": name, "model_version": "1", "artifact": art.path, "files": folder_checksums(Path(art.path)),
             "provider": {"kind": "openai", "base_url": "http://127.0.0.1:8000/v1", "model": name, "timeout_s": 300},
-            "engine": {"kind": "vllm", "argv": cmd.argv, "env": cmd.env, "python": python, "dtype": "bfloat16",
-                       "max_model_len": 1024, "startup_timeout_s": 1500, "source": "bench/serve_engine.py"}}
+            "engine": engine.model_dump(mode="json")}
 
 
 def switch_manifest(active: dict) -> dict:
@@ -336,7 +336,7 @@ async def measure_switch(gw_url: str, mpath: Path, new_manifest: dict, new: str,
         tasks = [asyncio.ensure_future(worker(s)) for _ in range(concurrency)]
         try:
             deadline = time.monotonic() + timeout_s
-            while len(events) < 2 * concurrency:  # load running before the switch
+            while len(events) < 2 * concurrency:  # load running before the switch (none when idle)
                 await asyncio.sleep(0.1)
             t_write = time.monotonic()
             atomic_write_json(mpath, new_manifest)
@@ -352,6 +352,11 @@ async def measure_switch(gw_url: str, mpath: Path, new_manifest: dict, new: str,
                     break
                 if sum(e["ok"] and e["deployment"] == new for e in events) >= after_requests:
                     break
+                if concurrency == 0 and t_switched is not None:  # idle: one request shows who answers
+                    tasks.append(asyncio.ensure_future(worker(s)))
+                    while not events:
+                        await asyncio.sleep(0.05)
+                    break
                 await asyncio.sleep(0.1)  # polling the gateway's own state under a deadline
         finally:
             stop.set()
@@ -361,7 +366,9 @@ async def measure_switch(gw_url: str, mpath: Path, new_manifest: dict, new: str,
 
 def run_switch(a, art, work: Path) -> dict:
     """The gateway serves `blue` (a vLLM it starts itself); the manifest changes to `green` (another
-    vLLM process: a different served name, so a different engine identity) under steady load."""
+    vLLM process: a different served name, so a different engine identity), then back, and so on:
+    one switch per entry of --switch-loads (concurrent clients with unique prompts; 0 = idle), so the
+    switch under load and the idle one are measured by the same gateway on a warm compile cache."""
     from gateway import API_KEY, Target, free_port
 
     from quantgate.util import atomic_write_json
@@ -379,11 +386,29 @@ def run_switch(a, art, work: Path) -> dict:
         t0 = time.monotonic()
         wait_ready(gw.url, "blue", 1800)
         print(f"  blue ready after {time.monotonic() - t0:.1f} s", flush=True)
-        out = asyncio.run(measure_switch(gw.url, mpath, switch_manifest(green), "green", "blue",
-                                         concurrency=a.switch_concurrency, output_tokens=a.output_tokens))
+        switches, deps, now = [], {"blue": blue, "green": green}, "blue"
+        for load in a.switch_loads:
+            new = "green" if now == "blue" else "blue"
+            out = asyncio.run(measure_switch(gw.url, mpath, switch_manifest(deps[new]), new, now,
+                                             concurrency=load, output_tokens=a.output_tokens))
+            switches.append({"measured": True, "concurrency": load, "loadavg": os.getloadavg()[0], **out})
+            print_switch(switches[-1])
+            if out["switched_s"] is None:
+                break
+            now = new
+            wait_ready(gw.url, now, 600)  # the old engine stopped, the new one alone before the next switch
     finally:
         gw.stop()
-    return {"measured": True, "concurrency": a.switch_concurrency, **out}
+    return {"measured": True, "switches": switches, **switch_ratio(switches)}
+
+
+def switch_ratio(switches: list[dict]) -> dict:
+    """The slowest switch under load over the slowest idle one (target ≤ 1.5), and failures in all."""
+    idle = [s["switched_s"] for s in switches if s["concurrency"] == 0 and s["switched_s"] is not None]
+    loaded = [s["switched_s"] for s in switches if s["concurrency"] > 0 and s["switched_s"] is not None]
+    return {"idle_s": max(idle) if idle else None, "loaded_s": max(loaded) if loaded else None,
+            "loaded_over_idle": round(max(loaded) / max(idle), 2) if idle and loaded else None,
+            "failed": sum(s["failed"] for s in switches)}
 
 
 def wait_ready(url: str, active: str, timeout_s: float) -> None:
@@ -419,7 +444,9 @@ def main() -> None:
     ap.add_argument("--output-tokens", type=int, default=16, help="tokens a request generates (ignore_eos)")
     ap.add_argument("--switch", choices=("auto", "skip", "only"), default="auto",
                     help="the blue/green switch part: auto = when the gateway supervises engines; only = just it")
-    ap.add_argument("--switch-concurrency", type=int, default=1, help="steady load across the switch")
+    ap.add_argument("--switch-loads", type=lambda v: [int(x) for x in v.split(",")], default=[0, 4, 0, 4],
+                    help="one blue/green switch per entry, alternating direction: concurrent clients with unique "
+                         "prompts through the gateway during it (0 = idle)")
     ap.add_argument("--artifact", help="a checkpoint folder vLLM serves instead of the bundled baseline "
                     "(a quantgate candidate folder: the format table must allow vLLM on CPU)")
     ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for vLLM (default: vLLM's own choice)")
@@ -430,9 +457,11 @@ def main() -> None:
     # SIGTERM (a timeout, a CI cancel) unwinds like Ctrl-C, so the engines and gateways started here are stopped
     signal.signal(signal.SIGTERM, _interrupt)
     for k in ("rounds", "latency_concurrency", "latency_requests", "throughput_concurrency", "throughput_requests",
-              "prompt_tokens", "output_tokens", "switch_concurrency"):
+              "prompt_tokens", "output_tokens"):
         if getattr(a, k) < 1:
             ap.error(f"--{k.replace('_', '-')} must be at least 1")
+    if not a.switch_loads or min(a.switch_loads) < 0:
+        ap.error("--switch-loads: one non-negative client count per switch, e.g. 0,4,0,4")
     if a.engine_url and a.switch == "only":
         ap.error("--switch only starts its own engines through the gateway: drop --engine-url")
     if a.engine_url is None:
@@ -551,7 +580,12 @@ def print_switch(sw: dict) -> None:
     if not sw.get("measured"):
         print(f"blue/green switch: {sw['why']}")
         return
-    print(f"blue/green switch {sw['from']} → {sw['to']} under steady load (concurrency {sw['concurrency']}), "
+    if "switches" in sw:
+        print(f"blue/green: slowest switch under load {f(sw['loaded_s'])}, idle {f(sw['idle_s'])}: "
+              f"{sw['loaded_over_idle']}x (target ≤ 1.5); {sw['failed']} failed requests in all")
+        return
+    print(f"blue/green switch {sw['from']} → {sw['to']} " + (f"under steady load (concurrency {sw['concurrency']}), "
+          if sw["concurrency"] else "idle, ") +
           f"engine start included: manifest written → switched {f(sw['switched_s'])}, → first request served by "
           f"{sw['to']} {f(sw['first_served_by_new_s'])}; {sw['requests']} requests, {sw['failed']} failed "
           f"({sw['failed_during_switch']} during the switch); {sw['served_by_old']} served by {sw['from']}, "

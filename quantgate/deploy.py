@@ -17,8 +17,7 @@ from pydantic import ValidationError
 
 from .errors import QuantgateError
 from .formats import Artifact, artifact_of_candidate, expected, provider_support
-from .integrity import folder_checksums
-from .models import weights_sha256
+from .integrity import folder_checksums, weights_sha256
 from .serve.manifest import (
     ArithmeticSpec,
     Deployment,
@@ -151,7 +150,7 @@ def serving_for(run_dir: Path, active: str) -> ServingSpec:
 
 def engine_support(dep: Deployment, art: Artifact):
     """(engine kind, what the format table says) for the engine that serves `dep`."""
-    if dep.engine is not None and dep.engine.kind in ("vllm", "llamacpp", "transformers"):
+    if dep.engine is not None and (dep.engine.launched or dep.engine.info.provider == "local"):
         return dep.engine.kind, expected(dep.engine.kind, art, dep.engine.device)
     return dep.provider.kind, provider_support(dep.provider.kind, art, getattr(dep.provider, "device", "cpu"))
 

@@ -7,12 +7,13 @@ and code an engine might import (trust_remote_code) are all covered: every regul
 folder, except hidden files and prose (README, *.md) that no engine reads.
 
 `folder_checksums` reads files (blocking; call it off the event loop); `compare` is pure.
-Manifests written before per-file checksums keep their `sha256` (models.weights_sha256 over the
+Manifests written before per-file checksums keep their `sha256` (weights_sha256 over the
 top-level safetensors), which is still verified; `deployment_problems` handles both.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from .util import sha256_file
@@ -72,7 +73,16 @@ def problems_line(problems: list[str], first: int = 5) -> str:
     return "; ".join(problems[:first]) + (f"; and {more} more" if more > 0 else "")
 
 
-def deployment_problems(artifact: str | None, files: dict[str, str] | None, weights_sha256: str | None) -> list[str]:
+def weights_sha256(folder: Path) -> str:
+    """One checksum over every safetensors file in a folder, in name order (a manifest's `sha256`)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def deployment_problems(artifact: str | None, files: dict[str, str] | None, sha256: str | None) -> list[str]:
     """What is wrong with a deployment's artifact on disk, from what its manifest entry records (blocking).
 
     Per-file checksums when the manifest has them; else the older whole-weights sha256; nothing to
@@ -83,11 +93,9 @@ def deployment_problems(artifact: str | None, files: dict[str, str] | None, weig
     folder = Path(artifact)
     if files:
         return verify_folder(folder, files)
-    if weights_sha256:
+    if sha256:
         if not folder.is_dir():
             return [f"{folder}: artifact folder does not exist"]
-        from .models import weights_sha256 as whole
-
-        got = whole(folder)
-        return [] if got == weights_sha256 else [f"weights: sha256 {got[:12]}…, manifest says {weights_sha256[:12]}…"]
+        got = weights_sha256(folder)
+        return [] if got == sha256 else [f"weights: sha256 {got[:12]}…, manifest says {sha256[:12]}…"]
     return []

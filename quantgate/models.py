@@ -9,7 +9,6 @@ A reference is one of:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import QuantgateError
+from .integrity import weights_sha256
 from .util import atomic_dir, atomic_write_json, cache_dir, sha256_file
 
 
@@ -246,16 +246,6 @@ def layer_widths(config: dict) -> dict[str, int]:
 
 def valid_group_sizes(widths: dict[str, int]) -> list[int]:
     return [g for g in (16, 32, 64, 128, 256, 512) if all(w % g == 0 for w in widths.values())]
-
-
-def weights_sha256(folder: Path) -> str:
-    """One checksum over every safetensors file in a folder, in name order."""
-    h = hashlib.sha256()
-    files = sorted(Path(folder).glob("*.safetensors"))
-    for f in files:
-        h.update(f.name.encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
 
 
 def model_identity(folder: Path) -> str:

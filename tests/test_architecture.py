@@ -17,8 +17,10 @@ PKG = Path(__file__).resolve().parents[1] / "quantgate"
 RULES = [
     ("quantgate.serve", ("quantgate.quantize", "quantgate.evaluate", "quantgate.engines", "quantgate.pipeline",
                          "quantgate.deploy", "quantgate.track", "quantgate.cli", "quantgate.recipe",
-                         "quantgate.workspace", "quantgate.models", "quantgate.data"),
-     "the gateway runs from a manifest alone, without the toolkit's heavy stages"),
+                         "quantgate.workspace", "quantgate.models", "quantgate.data", "quantgate.validate",
+                         "quantgate.isolate", "quantgate.executors", "quantgate.plots"),
+     "the gateway runs from a manifest alone (layer 1, plus workload's trace format), without the toolkit's "
+     "heavy stages"),
     ("quantgate.evaluate", ("quantgate.quantize", "quantgate.serve", "quantgate.engines", "quantgate.pipeline",
                             "quantgate.deploy", "quantgate.track", "quantgate.cli"),
      "evaluation measures artifacts; it never makes them or serves them"),
@@ -35,6 +37,17 @@ RULES = [
     ("quantgate.documents", ("quantgate.recipe", "quantgate.serve", "quantgate.evaluate", "quantgate.engines",
                              "quantgate.workspace"), "the loader knows no document"),
     ("quantgate.formats", ("quantgate.",), "the format table is pure data and functions"),
+    ("quantgate.kernels", ("quantgate.",), "the in-process kernel rule is shared by evaluate/ and serve/"),
+    ("quantgate.engine_spec", ("quantgate.util", "quantgate.progress", "quantgate.integrity", "quantgate.kernels",
+                               "quantgate.workload", "quantgate.recipe", "quantgate.workspace", "quantgate.models",
+                               "quantgate.data", "quantgate.validate", "quantgate.isolate", "quantgate.executors",
+                               "quantgate.plots", "quantgate.quantize", "quantgate.evaluate", "quantgate.engines",
+                               "quantgate.serve", "quantgate.pipeline", "quantgate.deploy", "quantgate.track",
+                               "quantgate.cli"),
+     "one engine description for engines/ and serve/: it knows documents, formats and procs only"),
+    ("quantgate.integrity", ("quantgate.models", "quantgate.recipe", "quantgate.workspace", "quantgate.serve",
+                             "quantgate.engines", "quantgate.evaluate", "quantgate.quantize", "quantgate.deploy"),
+     "checksums are layer 1: the gateway verifies artifacts without the model loader"),
     ("quantgate.procs", ("quantgate.util", "quantgate.documents", "quantgate.formats", "quantgate.progress",
                          "quantgate.workload", "quantgate.recipe", "quantgate.workspace", "quantgate.models",
                          "quantgate.data", "quantgate.validate", "quantgate.isolate", "quantgate.plots",
@@ -57,6 +70,21 @@ RULES = [
      "the pipeline wires recipe → records; serving is downstream of the manifest"),
 ]
 ANYONE_BUT_ENTRY = ("quantgate.cli", "quantgate.engines.cli", "quantgate.evaluate.loadtest_cli", "quantgate.serve.cli")
+
+# docs/architecture.md's layers, every module in one (the longest matching prefix decides; the package
+# itself, `quantgate/__init__.py`, holds only the version): a module imports only from its own layer or
+# lower ones; RULES above say more about some of them
+LAYERS = {
+    1: ("quantgate", "quantgate.errors", "quantgate.util", "quantgate.progress", "quantgate.documents", "quantgate.formats",
+        "quantgate.integrity", "quantgate.procs", "quantgate.engine_spec", "quantgate.kernels"),
+    2: ("quantgate.workload", "quantgate.recipe", "quantgate.workspace"),
+    3: ("quantgate.models", "quantgate.data", "quantgate.validate", "quantgate.isolate", "quantgate.executors",
+        "quantgate.plots"),
+    4: ("quantgate.quantize", "quantgate.evaluate", "quantgate.engines", "quantgate.track", "quantgate.deploy",
+        "quantgate.serve"),
+    5: ("quantgate.pipeline",),
+    6: ("quantgate.__main__", *ANYONE_BUT_ENTRY),
+}
 
 
 def module_name(path: Path) -> str:
@@ -122,6 +150,32 @@ def test_modules_import_only_downward(importer, forbidden, why):
     assert not bad, f"{importer} must not import {', '.join(forbidden)} ({why}):\n" + "\n".join(bad)
 
 
+def layer_of(mod: str) -> int | None:
+    best = None
+    for layer, prefixes in LAYERS.items():
+        for p in prefixes:
+            if (mod == p or (p != "quantgate" and _under(mod, p))) and (best is None or len(p) > len(best[1])):
+                best = (layer, p)
+    return best[0] if best else None
+
+
+def test_every_module_has_a_layer():
+    missing = [m for m in all_modules() if layer_of(m) is None]
+    assert not missing, f"modules in no layer of docs/architecture.md (add them to LAYERS and the doc): {missing}"
+
+
+def test_every_import_points_to_its_own_layer_or_a_lower_one():
+    bad = []
+    for mod, path in all_modules().items():
+        mine = layer_of(mod)
+        for target, line, tc in imports_of(path):
+            theirs = layer_of(target)
+            if not tc and theirs is not None and theirs > mine:
+                bad.append(f"{path.relative_to(PKG.parent)}:{line}: {mod} (layer {mine}) imports {target} "
+                           f"(layer {theirs})")
+    assert not bad, "imports must point down the layers of docs/architecture.md:\n" + "\n".join(bad)
+
+
 def test_only_entry_points_import_the_command_line_modules():
     bad = []
     for mod, path in all_modules().items():
@@ -168,5 +222,21 @@ def test_the_checker_sees_a_forbidden_import(tmp_path):
     try:
         with pytest.raises(AssertionError, match=r"serve/ladder.py:1: quantgate.serve.ladder imports quantgate.evaluate"):
             test_modules_import_only_downward(*RULES[0])
+    finally:
+        globals()["PKG"] = saved
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path):
+    """A layer-1 module importing a layer-3 one (integrity → models, as it once did) is caught."""
+    fake = tmp_path / "quantgate"
+    fake.mkdir()
+    for f in ("__init__.py", "models.py"):
+        (fake / f).write_text("")
+    (fake / "integrity.py").write_text("def f():\n    from .models import weights_sha256\n")
+    globals()["PKG"], saved = fake, PKG
+    try:
+        with pytest.raises(AssertionError, match=r"integrity.py:2: quantgate.integrity \(layer 1\) imports "
+                                                 r"quantgate.models \(layer 3\)"):
+            test_every_import_points_to_its_own_layer_or_a_lower_one()
     finally:
         globals()["PKG"] = saved

@@ -86,3 +86,10 @@ def test_switch_summary_counts_what_each_side_served_and_the_failures_while_swit
     assert out["errors"] == ["HTTP 502: y", "HTTP 503: x"]
     never = se.switch_summary(ev[:2], t_write=10.0, t_switched=None, old="blue", new="green")
     assert never["first_served_by_new_s"] is None and never["switched_s"] is None and never["failed"] == 0
+
+
+def test_the_switch_under_load_is_compared_with_the_idle_one(se):
+    switches = [{"concurrency": 0, "switched_s": 30.0, "failed": 0}, {"concurrency": 4, "switched_s": 42.0, "failed": 0},
+                {"concurrency": 0, "switched_s": 34.0, "failed": 0}, {"concurrency": 4, "switched_s": 40.0, "failed": 1}]
+    assert se.switch_ratio(switches) == {"idle_s": 34.0, "loaded_s": 42.0, "loaded_over_idle": 1.24, "failed": 1}
+    assert se.switch_ratio(switches[:1])["loaded_over_idle"] is None

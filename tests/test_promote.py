@@ -63,7 +63,7 @@ def test_promoting_the_active_deployment_is_refused_and_diff_reads():
 
 
 def test_verify_refuses_changed_weights(tmp_path):
-    from quantgate.models import weights_sha256
+    from quantgate.integrity import weights_sha256
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model.safetensors").write_bytes(b"weights")

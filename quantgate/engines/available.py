@@ -33,15 +33,15 @@ print(json.dumps({"version": ver, "module": found, "python": sys.version.split()
 
 def check(kind: str, spec: EngineSpec | None = None, timeout_s: float = 60) -> dict:
     """{kind, available, python, version, why} for one engine kind."""
-    if kind == "transformers":
+    k = KINDS[kind]
+    if k.provider == "local":  # in process
         ok = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
         return {"kind": kind, "available": ok, "python": "this interpreter (in-process)",
                 "version": _local_version("transformers") if ok else None,
                 "why": None if ok else "torch/transformers are not installed: pip install 'quantgate[models]'"}
-    if kind == "openai":
+    if not k.launched:
         return {"kind": kind, "available": True, "python": None, "version": None,
                 "why": "any running OpenAI-compatible server (SGLang, TGI, TensorRT-LLM, ...): give base_url"}
-    k = KINDS[kind]
     module, dists, setup = k.module, k.dists, k.setup
     python, origin = engine_python(kind, spec)
     row = {"kind": kind, "available": False, "python": str(python), "origin": origin, "version": None}

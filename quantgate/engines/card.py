@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import shlex
 
+from ..engine_spec import KINDS
+
 GOALS = {
     "latency": "lowest P95 end-to-end latency (TTFT and TPOT both count) among pairs meeting the SLOs",
     "throughput": "most goodput (requests/s meeting the SLOs) at the knee of the concurrency sweep",
@@ -123,12 +125,13 @@ def deployment_of(pair: dict, device: str = "cpu") -> dict:
     kernel included), the artifact, a provider spec (`Deployment.provider`: openai for servers, local
     in process), and for a launched engine the `command` it starts with, for people to read."""
     art, kind = pair["artifact"], pair["engine_kind"]
-    if kind == "transformers":
-        return {"engine": _compact({"kind": "transformers", "device": device, "threads": pair.get("threads"),
+    k = KINDS[kind]
+    if k.provider == "local":  # in process
+        return {"engine": _compact({"kind": kind, "device": device, "threads": pair.get("threads"),
                                     "kernel": pair.get("kernel")}),
                 "artifact": art["path"], "provider": {"kind": "local", "model": art["path"], "device": device}}
-    if kind == "openai":
-        return {"engine": _compact({"kind": "openai", "kernel": pair.get("kernel")}), "artifact": art["path"],
+    if not k.launched:  # a server someone else runs
+        return {"engine": _compact({"kind": kind, "kernel": pair.get("kernel")}), "artifact": art["path"],
                 "provider": {"kind": "openai", "base_url": pair["base_url"].rstrip("/") + "/v1",
                              "model": pair.get("served_model") or art["name"]}}
     cmd = pair.get("serve_command") or {}

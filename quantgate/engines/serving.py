@@ -12,12 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..engine_spec import KINDS
 from ..errors import QuantgateError
 from ..formats import Artifact, expected
 from .card import deployment_of, pair_id, rank
 from .spec import EngineSpec, engine_python
 
-CHOICES = ("vllm", "llamacpp", "transformers", "url:URL")  # a url: is a running server (engine kind openai)
+def choices() -> tuple[str, ...]:
+    """What --engine takes: every kind quantgate starts or runs in process, and url:URL (a running
+    server, engine kind openai) — from the registry, so a registered kind is offered too."""
+    return (*[k for k, v in KINDS.items() if v.launched or v.provider == "local"], "url:URL")
 DEFAULT_PORT = 8000
 
 
@@ -39,9 +43,9 @@ def parse_choice(text: str) -> tuple[str, str | None]:
         if not url.startswith(("http://", "https://")):
             raise QuantgateError(f"--engine {text}: give the server's URL, e.g. url:http://10.0.0.5:8000")
         return "openai", url
-    if text in ("vllm", "llamacpp", "transformers"):
+    if text in choices()[:-1]:
         return text, None
-    raise QuantgateError(f"--engine {text!r}: choose one of {', '.join(CHOICES)}")
+    raise QuantgateError(f"--engine {text!r}: choose one of {', '.join(choices())}")
 
 
 def engine_of_pair(pair: dict, device: str) -> tuple[dict, dict]:
@@ -91,8 +95,8 @@ def for_choice(text: str, art: Artifact, card: dict | None = None, device: str =
     sup = expected(kind, art, device)
     refused = failed_start(card, art.name, kind) or (
         f"{kind} does not serve {art.label} on {device}: {sup.reason}" if sup.status == "no" else None)
-    if kind == "transformers":
-        engine = {"kind": "transformers", "device": device, "kernel": sup.kernel, "source": source}
+    if KINDS[kind].provider == "local":
+        engine = {"kind": kind, "device": device, "kernel": sup.kernel, "source": source}
         return EngineChoice(engine, {"kind": "local", "model": art.path, "device": device}, source, refused)
     spec = EngineSpec(kind=kind, device=device)
     python, origin = engine_python(kind, spec)

@@ -99,7 +99,7 @@ def test_a_reload_onto_a_tampered_artifact_is_refused_and_the_old_one_keeps_serv
 def test_an_old_manifest_with_only_the_weights_sha256_still_loads_and_is_checked(serve, manifest_path, tmp_path):
     import pytest
 
-    from quantgate.models import weights_sha256
+    from quantgate.integrity import weights_sha256
     from quantgate.serve.manifest import ManifestError
     from quantgate.serve.server import ServerThread
 
