@@ -3,19 +3,18 @@ its port when it is started, the reaper reads this gateway's start time at its f
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from quantgate.serve import reaper, supervisor
-from quantgate.serve.manifest import Deployment
 from quantgate.serve.supervisor import Engine, Supervisor
 
 
 def test_an_engine_and_a_supervisor_are_built_without_io(tmp_path, monkeypatch):
     monkeypatch.setattr(supervisor, "free_port", lambda: pytest.fail("took a port in a constructor"))
     monkeypatch.setattr(reaper, "started_at", lambda pid: pytest.fail("read /proc in a constructor"))
-    d = Deployment.model_validate({"name": "d", "model_version": "1", "artifact": "/a",
-                                   "provider": {"kind": "openai", "base_url": "http://127.0.0.1:1/v1", "model": "m"},
-                                   "engine": {"kind": "vllm", "argv": ["python", "-m", "x"], "source": "test"}})
+    d = SimpleNamespace(name="d", key="d@1", engine=SimpleNamespace(kind="vllm"))  # what an engine reads of it
     Supervisor(tmp_path / "logs")
     e = Engine("k", d, tmp_path / "logs")
     assert e.port is None and e.status()["port"] is None

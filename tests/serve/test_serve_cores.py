@@ -3,20 +3,17 @@ environment that pins them. Pure: the machine's cores are passed in."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
+from quantgate.engine_spec import EngineSpec
 from quantgate.serve.cores import CPU_BIND_ENV, allowed_cores, bind_env, cpu_bind_needed, plan
-from quantgate.serve.manifest import Deployment
 
 
-def dep(kind="vllm", device="cpu", env=None, threads=None) -> Deployment:
-    engine = {"kind": kind, "argv": ["python", "-m", "x", "--port", "8000"], "device": device,
-              "env": env or {}, "source": "test"}
-    if threads is not None:
-        engine["threads"] = threads
-    return Deployment.model_validate({"name": "d", "model_version": "1", "artifact": "/a",
-                                      "provider": {"kind": "openai", "base_url": "http://127.0.0.1:1/v1",
-                                                   "model": "m"}, "engine": engine})
+def dep(kind="vllm", device="cpu", env=None, threads=None):
+    """Only what the planner reads of a deployment: its engine description."""
+    return SimpleNamespace(engine=EngineSpec(kind=kind, device=device, env=env or {}, threads=threads))
 
 
 def test_only_a_vllm_cpu_engine_that_does_not_pin_itself_is_planned():
@@ -24,6 +21,7 @@ def test_only_a_vllm_cpu_engine_that_does_not_pin_itself_is_planned():
     assert not cpu_bind_needed(dep(device="cuda"))
     assert not cpu_bind_needed(dep(kind="llamacpp"))
     assert not cpu_bind_needed(dep(env={CPU_BIND_ENV: "0-3"}))  # the manifest knows better
+    assert not cpu_bind_needed(SimpleNamespace(engine=None))  # mock, openai, command: no engine started
 
 
 def test_the_plan_asks_the_machine_only_when_it_plans():
