@@ -20,7 +20,8 @@ from json.encoder import encode_basestring as _enc  # the C string escaper json.
 from aiohttp import web
 from pydantic import ValidationError
 
-from .gateway import Answer, ChatCall, Gateway, GatewayError, prompt_tokens
+from .gateway import Answer, ChatCall, Gateway, GatewayError
+from .guards.input_size import prompt_tokens
 from .trace import event as trace_event, outcome_of
 from .schemas import ChatCompletionRequest, ChatRequest, describe
 from .access import (Principal, Refusal, admin_problem, host_problem, identify, is_json, key_of, lookup,

@@ -1,6 +1,6 @@
 """One request's attempts against its plan: the part that plain and streamed answers share.
 
-`Gateway` admits a request (`_prologue`) and then hands it to an `Attempts`: plan the attempts
+`Gateway` admits a request (the guards, serve/guards) and then hands it to an `Attempts`: plan the attempts
 (active, degraded, fallback) from the ladder and the budget left, give each the time it may take,
 record a failure (only the upstream's own faults reach the ladder), settle a success (budget,
 estimator, metrics, cache) or turn the last failure into the client's error. `answer()` is the

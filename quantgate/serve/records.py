@@ -101,10 +101,11 @@ class RequestState:
     tried: list[str] = field(default_factory=list)   # targets an attempt was started on
     fault: bool = False     # an attempt on the active deployment failed through the upstream's fault
     unready: bool = False   # no deployment of the plan was ready (engines starting or restarting)
-    # what admission took, given back by Gateway._finish whatever way the request ends
+    # what the guards took (serve/guards), given back by guards.give_back whatever way the request ends
     slot: bool = False
     tenant_slot: bool = False
     reservation: Reservation | None = None
+    tokens_in: int = 0      # the prompt's tokens as the input cap counted them
     reserved_tokens: int = 0
     used_tokens: int = 0
     used_usd: float = 0.0
