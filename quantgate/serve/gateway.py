@@ -36,7 +36,6 @@ from .records import Answer, ChatCall, GatewayError, RequestState
 from .runtime import ManifestFile, ProviderPool, Runtime
 from .state import LocalState, make_state
 from .streaming import stream_answer
-from .supervision import launched
 from .supervisor import ChecksumMismatch, Supervisor
 from .tenants import Ledger
 from .trace import TraceWriter
@@ -233,15 +232,9 @@ class Gateway:
         if rt.fallback is not None:
             out["fallback"] = rt.fallback.key
             fb_ok, out["fallback_ready"] = await rt.providers["fallback"].ready()
-            if not ok and fb_ok and launched(rt.active):
+            if not ok and fb_ok and rt.launched("active"):
                 ok = True  # the active engine is (re)starting: the fallback answers meanwhile
-        engines = {}
-        for role, d in (("active", rt.active), ("fallback", rt.fallback)):
-            prov = rt.providers.get(role)
-            if launched(d) and getattr(prov, "engine", None) is not None:
-                engines[role] = prov.engine.status()
-            elif launched(d):
-                engines[role] = {"deployment": d.key, "state": "stopped"}
+        engines = rt.engines()
         if engines:
             out["engines"] = engines
         if self.switch_failure:

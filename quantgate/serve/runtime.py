@@ -122,6 +122,21 @@ class Runtime:
         p = self.providers.get(role)
         return p is not None and p.available
 
+    def launched(self, role: str) -> bool:
+        """True when this role's deployment runs on an engine the gateway starts (vLLM, llama.cpp)."""
+        return launched(self.deployment(role))
+
+    def engines(self) -> dict[str, dict]:
+        """The started engines of this runtime's roles, for /readyz: each one's status, or stopped."""
+        out = {}
+        for role in ("active", "fallback"):
+            if not self.launched(role):
+                continue
+            engine = getattr(self.providers.get(role), "engine", None)
+            out[role] = engine.status() if engine is not None else {"deployment": self.deployment(role).key,
+                                                                     "state": "stopped"}
+        return out
+
     def acquire(self) -> None:
         self.users += 1
 
