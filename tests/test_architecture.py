@@ -240,3 +240,25 @@ def test_the_layer_check_sees_an_upward_import(tmp_path):
             test_every_import_points_to_its_own_layer_or_a_lower_one()
     finally:
         globals()["PKG"] = saved
+
+
+# Issue 18's split of the supervisor and the gateway: the new modules take the serve rule strictly
+# (layer 1 and serve/ only, not even layer 2), and none reaches back into what it was split from:
+# a guard sees the gateway only through its collaborators (guards.Env), so its test needs no gateway.
+SPLIT = [("quantgate.serve.cores", ("quantgate.serve.supervisor",)),
+         ("quantgate.serve.reaper", ("quantgate.serve.supervisor",)),
+         ("quantgate.serve.guards", ("quantgate.serve.gateway", "quantgate.serve.app", "quantgate.serve.server",
+                                     "quantgate.serve.supervisor", "quantgate.serve.attempts"))]
+
+
+@pytest.mark.parametrize("prefix, not_back_into", SPLIT, ids=[s[0] for s in SPLIT])
+def test_the_split_modules_import_only_layer_1_and_serve_and_not_what_they_left(prefix, not_back_into):
+    mods = {m: p for m, p in all_modules().items() if _under(m, prefix)}
+    assert mods, prefix
+    bad = []
+    for mod, path in mods.items():
+        for target, line, _ in imports_of(path):
+            allowed = layer_of(target) == 1 or _under(target, "quantgate.serve")
+            if not allowed or any(_under(target, b) for b in not_back_into):
+                bad.append(f"{path.relative_to(PKG.parent)}:{line}: {mod} imports {target}")
+    assert not bad, "\n".join(bad)
