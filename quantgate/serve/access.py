@@ -21,6 +21,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from ..procs import withhold
 from .manifest import ApiKeyRef, Manifest, ManifestError, ServingSpec
 from .tenants import DEFAULT_TENANT
 
@@ -51,6 +52,7 @@ def _digest(ref: ApiKeyRef, where: str, source: str) -> str:
     if not raw:
         raise ManifestError(f"{source}: {where}.env: environment variable {ref.env} is not set "
                             "(it should hold the API key)")
+    withhold(ref.env)  # the engines and CLIs this gateway starts never see its keys
     return hashlib.sha256(raw.encode()).hexdigest()
 
 

@@ -3,9 +3,12 @@
 A gateway that dies without stopping its engines (SIGKILL, the OOM killer) leaves them running,
 holding memory and GPUs. So every engine process group the supervisor spawns is recorded, as soon
 as it exists, in a ledger beside the engine logs (`<log dir>/gateway-<pid>.json`: this gateway's
-pid and start time, and each group's leader pid, start time and deployment). Before its first
-spawn, the next gateway on the same manifest folder reads every ledger there and kills the groups
-of the ones whose gateway is gone; a live replica's ledger (and engines) are left alone. A gateway
+pid, start time, host, boot id and PID namespace, and each group's leader pid, start time,
+deployment and the random token given to that spawn's environment). Before its first spawn, the next
+gateway on the same manifest folder reads every ledger there and kills what is left of the groups
+of the ones whose gateway is gone — only processes of that session that carry the group's token, so
+a reused pid, a forged or stale ledger, another host's (a shared volume) or another container's is
+never a reason to kill anything; a live replica's ledger (and engines) are left alone. A gateway
 that stops normally stopped its groups itself and removes its ledger (`forget`).
 
 `left_behind` is the pure decision; `Reaper` is the I/O around it (ledger files, /proc, signals).
@@ -20,20 +23,29 @@ import os
 import threading
 from pathlib import Path
 
-from ..procs import kill_leftover_session, session_pids, started_at
+from ..procs import host_identity, kill_leftover_session, session_pids, started_at
 from ..util import atomic_write_json
 
 log = logging.getLogger("quantgate.serve")
 
 
-def left_behind(ledgers: dict[str, dict], started_at) -> list[str]:
-    """The engine ledgers (name → {"gateway": {"pid", "started"}, "groups": [...]}) whose gateway is
-    gone: its pid names no process, or a later one (`started_at(pid)` → start time or None). Their
-    groups were left running by a gateway that could not stop them (SIGKILL, the OOM killer)."""
+def left_behind(ledgers: dict[str, dict], started_at, here: dict | None = None) -> list[str]:
+    """The engine ledgers (name → {"gateway": {"pid", "started", "host", "boot_id", "pid_ns"},
+    "groups": [...]}) whose gateway is gone: it ran in this boot and its pid names no process, or a
+    later one (`started_at(pid)` → start time or None), or it ran before this boot. Their groups were
+    left running by a gateway that could not stop them (SIGKILL, the OOM killer). A ledger written on
+    another host or in another PID namespace (`here` is procs.host_identity(): a shared volume,
+    another container) is never judged from here: its pids are not this machine's."""
     gone = []
     for name, ledger in ledgers.items():
         owner = ledger.get("gateway")
-        pid, started = (owner.get("pid"), owner.get("started")) if isinstance(owner, dict) else (None, None)
+        owner = owner if isinstance(owner, dict) else {}
+        if here is not None and any(owner.get(k) != here.get(k) for k in ("host", "pid_ns")):
+            continue
+        if here is not None and owner.get("boot_id") != here.get("boot_id"):
+            gone.append(name)  # before a reboot: nothing of it runs (what has its pids now is not it)
+            continue
+        pid, started = owner.get("pid"), owner.get("started")
         if not isinstance(pid, int) or started_at(pid) != started:
             gone.append(name)
     return gone
@@ -61,13 +73,14 @@ class Reaper:
             self._swept = asyncio.ensure_future(asyncio.to_thread(self.sweep))
         await asyncio.shield(self._swept)
 
-    def record(self, pid: int, deployment: str) -> None:
-        """A group exists now (called in the start thread as soon as its leader is spawned)."""
+    def record(self, pid: int, deployment: str, token: str) -> None:
+        """A group exists now (called in the start thread as soon as its leader is spawned); `token`
+        is the identity its processes carry in their environment (procs.TOKEN_ENV)."""
         with self._lock:
             if self._me is None:
-                self._me = {"pid": self.pid, "started": started_at(self.pid)}
+                self._me = {"pid": self.pid, "started": started_at(self.pid), **host_identity()}
             self._groups = {p: g for p, g in self._groups.items() if session_pids(p)}  # drop stopped ones
-            self._groups[pid] = {"pid": pid, "started": started_at(pid), "deployment": deployment}
+            self._groups[pid] = {"pid": pid, "started": started_at(pid), "deployment": deployment, "token": token}
             self.log_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.path, {"gateway": self._me, "groups": list(self._groups.values())})
 
@@ -83,15 +96,21 @@ class Reaper:
                 ledgers[str(f)] = json.loads(f.read_text())
             except (OSError, ValueError) as exc:
                 log.warning("engine ledger %s is unreadable (%s); left as it is", f, exc)
-        for name in left_behind({k: v for k, v in ledgers.items() if isinstance(v, dict)}, started_at):
+        here = host_identity()
+        for name in left_behind({k: v for k, v in ledgers.items() if isinstance(v, dict)}, started_at, here):
             owner = ledgers[name].get("gateway")
             owner = owner.get("pid") if isinstance(owner, dict) else None
             groups = ledgers[name].get("groups")
             for g in groups if isinstance(groups, list) else []:
-                pid, started = (g.get("pid"), g.get("started")) if isinstance(g, dict) else (None, None)
+                pid, started, token = ((g.get("pid"), g.get("started"), g.get("token")) if isinstance(g, dict)
+                                       else (None, None, None))
                 if not (isinstance(pid, int) and isinstance(started, int) and pid > 1):
                     continue
-                killed = kill_leftover_session(pid, started)
+                if not (isinstance(token, str) and len(token) >= 16):
+                    log.warning("engine ledger %s names group %d without an identity token: nothing of it is "
+                                "provably an engine of this folder, left alone", name, pid)
+                    continue
+                killed = kill_leftover_session(pid, started, token)
                 if killed:
                     log.warning("stopped engine %s (process group %d, %d process(es)) left running by gateway "
                                 "pid %s, which is gone", g.get("deployment", "?"), pid, len(killed), owner)

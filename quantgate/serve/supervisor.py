@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import logging
 import threading
 import time
@@ -38,7 +39,8 @@ import urllib.request
 from pathlib import Path
 
 from ..integrity import deployment_problems, problems_line
-from ..procs import LOOPBACK, Command, EngineStartError, ServerProcess, free_port, http_ok, tail_of
+from ..procs import (LOOPBACK, TOKEN_ENV, Command, EngineStartError, ServerProcess, free_port, http_ok, port_owned_by,
+                     session_pids, tail_of)
 from . import cores
 from .manifest import Deployment, ManifestError
 from .reaper import Reaper
@@ -68,6 +70,16 @@ class Engine:
         self.cores: list[int] = []  # the CPU cores the supervisor pinned it to (vLLM on CPU), else empty
         self.next_check = 0.0  # when its liveness is asked next (while ready)
         self.check: asyncio.Task | None = None  # the liveness check in flight
+        # made when it is acquired, kept across restarts (the provider's connections keep working):
+        # the API key the engine demands (kind.secret_env; None for a kind that takes none) and the
+        # token its processes carry, which the reaper checks before it kills anything
+        self.secret: str | None = None
+        self.token: str | None = None
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """The header every request to this engine carries (its per-engine secret)."""
+        return {"authorization": f"Bearer {self.secret}"} if self.secret else {}
 
     @property
     def base_url(self) -> str:
@@ -91,12 +103,12 @@ class Engine:
         return out
 
 
-def probe(base_url: str, model: str, timeout_s: float) -> None:
+def probe(base_url: str, model: str, timeout_s: float, headers: dict[str, str] | None = None) -> None:
     """One-token chat completion; raises OSError/ValueError when the engine does not answer it."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1,
                        "stream": False}).encode()
     req = urllib.request.Request(f"{base_url}/v1/chat/completions", data=body,
-                                 headers={"content-type": "application/json"})
+                                 headers={"content-type": "application/json", **(headers or {})})
     with urllib.request.urlopen(req, timeout=timeout_s) as r:
         obj = json.loads(r.read())
     if not obj.get("choices"):
@@ -125,6 +137,8 @@ class Supervisor:
         e = self.engines[key] = Engine(key, d, self.log_dir)
         try:
             e.port = free_port()  # now, not at its spawn: a background start's provider points at it at once
+            e.token = secrets.token_hex(16)  # likewise its secret: the provider sends it from the start
+            e.secret = secrets.token_urlsafe(32) if d.engine.info.secret_env else None
             await self.reaper.swept()
             await self._verify(e)
             self._ensure_watch()
@@ -208,20 +222,28 @@ class Supervisor:
         held = [o.cores for o in self.engines.values() if o is not e and o.cores and o.life.state != "stopped"]
         e.cores = cores.plan(d, held, cores.allowed_cores)
         env = {**cmd.env, **cores.bind_env(e.cores)}
-        cmd = Command(cmd.argv, env, cmd.health_path or HEALTH_PATH, cpus=e.cores)  # the whole tree
+        hidden = {TOKEN_ENV: e.token, **({spec.info.secret_env: e.secret} if e.secret else {})}
+        cmd = Command(cmd.argv, env, cmd.health_path or HEALTH_PATH, cpus=e.cores,  # the whole tree
+                      secret_env=hidden, headers=e.auth)
         proc = ServerProcess(d.key, cmd, port=e.port, log_path=e.log_path, startup_timeout_s=spec.startup_timeout_s,
                              poll_s=0.1, grace_s=self.grace_s)
         e.proc = proc
 
         def run():
-            proc.start(e.abort, on_spawn=lambda pid: self.reaper.record(pid, d.key))
+            proc.start(e.abort, on_spawn=lambda pid: self.reaper.record(pid, d.key, e.token))
             if proc.record.pid is not None:
                 e.pids.append(proc.record.pid)
             if e.abort.is_set():  # superseded or shutting down while it came up: stop it here
                 proc.stop()
                 raise EngineStartError(f"{d.key}: start abandoned", proc.record)
+            # the port is picked, then bound seconds later: whoever answered the health path must be
+            # the process spawned, or a local squatter would be sent the prompts
+            if (squat := port_owned_by(e.port, session_pids(proc.record.pid))) is not None:
+                proc.stop()
+                proc.record.error = f"{d.key}: {squat}; not used (the engine is never sent a prompt)"
+                raise EngineStartError(proc.record.error, proc.record)
             try:
-                probe(proc.base_url, d.provider.model, min(60.0, spec.startup_timeout_s))
+                probe(proc.base_url, d.provider.model, min(60.0, spec.startup_timeout_s), e.auth)
             except (OSError, ValueError) as exc:
                 proc.stop()
                 proc.record.error = f"{d.key}: the engine answered its health path but not a probe request: {exc}"
@@ -299,9 +321,13 @@ class Supervisor:
         """Ask a ready engine's health path once (off the event loop); count what it did not answer."""
         h, proc = e.deployment.engine.liveness, e.proc
         path = e.deployment.engine.info.health_path or HEALTH_PATH
-        ok = await asyncio.to_thread(http_ok, f"{e.base_url}{path}", h.timeout_s)
+        ok = await asyncio.to_thread(http_ok, f"{e.base_url}{path}", h.timeout_s, e.auth)
         if e.proc is not proc or e.life.state != "ready":
             return  # restarted, lost or stopped meanwhile: this answer is about a process gone
+        pid = proc.record.pid if proc is not None else None
+        if ok and pid is not None and (squat := port_owned_by(e.port, session_pids(pid))) is not None:
+            self._lost(e, hung=f"{squat}: taken out of rotation and restarted")
+            return
         if ok:
             e.life.answered()
         elif e.life.unanswered(h.misses):

@@ -11,6 +11,7 @@ Behaviour from flags (unknown engine flags are ignored):
   --crash-after N    exit (code 3, the whole process at once) when the (N+1)-th chat request arrives
   --pid-file PATH    append this process's pid to PATH at start (tests check what was spawned)
   --reply TEXT       the first word of every answer (tells deployments apart)
+With VLLM_API_KEY (or API_KEY) set, every /v1 request without `Authorization: Bearer KEY` gets a 401.
 OpenAI-compatible: /v1/chat/completions answers JSON with usage, or SSE (`stream: true`, usage in
 the last chunk when `stream_options.include_usage`); /v1/models; /health; /metrics.
 With `-m llama_cpp.server`, a --model that is not a .gguf file fails as llama.cpp does.
@@ -93,6 +94,7 @@ def main() -> None:
 
     async def chat(request):
         served[0] += 1
+        log(f"INFO chat request {served[0]}")
         if a.crash_after is not None and served[0] > a.crash_after:
             log(f"fatal: crashing after {a.crash_after} requests (--crash-after)")
             os._exit(3)
@@ -118,7 +120,16 @@ def main() -> None:
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
-    app = web.Application()
+    # like vLLM's --api-key (VLLM_API_KEY) and llama-cpp-python's api_key (API_KEY): /v1 wants the key
+    key = os.environ.get("VLLM_API_KEY") or os.environ.get("API_KEY")
+
+    @web.middleware
+    async def auth(request, handler):
+        if key and request.path.startswith("/v1") and request.headers.get("authorization") != f"Bearer {key}":
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
+
+    app = web.Application(middlewares=[auth])
     app.router.add_get("/v1/models", models)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/health", health)

@@ -27,7 +27,7 @@ from gwkit import write
 from quantgate.evaluate.clients.openai_http import OpenAIClient
 from quantgate.evaluate.loadgen import run_load
 from quantgate.integrity import folder_checksums
-from quantgate.procs import session_pids
+from quantgate.procs import Command, session_pids
 from quantgate.serve.manifest import ManifestError, parse_manifest
 from quantgate.engine_spec import with_port
 from quantgate.serve.cores import core_plan
@@ -212,22 +212,36 @@ def test_a_ledger_is_left_behind_when_its_gateway_pid_is_gone_or_names_a_later_p
                "reused": {"gateway": {"pid": 102, "started": 6000}},   # pid 102 now names a later process
                "garbled": {"gateway": {"pid": "101"}}, "not a mapping": {"gateway": "101"}}
     assert left_behind(ledgers, running.get) == ["gone", "reused", "garbled", "not a mapping"]
+    here = {"host": "h1", "boot_id": "b2", "pid_ns": "pid:[1]"}
+    tied = {k: {"gateway": {**v["gateway"], **here}} for k, v in ledgers.items() if k in ("same", "gone", "reused")}
+    other = {"shared volume": {"gateway": {"pid": 103, "started": 100, **here, "host": "h2"}},
+             "other container": {"gateway": {"pid": 103, "started": 100, **here, "pid_ns": "pid:[9]"}},
+             "before a reboot": {"gateway": {"pid": 101, "started": 5000, **here, "boot_id": "b1"}},
+             "old ledger": {"gateway": {"pid": 103, "started": 100}}}  # no host: not provably this machine's
+    assert left_behind({**tied, **other}, running.get, here) == ["gone", "reused", "before a reboot"]
 
 
-def test_a_leftover_session_is_killed_only_while_its_leader_pid_is_the_same_process(tmp_path):
-    from quantgate.procs import kill_leftover_session, started_at
+def test_a_leftover_session_is_killed_only_while_its_leader_is_the_same_process_and_carries_the_token(tmp_path):
+    from quantgate.procs import TOKEN_ENV, kill_leftover_session, started_at
 
-    leader = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    token = "a" * 32
+    leader = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True,
+                              env={**os.environ, TOKEN_ENV: token})
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
     try:
         t0 = started_at(leader.pid)
-        assert kill_leftover_session(leader.pid, t0 + 1) == []   # a later process under that pid: not ours
-        assert leader.poll() is None
-        assert kill_leftover_session(leader.pid, t0) == [leader.pid]
+        assert kill_leftover_session(leader.pid, t0 + 1, token) == []   # a later process under that pid: not ours
+        assert kill_leftover_session(leader.pid, t0, "b" * 32) == []    # not the token of that spawn
+        # a session whose processes carry no token (a forged ledger naming someone's pid): untouched
+        assert kill_leftover_session(stranger.pid, started_at(stranger.pid), token) == []
+        assert leader.poll() is None and stranger.poll() is None
+        assert kill_leftover_session(leader.pid, t0, token) == [leader.pid]
         assert leader.wait(10) == -signal.SIGKILL
     finally:
-        if leader.poll() is None:
-            leader.kill()
-            leader.wait(10)
+        for p in (leader, stranger):
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
 
 
 def test_refs_start_with_the_first_user_and_stop_after_the_last():
@@ -274,6 +288,45 @@ def test_engines_started_side_by_side_are_pinned_to_different_cores(serve, tmp_p
         assert len(members) >= 2
         assert {tuple(sorted(os.sched_getaffinity(p))) for p in members} == {tuple(e["cores"])}
     srv.stop()
+
+
+def test_an_engine_answers_only_the_gateway_that_started_it(serve, tmp_path):
+    """Each engine is started with a secret of its own (vLLM's VLLM_API_KEY, llama.cpp's API_KEY): a
+    local process that finds its port cannot use it around the gateway's budgets."""
+    srv = serve(manifest(engine_dep(tmp_path, "blue")))
+    body = wait_until(lambda: ready(srv.url), 60, "the engine to be ready")
+    port = body["engines"]["active"]["port"]
+    code, _, _ = post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                      {"model": "blue", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert code == 401  # straight to the engine: refused
+    code, _, ans = answer_of(srv.url)
+    assert code == 200 and ans["text"].startswith("blue0")  # through the gateway: answered
+    secret_in_log = [ln for ln in Path(body["engines"]["active"]["log"]).read_text().splitlines() if "API_KEY" in ln]
+    assert secret_in_log == []
+
+
+def test_a_squatter_on_the_engine_port_is_never_sent_a_prompt(serve, tmp_path, monkeypatch):
+    """The port is picked, then bound seconds later: a local process that takes it first and answers
+    the health path and the probe must not be mistaken for the engine."""
+    from quantgate.procs import ServerProcess, free_port
+    from quantgate.serve import supervisor
+
+    port = free_port()
+    squat_log = tmp_path / "squatter.log"
+    squatter = ServerProcess("squatter", Command([sys.executable, str(FAKE), "-m", "vllm", "--port", str(port),
+                                                   "--reply", "stolen"], {}), port=port, log_path=squat_log)
+    squatter.start()
+    try:
+        monkeypatch.setattr(supervisor, "free_port", lambda: port)
+        srv = serve(manifest(engine_dep(tmp_path, "blue", "--ready-after", "3")))  # it binds after the squatter answers
+        err = wait_until(lambda: (get_json(f"{srv.url}/readyz")[1].get("engines", {}).get("active") or {}).get("error"),
+                         60, "the engine's start to fail")
+        assert "held by a process this gateway did not start" in err
+        code, _, _ = answer_of(srv.url)
+        assert code == 503  # no engine to answer: a 503, never the squatter's text
+        assert "chat request" not in squat_log.read_text()  # not the probe, not a prompt
+    finally:
+        squatter.stop()
 
 
 def test_an_over_long_prompt_is_refused_before_the_engine(serve, tmp_path):
@@ -527,3 +580,17 @@ def test_stopping_the_gateway_mid_switch_stops_the_engine_still_starting(serve, 
     assert answer_of(srv.url)[2]["deployment"] == "blue"  # still on the old plan while the new one starts
     srv.stop()
     assert not [p for p in late + pids(tmp_path, "blue") if alive(p)], "an engine outlived the gateway"
+
+
+def test_engines_never_inherit_the_gateways_keys(serve, tmp_path, monkeypatch):
+    """The engine's environment has what the spec sets, not the gateway's tenant/admin keys or
+    anything else named like a credential (an engine is another program with its own bugs)."""
+    monkeypatch.setenv("TEAM_A_GATEWAY", "tenant-key-0123456789")  # named by the manifest: withheld
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2")  # named like a credential: withheld
+    monkeypatch.setenv("QUANTGATE_HARMLESS", "kept")
+    m = manifest(engine_dep(tmp_path, "blue"), anonymous=False, api_keys={"team-a": [{"env": "TEAM_A_GATEWAY"}]})
+    serve(m)
+    leader = wait_until(lambda: pids(tmp_path, "blue"), 60, "the engine to be spawned")[0]
+    env = dict(x.split("=", 1) for x in Path(f"/proc/{leader}/environ").read_text().split("\0") if "=" in x)
+    assert "TEAM_A_GATEWAY" not in env and "MLFLOW_TRACKING_PASSWORD" not in env
+    assert env["QUANTGATE_HARMLESS"] == "kept" and env.get("VLLM_API_KEY")  # its own secret it has

@@ -22,6 +22,7 @@ import shutil
 import signal
 import time
 
+from ...procs import child_environ
 from .base import GenRequest, GenResult, Provider, ProviderError, estimate_tokens
 
 log = logging.getLogger("quantgate.serve")
@@ -66,7 +67,7 @@ class CommandProvider(Provider):
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.PIPE if self.spec.stdin else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
-                limit=MAX_OUTPUT_BYTES,
+                limit=MAX_OUTPUT_BYTES, env=child_environ(engine=False),  # without the gateway's own keys
             )
         except OSError as exc:
             raise ProviderError("unavailable", f"cannot start {argv[0]}: {exc.strerror}") from None

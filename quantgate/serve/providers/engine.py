@@ -26,6 +26,7 @@ class EngineProvider(OpenAIProvider):
 
     async def start(self) -> None:
         self.engine = await self.supervisor.acquire(self.deployment, self.wait)
+        self.headers.update(self.engine.auth)  # the engine's per-engine secret: it refuses anyone else
         base = f"{self.engine.base_url}/v1"
         self.spec = self.spec.model_copy(update={"base_url": base})
         self.url = URL(f"{base}/chat/completions")

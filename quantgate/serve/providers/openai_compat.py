@@ -17,6 +17,7 @@ from typing import AsyncIterator
 import aiohttp
 from yarl import URL
 
+from ...procs import withhold
 from .base import GenRequest, GenResult, Provider, ProviderError, StreamStats, estimate_tokens, status_kind
 
 _READY_TTL_S = 5.0
@@ -32,6 +33,7 @@ class OpenAIProvider(Provider):
         self.headers = {"content-type": "application/json"}
         if self.spec.api_key_env:
             key = os.environ.get(self.spec.api_key_env)
+            withhold(self.spec.api_key_env)  # the upstream's key stays with the gateway
             if key:
                 self.headers["authorization"] = f"Bearer {key}"
         self.session: aiohttp.ClientSession | None = None
