@@ -328,7 +328,11 @@ class ServingSpec(Spec):
     cache: CacheSpec = CacheSpec()
     state: StateSpec = StateSpec()
     budgets: BudgetsSpec = BudgetsSpec()
-    max_input_tokens: int = Field(8192, ge=1, description="prompt size cap (estimated tokens), checked before admission")
+    max_input_tokens: int = Field(8192, ge=1, description="prompt size cap in tokens, checked before admission: "
+                                  "counted with the deployment's tokenizer and chat template when the gateway has "
+                                  "them, else a conservative estimate")
+    max_messages: int = Field(512, ge=1, description="messages one request may carry (413 beyond)")
+    max_message_chars: int = Field(65_536, ge=1, description="characters one message may carry (413 beyond)")
     api_keys: dict[str, list[ApiKeyRef]] = Field(default_factory=dict, description="tenant → keys")
     admin_keys: list[ApiKeyRef] = Field(default_factory=list, description="keys for /metrics and /readyz details")
     anonymous: bool = Field(False, description="serve requests without a key (only on a loopback bind)")

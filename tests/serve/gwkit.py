@@ -73,6 +73,17 @@ class StubThread:
         return f"http://127.0.0.1:{self.port}/v1"
 
 
+class Counting:
+    """A provider's exact token count (its tokenizer), counting how often it was asked."""
+
+    def __init__(self, n):
+        self.n, self.asked = n, 0
+
+    def count_tokens(self, messages):
+        self.asked += 1
+        return self.n
+
+
 # ------------------------------------------------------------------------------ HTTP
 def metric(text: str, name: str, **labels) -> float:
     """A sample's value from Prometheus text (0.0 when absent), matching the given labels."""

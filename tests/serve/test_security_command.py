@@ -16,7 +16,7 @@ ECHO = "import sys; print(sys.argv[-1].upper())"
 
 
 def solo(argv: list[str], **provider) -> dict:
-    m = base_manifest(max_input_tokens=200_000)
+    m = base_manifest(max_input_tokens=200_000, max_message_chars=1_000_000)
     del m["serving"]["fallback"]
     m["active"] = {"name": "cli", "provider": {"kind": "command", "argv": argv, **provider}}
     return m

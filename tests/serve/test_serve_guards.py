@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gwkit import base_manifest, write
+from gwkit import Counting, base_manifest, write
 from quantgate.serve import guards
 from quantgate.serve.admission import ConcurrencyGate
 from quantgate.serve.budget import Estimator
@@ -65,17 +65,6 @@ def test_request_limits_refuse_what_is_over_the_gateways_limit_naming_the_field(
 
 
 # ------------------------------------------------------------------------------ 2: input size
-class Counting:
-    """A provider's exact token count (its tokenizer), counting how often it was asked."""
-
-    def __init__(self, n):
-        self.n, self.asked = n, 0
-
-    def count_tokens(self, messages):
-        self.asked += 1
-        return self.n
-
-
 def engine_dep(name: str, cap: int) -> SimpleNamespace:
     """What the input cap reads of a deployment whose engine takes at most `cap` prompt tokens."""
     return SimpleNamespace(name=name, key=f"{name}@1", max_input_tokens=cap, max_tokens=None,
@@ -92,7 +81,7 @@ def test_a_prompt_over_the_gateways_cap_is_refused_on_the_estimate_without_a_tok
     rt.providers["active"] = tok = Counting(10)
     with pytest.raises(GatewayError) as e:
         run(input_size.take(ladder_at(), rt, call(), limited(RequestState.empty())))
-    assert e.value.status == 413 and "about 101 tokens" in str(e.value) and tok.asked == 0
+    assert e.value.status == 413 and "about 105 tokens" in str(e.value) and tok.asked == 0
 
 
 def test_the_engines_cap_is_checked_on_the_exact_count_and_sets_what_is_reserved():
@@ -115,7 +104,7 @@ def test_while_the_breaker_is_open_the_fallback_is_what_is_looked_up_and_measure
     ctx = limited(RequestState.empty())
     run(input_size.take(ladder_at(Level.BREAKER), rt, call(), ctx))
     assert ctx.lookup is rt.fallback and ctx.tokens_in == 7
-    assert input_size.prompt_tokens(PROMPT) == 101
+    assert input_size.prompt_tokens(PROMPT) == 105
 
 
 # ------------------------------------------------------------------------------ 3: tenant slot

@@ -19,6 +19,7 @@ from yarl import URL
 
 from ...procs import withhold
 from .base import GenRequest, GenResult, Provider, ProviderError, StreamStats, estimate_tokens, status_kind
+from .tokens import counter_for
 
 _READY_TTL_S = 5.0
 
@@ -38,8 +39,14 @@ class OpenAIProvider(Provider):
                 self.headers["authorization"] = f"Bearer {key}"
         self.session: aiohttp.ClientSession | None = None
         self._ready: tuple[float, bool, str] = (0.0, False, "not checked")
+        self.counter = None  # the checkpoint's tokenizer and chat template, when it is on this machine
+
+    def count_tokens(self, messages: list[dict[str, str]]) -> int | None:
+        return self.counter.count(messages) if self.counter is not None else None
 
     async def start(self) -> None:
+        # once per checkpoint folder (cached), off the event loop: the input cap counts with it
+        self.counter = await asyncio.get_running_loop().run_in_executor(None, counter_for, self.deployment)
         conn = aiohttp.TCPConnector(limit=self.spec.max_connections, ttl_dns_cache=300, keepalive_timeout=30)
         self.session = aiohttp.ClientSession(
             connector=conn, timeout=aiohttp.ClientTimeout(total=self.spec.timeout_s), headers=self.headers,
