@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .budget import Estimator, Plan, plan_request, trim_context
-from .ladder import Ladder, Sample, upstream_fault
+from .ladder import Ladder, Sample, health_ms, upstream_fault
 from .manifest import Deployment
 from .metrics import GatewayMetrics
 from .providers import GenRequest, GenResult, ProviderError
@@ -68,7 +68,7 @@ class Attempts:
             ctx.route, skipped = "fallback", f"engine: {rt.active.name} is not ready, fallback answers"
         ctx.plan = plan_request(
             remaining_ms=(ctx.deadline - perf()) * 1000, route=ctx.route, max_tokens=ctx.max_tokens,
-            has_fallback=has_fallback, rung=self.ladder.actions(),
+            has_fallback=has_fallback, rung=self.ladder.actions_for(self.call.tenant),
             est_active=self.estimator.get(rt.active.key),
             est_fallback=self.estimator.get(rt.fallback.key) if rt.fallback else None,
             min_attempt_ms=s.min_attempt_ms, fallback_reserve_ms=s.fallback_reserve_ms)
@@ -132,7 +132,10 @@ class Attempts:
         self.estimator.observe(dep.key, res.ttft_ms, res.generation_ms, res.tokens_out)
         t_end = perf()
         if att.target == "active":
-            self.ladder.observe(Sample(self.clock(), (t_end - t_a) * 1000, True, cost))
+            # the engine's health, not the answer's length (ladder.health_ms)
+            latency = health_ms((t_end - t_a) * 1000, res.generation_ms, res.tokens_out,
+                                self.ladder.spec.reference_tokens)
+            self.ladder.observe(Sample(self.clock(), latency, True, cost))
         series = self.metrics.for_deployment(dep)
         series.upstream("ok", t_end - t_a)
         series.tokens_in.inc(res.tokens_in)

@@ -311,4 +311,6 @@ class Opened:
         finally:
             guards.give_back(self.gw, self.call, self.ctx)
             self.rt.release()
+            if self.ctx.used_tokens:  # who uses the engine: the ladder cuts the heaviest tenants first
+                self.gw.ladder.observe_usage(self.call.tenant, self.ctx.used_tokens, self.gw.clock())
         return False

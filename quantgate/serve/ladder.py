@@ -16,6 +16,12 @@ rung at a time, only after `hold_s` at the current rung and only when every sign
 The breaker opens, waits `breaker_cooldown_s`, then lets one probe request at a time through to
 the active deployment; `probe_successes` good probes close it (to heavy, stepping down from
 there), one bad probe re-opens it.
+
+The latency it judges is the engine's, not the client's: an answer longer than
+`reference_tokens` counts as its time to first token plus that many tokens at its own pace
+(`health_ms`), so a tenant asking for long answers does not read as a slow engine. The light and
+moderate rungs cut the requests of the tenants that cause the pressure first (serve/pressure.py:
+`actions_for`), and everyone's only when no tenant stands out; heavy and the breaker act for all.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from .manifest import LadderSpec, LevelSpec
+from .pressure import TenantUsage, culprits
 
 
 class Level(IntEnum):
@@ -72,6 +79,20 @@ class Transition:
     frm: Level
     to: Level
     reason: str
+
+
+def health_ms(total_ms: float, generation_ms: float, tokens_out: int, reference_tokens: int) -> float:
+    """An answered attempt's latency as the ladder judges it: what an answer of at most
+    `reference_tokens` took. A longer answer keeps its time to first token (`total_ms` less its
+    generation) and its generation scaled to the reference length, so the length a client asked
+    for does not count, while a slow prefill or a slow pace does. A provider that does not split
+    its timing (generation_ms 0: the answer came whole) is scaled as a whole."""
+    if tokens_out <= reference_tokens:
+        return total_ms
+    scale = reference_tokens / tokens_out
+    if generation_ms <= 0:
+        return total_ms * scale
+    return total_ms - generation_ms + generation_ms * scale
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -161,15 +182,24 @@ class Ladder:
         self.probe_in_flight = False
         self.probe_ok = 0
         self.last_signals = Signals(0, 0.0, 0.0, 0.0)
+        self.usage = TenantUsage(spec.window_s)
+        self.culprits: frozenset[str] = frozenset()  # the tenants causing the pressure (at the last evaluate)
 
     # ---------------------------------------------------------------- inputs
     def observe(self, sample: Sample) -> None:
         self.samples.append(sample)
 
+    def observe_usage(self, tenant: str, tokens: int, now: float) -> None:
+        """What one finished request cost the engine (its prompt and output tokens), by tenant."""
+        if tokens > 0:
+            self.usage.observe(tenant, tokens, now)
+
     def evaluate(self, now: float) -> list[Transition]:
         """Recompute signals and move the ladder; returns the transitions made (for logs/metrics)."""
         if not self.spec.enabled:
             return []
+        self.usage.window_s = self.spec.window_s
+        self.culprits = culprits(self.usage.at(now))
         while self.samples and self.samples[0].t <= now - self.spec.window_s:
             self.samples.popleft()
         sig = compute_signals(self.samples, now, self.spec.window_s)
@@ -227,6 +257,14 @@ class Ladder:
     def actions(self) -> LevelSpec | None:
         """What the current rung does to a request (None at normal)."""
         return level_spec(self.spec, self.level) if self.level not in (Level.NORMAL, Level.BREAKER) else None
+
+    def actions_for(self, tenant: str) -> LevelSpec | None:
+        """What the current rung does to this tenant's request: at light and moderate only the
+        tenants causing the pressure are cut while any stands out; heavy cuts everyone."""
+        rung = self.actions()
+        if rung is None or self.level >= Level.HEAVY or not self.culprits or tenant in self.culprits:
+            return rung
+        return None
 
     def _move(self, now: float, to: Level, why: str) -> Transition:
         t = Transition(now, self.level, to, why)

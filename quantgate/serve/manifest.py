@@ -298,6 +298,9 @@ class LadderSpec(Spec):
     hold_s: float = Field(10.0, ge=0, description="minimum time at a level before stepping down")
     breaker_cooldown_s: float = Field(30.0, gt=0)
     probe_successes: int = Field(3, ge=1, description="successful probes that close the breaker")
+    reference_tokens: int = Field(256, ge=1, description="the answer length latency is judged at: a longer "
+                                  "answer counts as its time to first token plus this many tokens at its own "
+                                  "pace, so a client asking for long answers does not read as a slow engine")
 
     @model_validator(mode="after")
     def _ordered(self) -> "LadderSpec":
