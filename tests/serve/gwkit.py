@@ -127,6 +127,15 @@ def parse_sse(raw: bytes) -> list:
     return out
 
 
+def ladder_level(srv):
+    """Evaluate the gateway's ladder now (as its timer would) and return its level."""
+    async def evaluate():
+        gw = srv.gateway
+        gw._apply(gw.ladder.evaluate(gw.clock()))
+        return gw.ladder.level
+    return srv.call(evaluate())
+
+
 # ------------------------------------------------------------------------------ holding requests
 def hold(srv, role: str = "active") -> asyncio.Event:
     """Make every request to that provider wait for the returned event (set it on the gateway's loop)."""

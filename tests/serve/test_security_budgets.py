@@ -5,21 +5,13 @@ ledger stays bounded and fast however many accounts clients invent."""
 from __future__ import annotations
 
 import httpx
-from gwkit import base_manifest, chat_body, mock
+from gwkit import base_manifest, chat_body, ladder_level, mock
 
 from quantgate.serve.ladder import Level, upstream_fault
 
 LADDER = {"min_samples": 5, "eval_interval_s": 60, "window_s": 600,
           "light": {"p95_ms": 100000}, "moderate": {"p95_ms": 100000},
           "heavy": {"p95_ms": 100000}, "breaker": {"error_rate": 0.5}}
-
-
-def _level(srv) -> Level:
-    async def evaluate():
-        gw = srv.gateway
-        gw._apply(gw.ladder.evaluate(gw.clock()))
-        return gw.ladder.level
-    return srv.call(evaluate())
 
 
 def test_client_budget_timeouts_do_not_open_the_breaker(serve):
@@ -31,7 +23,7 @@ def test_client_budget_timeouts_do_not_open_the_breaker(serve):
         for i in range(30):
             r = c.post("/chat", json=chat_body(f"q{i}", budget_ms=100))
             assert r.status_code in (200, 504), r.text
-    assert _level(srv) == Level.NORMAL
+    assert ladder_level(srv) == Level.NORMAL
 
 
 def test_an_upstream_that_fails_still_opens_the_breaker(serve):
@@ -42,7 +34,7 @@ def test_an_upstream_that_fails_still_opens_the_breaker(serve):
     with httpx.Client(base_url=srv.url, timeout=10) as c:
         for i in range(10):
             c.post("/chat", json=chat_body(f"q{i}"))
-    assert _level(srv) == Level.BREAKER
+    assert ladder_level(srv) == Level.BREAKER
 
 
 def test_upstream_4xx_does_not_move_the_ladder(serve, upstream):
@@ -54,7 +46,7 @@ def test_upstream_4xx_does_not_move_the_ladder(serve, upstream):
             r = c.post("/chat", json=chat_body(f"q{i}"))
             assert r.status_code == 200 and r.json()["degrade"]["path"] == ["active:rejected", "fallback"]
             assert "stub upstream error" not in r.text
-    assert _level(srv) == Level.NORMAL
+    assert ladder_level(srv) == Level.NORMAL
 
 
 def test_which_failures_are_the_upstreams():

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-from gwkit import base_manifest, chat_body, mock, post
+from gwkit import base_manifest, chat_body, ladder_level, mock, post
 
 from quantgate.serve.ladder import Ladder, Level, Sample, health_ms
 from quantgate.serve.manifest import LadderSpec
@@ -18,14 +18,6 @@ LADDER = {"min_samples": 5, "eval_interval_s": 60, "window_s": 600, "hold_s": 60
           "light": {"p95_ms": 200, "max_tokens_factor": 0.5}, "moderate": {"p95_ms": 300, "max_tokens_factor": 0.5},
           "heavy": {"p95_ms": 400, "max_tokens_factor": 0.25, "concurrency_factor": 0.5},
           "breaker": {"error_rate": 0.9}}
-
-
-def _evaluate(srv) -> Level:
-    async def go():
-        gw = srv.gateway
-        gw._apply(gw.ladder.evaluate(gw.clock()))
-        return gw.ladder.level
-    return srv.call(go())
 
 
 def _ask(srv, asks: list[tuple[str, int]]) -> list:
@@ -42,7 +34,7 @@ def test_one_tenants_long_answers_at_a_healthy_pace_do_not_degrade_anyone(serve)
     srv = serve(m)
     for status, body, _, _ in _ask(srv, [("greedy", 900)] * 6):
         assert status == 200 and body["tokens"]["out"] == 900
-    assert _evaluate(srv) == Level.NORMAL  # was heavy: the E2E of a long answer read as a slow engine
+    assert ladder_level(srv) == Level.NORMAL  # was heavy: the E2E of a long answer read as a slow engine
     (status, body, _, _), = _ask(srv, [("quiet", 200)])
     assert status == 200 and body["tokens"]["out"] == 200 and body["degrade"]["level"] == "normal"
     assert srv.gateway.gate.limit == 32
@@ -55,7 +47,7 @@ def test_a_slow_engine_still_moves_the_ladder_and_its_heaviest_tenant_is_cut_fir
     m["active"] = mock("primary", delay_ms=250, reply_tokens=1000)
     srv = serve(m)
     _ask(srv, [("greedy", 900)] * 5 + [("quiet", 20)])
-    assert _evaluate(srv) == Level.LIGHT and srv.gateway.ladder.culprits == {"greedy"}
+    assert ladder_level(srv) == Level.LIGHT and srv.gateway.ladder.culprits == {"greedy"}
     (_, greedy, _, _), (_, quiet, _, _) = _ask(srv, [("greedy", 200), ("quiet", 200)])
     assert greedy["tokens"]["out"] == 100 and quiet["tokens"]["out"] == 200
 
