@@ -54,6 +54,34 @@ def load_kwargs(folder: str, dtype: str | None, device: str) -> dict:
     return kw
 
 
+def per_module_overrides(folder: str) -> bool:
+    """True for a GPTQ-layout checkpoint whose config has GPTQModel `dynamic` rules (a mixed
+    candidate's per-module bits, or skipped modules). transformers' GPTQ loader (optimum) builds
+    every linear at the config's one width and ignores them (measured: a 4/8/16-bit checkpoint then
+    fails to load), so such a folder is loaded through GPTQModel, which applies them."""
+    try:
+        qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return False
+    return qc.get("quant_method") == "gptq" and bool(qc.get("dynamic"))
+
+
+def load_causal_lm(folder: str, dtype: str | None, device: str):
+    """The model in `folder` for in-process generation, on the kernels of the rule above: through
+    transformers, or through GPTQModel where the checkpoint has per-module overrides."""
+    kw = load_kwargs(folder, dtype, device)
+    if per_module_overrides(folder):
+        from gptqmodel import BACKEND, GPTQModel
+
+        backend = kernel_backend("gptq", dtype, device)
+        kw.pop("quantization_config", None)
+        return GPTQModel.load(folder, device=device, backend=BACKEND(backend) if backend else BACKEND.AUTO,
+                              **kw).model.eval()
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, device_map=device, **kw).eval()
+
+
 def kernels_of(model) -> dict[str, int]:
     """The classes doing the model's quantized matmuls and how many of each (a dense model: {})."""
     from collections import Counter

@@ -32,7 +32,7 @@ def select(recipe: Recipe, only: list[str] | None):
 
 def prepare(recipe: Recipe, ws: Workspace, log=print) -> tuple[Path, dict, Path | None]:
     """Validate, resolve the model, build the calibration set; returns (model folder, meta, calib file)."""
-    problems = check_recipe(recipe)
+    problems = check_recipe(recipe, recipe.source)
     if problems:
         raise QuantgateError("the recipe cannot run on this model:\n" + "\n".join(problems))
     run = ws.run(recipe)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from .documents import Spec, load_document, omitted_while_unset, suggest
 from .errors import RecipeError
@@ -108,9 +108,13 @@ class _WeightQuantBase(_CandidateBase):
     @field_validator("group_size")
     @classmethod
     def _group_size(cls, v: int) -> int:
-        if v == -1 or (v > 0 and v & (v - 1) == 0 and v >= 16):
-            return v
-        raise ValueError("group_size must be -1 (per-channel) or a power of two ≥ 16, e.g. 64 or 128")
+        return _check_group_size(v)
+
+
+def _check_group_size(v: int) -> int:
+    if v == -1 or (v > 0 and v & (v - 1) == 0 and v >= 16):
+        return v
+    raise ValueError("group_size must be -1 (per-channel) or a power of two ≥ 16, e.g. 64 or 128")
 
 
 class RTNSpec(_WeightQuantBase):
@@ -142,8 +146,68 @@ class AWQSpec(_CalibratedBase):
     backend: Literal["gptqmodel", "llmcompressor"] = "gptqmodel"
 
 
+class BudgetSpec(Spec):
+    """What a mixed candidate may spend: exactly one of a checkpoint size or an average weight width."""
+
+    size_mb: float | None = Field(None, gt=0, description="the checkpoint's weights (safetensors), in MB (1e6 bytes)")
+    bits: float | None = Field(None, gt=0, description="average bits per weight of the quantizable linears")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "BudgetSpec":
+        if (self.size_mb is None) == (self.bits is None):
+            raise ValueError("a budget needs exactly one of 'size_mb' or 'bits', e.g. {size_mb: 130} or {bits: 4.5}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "size_mb" if self.size_mb is not None else "bits"
+
+    @property
+    def value(self) -> float:
+        return self.size_mb if self.size_mb is not None else self.bits
+
+
+MIXED_BITS = {"rtn": (2, 4, 8, 16), "gptq": (2, 3, 4, 8, 16), "awq": (4, 16)}  # 16: left unquantized
+
+
+class MixedSpec(_CandidateBase):
+    """Each linear unit at the precision it can bear: the bits per unit that minimise the predicted
+    loss increase (a per-layer sensitivity, measured once per model and calibration) within a budget."""
+
+    calibrated: ClassVar[bool] = True
+
+    method: Literal["mixed"]
+    choices: list[int] = Field(default_factory=lambda: [4, 8, 16], min_length=2,
+                               description="bit widths a unit may get; 16 leaves it unquantized")
+    budget: BudgetSpec
+    algorithm: Literal["gptq", "rtn", "awq"] = "gptq"
+    group_size: int = Field(128, description="columns per quantization group; -1 = per-channel")
+    sym: bool = True
+    skip: list[str] = Field(default_factory=lambda: ["lm_head"], description="module name patterns left unquantized")
+    act_order: bool = Field(True, description="gptq: quantize columns in order of Hessian diagonal")
+    damp_percent: float = Field(0.01, gt=0, lt=1)
+    n_samples: int | None = Field(None, ge=1, description="calibration windows the algorithm uses (default: all)")
+    sensitivity_samples: int = Field(8, ge=1, description="calibration windows the sensitivity pass uses")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int) -> int:
+        return _check_group_size(v)
+
+    @model_validator(mode="after")
+    def _choices_fit_algorithm(self) -> "MixedSpec":
+        allowed = MIXED_BITS[self.algorithm]
+        bad = sorted({b for b in self.choices if b not in allowed})
+        if bad:
+            raise ValueError(f"choices {bad} are not widths {self.algorithm} can write; it takes "
+                             f"{', '.join(map(str, allowed))} (16 = unquantized)")
+        if len(set(self.choices)) < 2:
+            raise ValueError("choices needs at least two different widths, e.g. [4, 8, 16]")
+        return self
+
+
 # every method a candidate can name; the lists below are derived from it, never repeated
-CANDIDATE_CLASSES = (BaselineSpec, RTNSpec, GPTQSpec, AWQSpec)
+CANDIDATE_CLASSES = (BaselineSpec, RTNSpec, GPTQSpec, AWQSpec, MixedSpec)
 CandidateSpec = Annotated[Union[CANDIDATE_CLASSES], Field(discriminator="method")]
 SPEC_BY_METHOD = {get_args(cls.model_fields["method"].annotation)[0]: cls for cls in CANDIDATE_CLASSES}
 METHODS = tuple(SPEC_BY_METHOD)
@@ -328,6 +392,11 @@ class Recipe(Spec):
         return {"kind": v} if isinstance(v, str) else v  # `executor: ray`
 
     _stable_dump = omitted_while_unset("executor")  # a recipe without one dumps exactly as before the field
+    _source: str | None = PrivateAttr(None)  # the file it was loaded from, if any
+
+    @property
+    def source(self) -> str | None:
+        return self._source
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":
@@ -399,6 +468,8 @@ def stable_hash(obj: Any) -> str:
 
 # ------------------------------------------------------------------------------- loading
 def load_recipe(path: str | Path) -> Recipe:
-    return load_document(path, Recipe, error=RecipeError, name="recipe",
-                         shape="a YAML mapping with at least 'name' and 'candidates'",
-                         hint=" (recipes/ holds examples)")
+    recipe = load_document(path, Recipe, error=RecipeError, name="recipe",
+                           shape="a YAML mapping with at least 'name' and 'candidates'",
+                           hint=" (recipes/ holds examples)")
+    recipe._source = str(path)  # so the checks before a run can name the file (not part of any hash)
+    return recipe

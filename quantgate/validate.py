@@ -37,7 +37,33 @@ def check_recipe(recipe: Recipe, source: str | Path | None = None, root=None) ->
     `file:line:` like the schema's own errors."""
     early = _placed(data_problems(recipe) + calibration_problems(recipe) + gate_problems(recipe), source, root)
     config = read_config(recipe.model.ref, revision=recipe.model.revision)
-    return early + group_size_problems(recipe, config)
+    return early + group_size_problems(recipe, config) + _placed(mixed_problems(recipe, config), source, root)
+
+
+def mixed_problems(recipe: Recipe, config: dict) -> list[tuple[tuple, str]]:
+    """Mixed candidates whose budget no allocation can meet, or that leaves nothing to allocate, with
+    the range that would work (sized from config.json: the same size model the quantizer uses)."""
+    from .quantize import allocate
+    from .quantize.base import skip_matcher
+
+    out = []
+    for i, c in enumerate(recipe.candidates):
+        if c.method != "mixed":
+            continue
+        if c.sensitivity_samples > recipe.calibration.n_samples:
+            out.append((("candidates", i, "sensitivity_samples"),
+                        f"candidates.{i}.sensitivity_samples: {c.sensitivity_samples} is more than the "
+                        f"{recipe.calibration.n_samples} windows of calibration.n_samples"))
+        try:
+            linears, fixed = allocate.llama_linears(config), allocate.llama_fixed_bytes(config)
+        except KeyError as exc:  # not a llama-like config: the quantizer sizes it from the weights
+            del exc
+            continue
+        plan = allocate.make_plan(linears, c.choices, c.group_size, skip_matcher(c.skip), fixed)
+        if problem := allocate.budget_problem(plan, c.budget.kind, c.budget.value):
+            out.append((("candidates", i, "budget", c.budget.kind),
+                        f"candidates.{i}.budget.{c.budget.kind} ({c.name}): {problem}"))
+    return out
 
 
 # ------------------------------------------------------------------ refused before the run, not during it

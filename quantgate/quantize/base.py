@@ -43,6 +43,10 @@ class QuantizeContext:
     progress: Progress = field(default_factory=PlainProgress)
     trust_remote_code: bool = False  # recipe model.trust_remote_code: run the checkpoint's own code
     allow_pickle: bool = False       # recipe model.allow_pickle: also read .bin/.pt (pickle) weights
+    # what a cache shared between candidates is keyed on (the sensitivity of mixed candidates), and where
+    model_identity: str | None = None
+    calib_hash: str | None = None
+    artifacts: Path | None = None
 
     def load_kwargs(self) -> dict:
         """What every loader of the source model is given, so the recipe's choices hold everywhere."""
@@ -56,6 +60,7 @@ class QuantizeOutcome:
     quantized_modules: int = 0
     backend_versions: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    record: dict = field(default_factory=dict)  # method-specific entries for candidate.json (a mixed bit map)
 
 
 class Quantizer(Protocol):
@@ -72,6 +77,7 @@ BACKENDS: dict[tuple[str, str], tuple[str, str]] = {
     ("awq", "gptqmodel"): ("quantgate.quantize.gptqmodel_backend:GPTQModelQuantizer", "gptqmodel"),
     ("gptq", "llmcompressor"): ("quantgate.quantize.llmcompressor_backend:LLMCompressorQuantizer", "llmcompressor"),
     ("awq", "llmcompressor"): ("quantgate.quantize.llmcompressor_backend:LLMCompressorQuantizer", "llmcompressor"),
+    ("mixed", "quantgate"): ("quantgate.quantize.mixed:MixedQuantizer", "models"),
 }
 
 

@@ -36,7 +36,8 @@ def quantize_config_kwargs(spec) -> dict:
 class GPTQModelQuantizer:
     name = "gptqmodel"
 
-    def quantize(self, spec, ctx: QuantizeContext, out: Path) -> QuantizeOutcome:
+    def quantize(self, spec, ctx: QuantizeContext, out: Path, dynamic: dict | None = None) -> QuantizeOutcome:
+        """`dynamic`: per-module overrides (GPTQModel's regex rules) ahead of the spec's skip rules."""
         # GPTQModel sizes its CPU pool from this; its model loader alone needs two workers
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, min(4, (os.cpu_count() or 1) // 2))))
         gptqmodel = require("gptqmodel", what=f"candidate '{spec.name}' ({spec.method} via GPTQModel)", extra="gptqmodel")
@@ -45,7 +46,10 @@ class GPTQModelQuantizer:
         if not ctx.calibration:
             raise QuantgateError(f"candidate '{spec.name}': {spec.method} needs calibration data")
         device = "cuda" if ctx.device == "cuda" else "cpu"
-        qc = QuantizeConfig(**quantize_config_kwargs(spec))
+        kw = quantize_config_kwargs(spec)
+        if dynamic:  # first match wins: the allocation's rules, then the skips
+            kw["dynamic"] = {**dynamic, **kw.get("dynamic", {})}
+        qc = QuantizeConfig(**kw)
         calib = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in ctx.calibration]
         ctx.progress.log(
             f"{spec.method.upper()} {spec.name} via GPTQModel {gptqmodel.__version__} on {device}: "

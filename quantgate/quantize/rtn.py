@@ -128,40 +128,52 @@ class RTNQuantizer:
     name = "quantgate-rtn"
 
     def quantize(self, spec, ctx: QuantizeContext, out: Path) -> QuantizeOutcome:
-        import torch
-        from safetensors.torch import load_file, save_file
-
         if spec.bits not in PACKABLE_BITS:
             raise QuantgateError(
                 f"candidate '{spec.name}': RTN packs {', '.join(map(str, PACKABLE_BITS))}-bit weights; "
                 f"{spec.bits}-bit is not packable in the GPTQ layout (use gptq for 3-bit)"
             )
-        state: dict = {}
-        for f in sorted(ctx.source.glob("*.safetensors")):
-            state.update(load_file(f))
-        config = json.loads((ctx.source / "config.json").read_text())
         skipped = skip_matcher(spec.skip)
-        targets = [n for n in layer_linears(state) if not skipped(n)]
-        tensors = {}
-        for name, t in state.items():
-            t = t.to(torch.float16) if t.is_floating_point() else t
-            tensors[name] = t
-        for name in ctx.progress.iter(targets, f"RTN {spec.name}"):
-            w = state[f"{name}.weight"]
-            q, s, z = quantize_weight(w, spec.bits, spec.group_size, spec.sym)
-            del tensors[f"{name}.weight"]
-            for k, v in pack_gptq(q, s, z, spec.bits, spec.group_size, v2=not spec.sym).items():
-                tensors[f"{name}.{k}"] = v
-        # tied embeddings are stored once; drop the alias safetensors would refuse to share
-        if config.get("tie_word_embeddings") and "lm_head.weight" in tensors:
-            del tensors["lm_head.weight"]
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-        qcfg = gptq_quantization_config(spec, skipped_modules=[n for n in layer_linears(state) if skipped(n)])
-        config.update({"quantization_config": qcfg, "dtype": "float16"})
-        config.pop("torch_dtype", None)
-        (out / "config.json").write_text(json.dumps(config, indent=2))
-        copy_tokenizer(ctx.source, out)
-        return QuantizeOutcome(format="gptq", quantized_modules=len(targets), backend_versions={})
+
+        def config_for(linears):
+            return gptq_quantization_config(spec, skipped_modules=[n for n in linears if skipped(n)])
+
+        n = write_rtn(ctx, out, lambda name: None if skipped(name) else spec.bits, spec.group_size, spec.sym,
+                      config_for, label=f"RTN {spec.name}")
+        return QuantizeOutcome(format="gptq", quantized_modules=n, backend_versions={})
+
+
+def write_rtn(ctx: QuantizeContext, out: Path, bits_of, group_size: int, sym: bool, config_for, label: str) -> int:
+    """Round each decoder linear to `bits_of(name)` bits (None: left as it is) and write a GPTQ-layout
+    checkpoint whose quantization_config is `config_for(linear names)`; returns how many were packed."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    state: dict = {}
+    for f in sorted(ctx.source.glob("*.safetensors")):
+        state.update(load_file(f))
+    config = json.loads((ctx.source / "config.json").read_text())
+    linears = layer_linears(state)
+    targets = [n for n in linears if bits_of(n) is not None]
+    tensors = {}
+    for name, t in state.items():
+        t = t.to(torch.float16) if t.is_floating_point() else t
+        tensors[name] = t
+    for name in ctx.progress.iter(targets, label):
+        w = state[f"{name}.weight"]
+        q, s, z = quantize_weight(w, bits_of(name), group_size, sym)
+        del tensors[f"{name}.weight"]
+        for k, v in pack_gptq(q, s, z, bits_of(name), group_size, v2=not sym).items():
+            tensors[f"{name}.{k}"] = v
+    # tied embeddings are stored once; drop the alias safetensors would refuse to share
+    if config.get("tie_word_embeddings") and "lm_head.weight" in tensors:
+        del tensors["lm_head.weight"]
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.update({"quantization_config": config_for(linears), "dtype": "float16"})
+    config.pop("torch_dtype", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    copy_tokenizer(ctx.source, out)
+    return len(targets)
 
 
 def gptq_quantization_config(spec, skipped_modules=()) -> dict:

@@ -76,7 +76,9 @@ def execute(job: dict) -> dict:
     load = job.get("load") or {}
     ctx = QuantizeContext(Path(job["source"]), calibration, job["device"], TqdmProgress(),
                           trust_remote_code=bool(load.get("trust_remote_code")),
-                          allow_pickle=bool(load.get("allow_pickle")))
+                          allow_pickle=bool(load.get("allow_pickle")),
+                          model_identity=(job["meta"].get("model") or {}).get("identity"),
+                          calib_hash=job["meta"].get("calib_hash"), artifacts=Path(job["target"]).parent)
     target = Path(job["target"])
     with atomic_dir(target) as tmp:
         t0 = time.perf_counter()
@@ -99,6 +101,7 @@ def execute(job: dict) -> dict:
             "size_bytes": disk_size(tmp),
             "checksums": files,
             "notes": outcome.notes,
+            **outcome.record,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         atomic_write_json(tmp / CANDIDATE_RECORD, record)

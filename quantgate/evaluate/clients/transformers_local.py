@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import AsyncIterator
 
-from ...kernels import kernels_of, load_kwargs
+from ...kernels import kernels_of, load_causal_lm
 from .base import Chunk, GenerationRequest
 
 
@@ -55,13 +55,13 @@ class TransformersClient:
 
     def _load(self):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         if self.threads:
             torch.set_num_threads(self.threads)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        kw = load_kwargs(self.model_path, self.dtype, self.device)  # the gateway's local provider loads alike
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, device_map=self.device, **kw).eval()
+        # quantgate.kernels: the rule the gateway's local provider shares; per-module bits load via GPTQModel
+        self.model = load_causal_lm(self.model_path, self.dtype, self.device)
 
     def kernels(self) -> dict:
         """The classes doing the model's quantized matmuls and how many of each (a dense model: {}):
