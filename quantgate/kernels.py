@@ -71,12 +71,16 @@ def load_causal_lm(folder: str, dtype: str | None, device: str):
     transformers, or through GPTQModel where the checkpoint has per-module overrides."""
     kw = load_kwargs(folder, dtype, device)
     if per_module_overrides(folder):
-        from gptqmodel import BACKEND, GPTQModel
+        from gptqmodel import GPTQModel
 
-        backend = kernel_backend("gptq", dtype, device)
+        if dtype == "float32":  # GPTQModel.load refuses float32 for its torch kernels (7.6, measured)
+            from .errors import QuantgateError
+
+            raise QuantgateError(f"{folder}: a checkpoint with per-module bits loads through GPTQModel, whose "
+                                 "kernels compute in float16 or bfloat16; evaluate it in one of those "
+                                 "(evaluation.dtype: bfloat16)")
         kw.pop("quantization_config", None)
-        return GPTQModel.load(folder, device=device, backend=BACKEND(backend) if backend else BACKEND.AUTO,
-                              **kw).model.eval()
+        return GPTQModel.load(folder, device=device, **kw).model.eval()
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(folder, device_map=device, **kw).eval()

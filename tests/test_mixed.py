@@ -225,3 +225,52 @@ def test_sensitivity_is_measured_once_per_model_calibration_and_choices(tmp_path
     sensitivity.cached_or_measure(choices=[2, 4, 16], calib_hash="c1", **kw)  # other choices
     assert len(calls) == 3
     assert len(list(tmp_path.glob("sensitivity-*/sensitivity.json"))) == 3
+
+
+def test_a_mixed_rtn_candidate_is_a_checkpoint_that_loads_with_its_bit_map(tmp_path, tiny_model):
+    """The whole quantizer on the tiny model: sensitivity, allocation, the packed checkpoint with its
+    dynamic rules, and the in-process loader applying them (each linear computes what its width says)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from quantgate.kernels import load_causal_lm, per_module_overrides
+    from quantgate.quantize.base import QuantizeContext
+    from quantgate.quantize.mixed import MixedQuantizer, plan_for
+    from quantgate.quantize.rtn import fake_quantize
+    from quantgate.recipe import MixedSpec
+
+    spec = MixedSpec(name="mx", method="mixed", choices=[4, 8, 16], algorithm="rtn", group_size=32,
+                     budget={"bits": 8.0})
+    windows = [[(5 * i + j) % 200 + 3 for j in range(32)] for i in range(4)]
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = QuantizeContext(tiny_model, windows, model_identity="m", calib_hash="c", artifacts=tmp_path)
+    outcome = MixedQuantizer().quantize(spec, ctx, out)
+    mixed = outcome.record["mixed"]
+    assert set(mixed["bits"].values()) > {4} and mixed["avg_bits"] <= 8.0  # something above the base width
+    assert plan_for(spec, tiny_model).size_bytes(mixed["bits"]) / 1e6 == pytest.approx(mixed["size_mb"], abs=0.01)
+    assert per_module_overrides(str(out)) and (out / "sensitivity.json").is_file()
+
+    from quantgate.errors import QuantgateError
+
+    with pytest.raises(QuantgateError, match="evaluation.dtype: bfloat16"):
+        load_causal_lm(str(out), "float32", "cpu")
+    model = load_causal_lm(str(out), "bfloat16", "cpu")
+    dense = load_file(str(tiny_model / "model.safetensors"))
+    torch.manual_seed(0)
+    checked = 0
+    for name, mod in model.named_modules():
+        if allocate.unit_name(name) not in mixed["bits"]:
+            continue
+        b = mixed["bits"][allocate.unit_name(name)]
+        w = dense[f"{name}.weight"].float()
+        assert getattr(mod, "bits", 16) == b, name
+        x = torch.randn(3, w.shape[1]).bfloat16()
+        with torch.no_grad():
+            got = mod(x).float()
+        err = {o: float((got - x.float() @ (w if o == 16 else fake_quantize(w.half(), o, 32, True).float())
+                         .bfloat16().float().T).norm() / got.norm()) for o in (4, 8, 16)}
+        # bfloat16 kernels (the int4 one within 2-3%): the outputs are those of its own width's weights
+        assert min(err, key=err.get) == b and err[b] < 0.05, (name, b, err)
+        checked += 1
+    assert checked == 14  # 2 layers × 7 linears
