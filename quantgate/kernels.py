@@ -74,9 +74,7 @@ def load_causal_lm(folder: str, dtype: str | None, device: str):
         from gptqmodel import GPTQModel
 
         if dtype == "float32":  # GPTQModel.load refuses float32 for its torch kernels (7.6, measured)
-            from .errors import QuantgateError
-
-            raise QuantgateError(f"{folder}: a checkpoint with per-module bits loads through GPTQModel, whose "
+            raise ValueError(f"{folder}: a checkpoint with per-module bits loads through GPTQModel, whose "
                                  "kernels compute in float16 or bfloat16; evaluate it in one of those "
                                  "(evaluation.dtype: bfloat16)")
         kw.pop("quantization_config", None)
