@@ -43,8 +43,7 @@ def check_recipe(recipe: Recipe, source: str | Path | None = None, root=None) ->
 def mixed_problems(recipe: Recipe, config: dict) -> list[tuple[tuple, str]]:
     """Mixed candidates whose budget no allocation can meet, or that leaves nothing to allocate, with
     the range that would work (sized from config.json: the same size model the quantizer uses)."""
-    from .quantize import allocate
-    from .quantize.base import skip_matcher
+    from . import allocation as allocate
 
     out = []
     for i, c in enumerate(recipe.candidates):
@@ -59,7 +58,7 @@ def mixed_problems(recipe: Recipe, config: dict) -> list[tuple[tuple, str]]:
         except KeyError as exc:  # not a llama-like config: the quantizer sizes it from the weights
             del exc
             continue
-        plan = allocate.make_plan(linears, c.choices, c.group_size, skip_matcher(c.skip), fixed)
+        plan = allocate.make_plan(linears, c.choices, c.group_size, allocate.skip_matcher(c.skip), fixed)
         if problem := allocate.budget_problem(plan, c.budget.kind, c.budget.value):
             out.append((("candidates", i, "budget", c.budget.kind),
                         f"candidates.{i}.budget.{c.budget.kind} ({c.name}): {problem}"))

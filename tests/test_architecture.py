@@ -76,7 +76,7 @@ ANYONE_BUT_ENTRY = ("quantgate.cli", "quantgate.engines.cli", "quantgate.evaluat
 # lower ones; RULES above say more about some of them
 LAYERS = {
     1: ("quantgate", "quantgate.errors", "quantgate.util", "quantgate.progress", "quantgate.documents", "quantgate.formats",
-        "quantgate.integrity", "quantgate.procs", "quantgate.engine_spec", "quantgate.kernels"),
+        "quantgate.integrity", "quantgate.procs", "quantgate.engine_spec", "quantgate.kernels", "quantgate.allocation"),
     2: ("quantgate.workload", "quantgate.recipe", "quantgate.workspace"),
     3: ("quantgate.models", "quantgate.data", "quantgate.validate", "quantgate.isolate", "quantgate.executors",
         "quantgate.plots"),

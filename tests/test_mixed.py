@@ -11,8 +11,8 @@ import textwrap
 import pytest
 
 from quantgate.errors import RecipeError
-from quantgate.quantize import allocate
-from quantgate.quantize.allocate import Linear, Plan, Unit, solve
+from quantgate import allocation as allocate
+from quantgate.allocation import Linear, Plan, Unit, solve
 from quantgate.recipe import load_recipe
 
 

@@ -7,13 +7,13 @@ hashing, resume, atomic folders, the candidate record — is the runner's job, n
 
 from __future__ import annotations
 
-import fnmatch
 import importlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
+from ..allocation import skip_matcher  # noqa: F401  (the quantizers' import of it)
 from ..errors import MissingExtraError, QuantgateError
 
 
@@ -107,12 +107,3 @@ LAYER_LINEAR = re.compile(r"^(.*\.layers\.\d+\..*(?:proj|fc\d?|dense|linear)[^.]
 def layer_linears(state: dict) -> list[str]:
     """Names of the decoder layers' linear modules in a state dict (what weight-only PTQ quantizes)."""
     return [m.group(1) for k in state if (m := LAYER_LINEAR.match(k)) and state[k].dim() == 2]
-
-
-def skip_matcher(patterns: list[str]) -> Callable[[str], bool]:
-    """True for module names matched by a skip pattern: a glob, or a name suffix like 'down_proj'."""
-
-    def skipped(name: str) -> bool:
-        return any(fnmatch.fnmatch(name, p) or name.endswith("." + p) or name == p for p in patterns)
-
-    return skipped

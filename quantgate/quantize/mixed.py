@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 from ..errors import QuantgateError
 from ..util import atomic_write_json
-from . import allocate
+from .. import allocation as allocate
 from .base import QuantizeContext, QuantizeOutcome, layer_linears, skip_matcher
 from .sensitivity import FILE as SENSITIVITY_FILE
 from .sensitivity import cached_or_measure, unit_losses

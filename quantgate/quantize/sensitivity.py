@@ -26,7 +26,7 @@ from pathlib import Path
 from ..recipe import stable_hash
 from ..util import atomic_write_json
 from ..workspace import read_json
-from .allocate import UNQUANTIZED, unit_name
+from ..allocation import UNQUANTIZED, unit_name
 
 MEASURE = "fisher-output-rtn-v1"
 FILE = "sensitivity.json"

@@ -8,15 +8,18 @@ dynamic programming over the budget cut into `resolution` steps. Costs are round
 steps, so a solution never exceeds the real budget; with integer costs and a step of 1 the
 optimum is exact (tests/test_mixed.py checks it against brute force).
 
-No torch here: the same size model validates a recipe from config.json before any work starts,
-and sizes the checkpoint the quantizer writes.
+No torch and nothing of quantgate here (layer 1): the same size model validates a recipe from
+config.json before any work starts (validate.py) and sizes the checkpoint the quantizer writes
+(quantize/mixed.py).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 UNQUANTIZED = 16  # the "bit choice" that leaves a unit in 16-bit floats (GPTQModel's `-:` rule)
 
@@ -241,6 +244,15 @@ def llama_fixed_bytes(config: dict) -> int:
     embed = vocab * hidden * (1 if tied else 2)
     tensors = (1 if tied else 2) + 2 * layers + 1
     return 2 * (embed + (2 * layers + 1) * hidden) + tensors * HEADER_BYTES_PER_TENSOR
+
+
+def skip_matcher(patterns: list[str]) -> Callable[[str], bool]:
+    """True for module names matched by a skip pattern: a glob, or a name suffix like 'down_proj'."""
+
+    def skipped(name: str) -> bool:
+        return any(fnmatch.fnmatch(name, p) or name.endswith("." + p) or name == p for p in patterns)
+
+    return skipped
 
 
 def make_plan(linears: list[Linear], choices, group_size: int, skipped, fixed_bytes: int) -> Plan:
