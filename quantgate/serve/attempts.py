@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .budget import Estimator, Plan, plan_request, trim_context
+from .charges import charged
 from .ladder import Ladder, Sample, health_ms, upstream_fault
 from .manifest import Deployment
 from .metrics import GatewayMetrics
@@ -121,14 +122,19 @@ class Attempts:
             ctx.fault = True
             self.ladder.observe(Sample(self.clock(), (perf() - t_a) * 1000, False))
         ctx.path.append(f"{att.target}:{kind}")
+        self.charge(dep, kind, ctx.tokens_in, 0)  # a timeout's prompt was the upstream's work
         log.info("trace %s: %s failed on %s (%s): %s", self.call.trace_id, ctx.route, dep.key, kind, why)
+
+    def charge(self, dep: Deployment, ended: str, tokens_in: int, tokens_out: int) -> float:
+        """Charge the request for one attempt on `dep` that ended so (serve/charges.py); its USD."""
+        tin, tout = charged(ended, tokens_in, tokens_out)
+        return self.ctx.charge(dep.price or self.rt.serving.price, tin, tout) if tin or tout else 0.0
 
     def succeeded(self, att, res: GenResult, trimmed: bool, t_a: float, cut: bool = False) -> Answer:
         call, ctx = self.call, self.ctx
         dep = self.rt.deployment(att.target)
-        cost = (dep.price or self.rt.serving.price).cost(res.tokens_in, res.tokens_out)
-        ctx.used_tokens, ctx.used_usd = res.tokens_in + res.tokens_out, cost
-        ctx.reservation.settle(ctx.used_tokens, cost, self.wall())
+        cost = self.charge(dep, "cut" if cut else "answered", res.tokens_in, res.tokens_out)
+        ctx.reservation.settle(ctx.used_tokens, ctx.used_usd, self.wall())  # with what earlier attempts cost
         self.estimator.observe(dep.key, res.ttft_ms, res.generation_ms, res.tokens_out)
         t_end = perf()
         if att.target == "active":
@@ -201,12 +207,10 @@ class Attempts:
             self.ladder.probe_abandoned()
 
     def client_closed(self) -> None:
-        """The client left: recorded as `client_closed`, charged for what reached the upstream."""
+        """The client left: recorded as `client_closed` (the attempt it left during charged itself)."""
         call, ctx = self.call, self.ctx
         if ctx.lookup is None:
             return
-        if ctx.tried and not ctx.used_tokens:  # the prompt reached the upstream: that much is spent
-            ctx.used_tokens = ctx.reserved_tokens - ctx.max_tokens
         self.metrics.for_deployment(ctx.lookup).request(call.route, "client_closed", perf() - call.t0)
         log.info("trace %s: client closed the connection (%d tokens charged)", call.trace_id, ctx.used_tokens)
 
@@ -225,6 +229,9 @@ class Attempts:
                         res = await prov.generate(req)
                     else:
                         res = await within(prov.generate(req), window)
+                except asyncio.CancelledError:  # the client left while the upstream worked on its prompt
+                    self.charge(dep, "client_closed", self.ctx.tokens_in, 0)
+                    raise
                 except asyncio.TimeoutError:
                     last_kind, why = "timeout", f"{dep.name} took longer than {window * 1000:.0f} ms"
                 except ProviderError as exc:

@@ -274,8 +274,14 @@ class Gateway:
                 yield "delta", hit.text
                 yield "end", hit
                 return
-            async for ev in stream_answer(self._attempts(rt, call, ctx)):
-                yield ev
+            # closed here, inside the opening: a client that leaves (the HTTP layer closes this
+            # generator, even while blocked writing to it) is charged before the reservation settles
+            answer = stream_answer(self._attempts(rt, call, ctx))
+            try:
+                async for ev in answer:
+                    yield ev
+            finally:
+                await answer.aclose()
 
 
 class Opened:

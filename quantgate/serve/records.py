@@ -107,8 +107,15 @@ class RequestState:
     reservation: Reservation | None = None
     tokens_in: int = 0      # the prompt's tokens as the input cap counted them
     reserved_tokens: int = 0
-    used_tokens: int = 0
+    used_tokens: int = 0    # what every attempt cost so far (serve/charges.py), what the reservation settles to
     used_usd: float = 0.0
+
+    def charge(self, price, tokens_in: int, tokens_out: int) -> float:
+        """Add what one attempt cost (serve/charges.py) to what the request settles to; its USD."""
+        usd = price.cost(tokens_in, tokens_out)
+        self.used_tokens += tokens_in + tokens_out
+        self.used_usd += usd
+        return usd
 
     @classmethod
     def empty(cls) -> "RequestState":

@@ -3,7 +3,9 @@
 Before the first piece arrives, a slow or failing deployment is abandoned for the next one in the
 plan exactly as for a plain answer. Once a piece has been sent to the client the deployment is
 fixed: the request's deadline then cuts the answer short (finish_reason 'length') instead of
-starting again elsewhere, and an upstream failure ends the stream with an error event.
+starting again elsewhere, and an upstream failure ends the stream with an error event. However a
+stream ends, the request is charged what the upstream did (serve/charges.py) before its
+reservation settles: Gateway.chat_stream closes this generator inside the request's opening.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ async def stream_answer(a: Attempts):
                 first = await within(gen.__anext__(), window)
             except StopAsyncIteration:
                 pass
+            except asyncio.CancelledError:  # the client left while the upstream worked on its prompt
+                a.charge(dep, "client_closed", stats.tokens_in or ctx.tokens_in, stats.tokens_out)
+                await gen.aclose()
+                raise
             except asyncio.TimeoutError:
                 failed = ("timeout", f"{dep.name} sent nothing within {window * 1000:.0f} ms")
             except ProviderError as exc:
@@ -67,12 +73,14 @@ async def stream_answer(a: Attempts):
                 a.metrics.budget_exhausted.labels(call.route).inc()
             except Exception as exc:  # noqa: BLE001 - mid-stream failure: the answer is already half out
                 ok, closed = False, False
+                _charge_sent(a, dep, stats, parts, "failed_mid_answer")  # the client has what was sent
                 a.failed(att, getattr(exc, "kind", "error"), t_a, str(exc), window)
                 yield "error", f"upstream failed mid-answer; the gateway log has the details under trace id {call.trace_id}"
                 return
             finally:
                 if closed:
-                    _charge_partial(a, dep, req, parts)
+                    _charge_sent(a, dep, stats, parts, "client_closed")
+                    a.client_closed()
                 await gen.aclose()
             text = "".join(parts)
             t1 = stats.t_first or perf()
@@ -86,11 +94,10 @@ async def stream_answer(a: Attempts):
         a.probe_done(ok)
 
 
-def _charge_partial(a: Attempts, dep, req, parts: list[str]) -> None:
-    """The client left mid-answer (GeneratorExit or cancellation): it is charged for the prompt and
-    for the pieces it was sent, and the request is recorded as `client_closed`, not as an error."""
-    ctx = a.ctx
-    tokens_in, tokens_out = estimate_tokens(req.prompt()), estimate_tokens("".join(parts)) if parts else 0
-    ctx.used_tokens = tokens_in + tokens_out
-    ctx.used_usd = (dep.price or a.rt.serving.price).cost(tokens_in, tokens_out)
-    a.client_closed()
+def _charge_sent(a: Attempts, dep, stats: StreamStats, parts: list[str], ended: str) -> None:
+    """A stream that ended before its end (the client left, GeneratorExit or cancellation, or the
+    upstream failed mid-answer): charged for the prompt and for what the upstream produced (its own
+    count when it gave one, else the pieces), the same in tokens and USD."""
+    text = "".join(parts)
+    a.charge(dep, ended, stats.tokens_in or a.ctx.tokens_in,
+             max(stats.tokens_out, estimate_tokens(text) if text else 0))
