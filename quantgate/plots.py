@@ -90,3 +90,51 @@ def latency_plot(rows: list[dict], out: Path) -> Path | None:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def sensitivity_plot(table: dict, bits: dict[str, int], out: Path, title: str = "") -> Path | None:
+    """A mixed candidate's sensitivity, layers × unit kinds, one panel per quantized bit choice
+    (colour: log10 of the predicted loss increase), and a last panel with the bits it was given."""
+    import math
+    import re
+
+    from .allocation import unit_name
+
+    scores = table.get("scores") or {}
+    unit_of = {}  # linear → (layer, kind of unit, unit): q/k/v and gate/up share their unit's bits
+    for name in scores:
+        if m := re.search(r"\.layers\.(\d+)\.", name):
+            unit = unit_name(name)
+            unit_of[name] = (int(m.group(1)), unit.rsplit(".", 1)[1], unit)
+    if not unit_of:
+        return None
+    layers = sorted({v[0] for v in unit_of.values()})
+    kinds = sorted({v[1] for v in unit_of.values()})
+    choices = [int(c) for c in table["choices"] if int(c) < 16]
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(choices) + 1, figsize=(2.6 * (len(choices) + 1) + 1.5, 0.22 * len(layers) + 2))
+    for ax, c in zip(axes, choices):
+        grid = [[0.0] * len(kinds) for _ in layers]
+        for name, (layer, kind, _) in unit_of.items():
+            grid[layers.index(layer)][kinds.index(kind)] += scores[name][str(c)]
+        im = ax.imshow([[math.log10(max(v, 1e-9)) for v in row] for row in grid], aspect="auto", cmap="magma_r")
+        ax.set_title(f"{c}-bit: log10 ΔL")
+        fig.colorbar(im, ax=ax, fraction=0.08)
+    ax = axes[-1]
+    grid = [[float("nan")] * len(kinds) for _ in layers]
+    for _, (layer, kind, unit) in unit_of.items():
+        grid[layers.index(layer)][kinds.index(kind)] = bits.get(unit, float("nan"))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_title("bits given")
+    fig.colorbar(im, ax=ax, fraction=0.08)
+    for a in axes:
+        a.set_xticks(range(len(kinds)))
+        a.set_xticklabels(kinds, rotation=45, ha="right", fontsize=7)
+        a.set_yticks(range(len(layers)))
+        a.set_yticklabels(layers, fontsize=6)
+        a.set_ylabel("layer")
+    fig.suptitle(title or f"sensitivity ({table.get('measure')}, {table.get('windows')} windows)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

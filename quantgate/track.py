@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .errors import QuantgateError, require
 from .util import redact_uri
-from .workspace import CANDIDATE_RECORD, RunFolder, Workspace
+from .workspace import CANDIDATE_RECORD, RunFolder, Workspace, read_json
 
 
 def default_uri(workspace: Path) -> str:
@@ -202,6 +202,8 @@ def log_run(recipe, workspace: Path, run_dir: Path, *, quantize_results: list[di
                     else:
                         mlflow.log_artifact(str(Path(art) / CANDIDATE_RECORD), artifact_path="checkpoint")
                     mlflow.set_tag("quantgate.artifact_uri", Path(art).resolve().as_uri())
+                if art and (mixed := ((by_q.get(name) or {}).get("record") or {}).get("mixed")):
+                    _log_mixed(mlflow, name, mixed, Path(art), run.plots)
                 eval_file = run.evaluation_file(name)
                 if eval_file.is_file():
                     mlflow.log_artifact(str(eval_file), artifact_path="evaluation")
@@ -215,6 +217,22 @@ def log_run(recipe, workspace: Path, run_dir: Path, *, quantize_results: list[di
     result.ui_hint = (f"quantgate ui -w {workspace}" if uri.startswith("sqlite") else redact_uri(uri)) + f"  → experiment '{exp_name}'"
     run.write_tracking(result.to_dict())
     return result
+
+
+def _log_mixed(mlflow, name: str, mixed: dict, artifact: Path, plot_dir: Path) -> None:
+    """A mixed candidate's bit map (JSON), its summary as params, and the sensitivity plot."""
+    from . import plots
+
+    mlflow.log_dict(mixed, "mixed/bit_map.json")
+    mlflow.log_params({f"mixed.{k}": str(mixed.get(k)) for k in ("algorithm", "avg_bits", "size_mb", "base_bits")}
+                      | {"mixed.units_per_bits": json.dumps(mixed.get("units_per_bits"))})
+    table = read_json(artifact / "sensitivity.json")
+    if table:
+        plot_dir.mkdir(exist_ok=True)
+        made = plots.sensitivity_plot(table, mixed.get("bits") or {}, plot_dir / f"sensitivity-{name}.png",
+                                      title=f"{name}: sensitivity and the bits given")
+        if made:
+            mlflow.log_artifact(str(made), artifact_path="plots")
 
 
 def work_span(record: dict, quantized: dict | None, run: RunFolder) -> tuple[float | None, float | None]:

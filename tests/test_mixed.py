@@ -272,3 +272,22 @@ def test_a_mixed_rtn_candidate_is_a_checkpoint_that_loads_with_its_bit_map(tmp_p
         assert min(err, key=err.get) == b and err[b] < 0.05, (name, b, err)
         checked += 1
     assert checked == 14  # 2 layers × 7 linears
+
+
+def test_the_report_and_the_plot_show_the_bit_map(tmp_path):
+    from quantgate.evaluate.report import mixed_lines
+    from quantgate.plots import sensitivity_plot
+
+    bits = {"model.layers.0.self_attn.qkv_proj": 8, "model.layers.0.mlp.down_proj": 4,
+            "model.layers.1.self_attn.qkv_proj": 4, "model.layers.1.mlp.down_proj": 16}
+    mixed = {"algorithm": "gptq", "budget": {"size_mb": 131}, "base_bits": 4, "bits": bits,
+             "units_per_bits": {"4": 2, "8": 1, "16": 1}, "size_mb": 130.2, "avg_bits": 5.1,
+             "predicted_loss_increase": 0.1, "predicted_loss_increase_all_lowest": 2.2}
+    text = "\n".join(mixed_lines([{"name": "mx", "mixed": mixed}, {"name": "base"}]))
+    assert "2×4-bit, 1×8-bit, 1×16-bit" in text and "`0.self_attn.qkv_proj`=8" in text
+    assert "`1.mlp.down_proj`=16" in text and "`0.mlp.down_proj`" not in text
+    scores = {f"model.layers.{i}.{n}": {"4": 0.01 * (i + 1), "8": 0.0001, "16": 0.0}
+              for i in range(2) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")}
+    out = sensitivity_plot({"choices": [4, 8, 16], "scores": scores, "measure": "m", "windows": 8}, bits,
+                           tmp_path / "s.png")
+    assert out and out.stat().st_size > 1000

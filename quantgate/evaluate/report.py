@@ -143,6 +143,7 @@ def comparison_markdown(recipe, comp: Comparison, records: list[dict]) -> str:
     ks = {v.name: kernel_label(v.kernels) for v in comp.candidates if v.kernels is not None}
     if ks:  # what each candidate's matmuls ran on (records from before the field have none)
         lines += ["Kernels: " + "; ".join(f"`{n}` {k}" for n, k in ks.items()) + ".", ""]
+    lines += mixed_lines(records)
     lines += ["## Gates", ""]
     for v in comp.candidates:
         for g in v.gates:
@@ -166,3 +167,22 @@ def comparison_markdown(recipe, comp: Comparison, records: list[dict]) -> str:
     if recipe.evaluation.workload:
         lines.append(f"- workload: {recipe.evaluation.workload.model_dump(mode='json')}")
     return "\n".join(lines) + "\n"
+
+
+def mixed_lines(records: list[dict]) -> list[str]:
+    """What each mixed candidate's allocation gave: units per width, size, average bits, the bit map."""
+    out = []
+    for r in records:
+        m = r.get("mixed")
+        if not m:
+            continue
+        counts = ", ".join(f"{n}×{b}-bit" for b, n in (m.get("units_per_bits") or {}).items() if n)
+        above = sorted(u for u, b in (m.get("bits") or {}).items() if b != m.get("base_bits"))
+        out.append(f"Mixed `{r['name']}` ({m.get('algorithm')}, budget {m.get('budget')}): {counts}; "
+                   f"{m.get('size_mb')} MB predicted, {m.get('avg_bits')} bits on average; "
+                   f"predicted loss +{m.get('predicted_loss_increase')} nats "
+                   f"(+{m.get('predicted_loss_increase_all_lowest')} with every unit at the lowest width). "
+                   f"Not at {m.get('base_bits')} bits: "
+                   + (", ".join(f"`{u.removeprefix('model.layers.')}`={m['bits'][u]}" for u in above) or "none") + ".")
+        out.append("")
+    return out

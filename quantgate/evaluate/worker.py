@@ -14,6 +14,7 @@ from ..isolate import child_main
 from ..kernels import dtype_of
 from ..progress import emit
 from ..recipe import EvaluationClientSpec, EvaluationSpec
+from ..workspace import candidate_record
 from . import memory
 from .cost import cost_metrics
 
@@ -203,7 +204,14 @@ def execute(job: dict) -> dict:
         **loaded,
         "quality": q_section, "speed": s_section, "memory": mem, "metrics": flat,
         "eval_key": job["eval_key"], "wall_s": round(time.perf_counter() - t0, 2), "timings_s": dict(TIMINGS),
+        **_made_as(cand["artifact"]),
     }
+
+
+def _made_as(artifact: str) -> dict:
+    """What the record repeats from the candidate's own record: a mixed candidate's bit map."""
+    rec = candidate_record(artifact) or {}
+    return {"mixed": rec["mixed"]} if rec.get("mixed") else {}
 
 
 if __name__ == "__main__":
