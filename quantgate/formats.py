@@ -101,6 +101,10 @@ RULES: list[tuple[str, str, str, dict, Support]] = [
     ("vllm", "awq-gemm", "cuda", {"bits": (4,)}, Support("yes", "Marlin (awq_marlin)", "awq_marlin")),
     ("vllm", "awq-gemm", "cpu", {"bits": (4,)}, Support("yes", "CPUWNA16 (W4A16)")),
     ("vllm", "awq-gemm", ANY, {}, Support("no", None, None, "vLLM's AWQ kernels take 4-bit weights only")),
+    ("vllm", "compressed-tensors", "cpu", {"method": ("fp8",)}, Support("no", None, None, "FP8 needs a GPU: vLLM's "
+                                         "FP8 GEMMs are CUDA kernels (Ada/Hopper; Ampere runs the weights via Marlin)")),
+    ("vllm", "compressed-tensors", "cpu", {"method": ("w8a8",)}, Support("maybe", "oneDNN INT8 W8A8", None,
+                                         "vLLM's CPU build runs INT8 W8A8 on x86 with AVX-512; not on an AVX2-only CPU")),
     ("vllm", "compressed-tensors", "cuda", {}, Support("yes", "compressed-tensors (Marlin/Machete)")),
     ("vllm", "compressed-tensors", "cpu", {}, Support("maybe", None, None, "CPU support depends on the scheme")),
     ("vllm", "gguf", "cuda", {}, Support("maybe", "GGUF dequant kernels (experimental)", "gguf",
@@ -112,6 +116,8 @@ RULES: list[tuple[str, str, str, dict, Support]] = [
     ("transformers", "gptq", ANY, {}, Support("yes", "GPTQModel kernel picked at load")),
     ("transformers", "gptq_v2", ANY, {}, Support("yes", "GPTQModel kernel picked at load")),
     ("transformers", "awq-gemm", ANY, {}, Support("yes", "GPTQModel AWQ kernel picked at load")),
+    ("transformers", "compressed-tensors", ANY, {"method": ("w8a8", "fp8")},
+     Support("yes", "compressed-tensors, emulated (weights dequantized, activations quantize-dequantized per token)")),
     ("transformers", "compressed-tensors", ANY, {}, Support("yes", "compressed-tensors (dequantized)")),
     ("transformers", "gguf", ANY, {}, Support("no", None, None, "the in-process engine loads checkpoint "
                                               "folders; transformers would dequantize a GGUF to float, "

@@ -84,6 +84,26 @@ def load_causal_lm(folder: str, dtype: str | None, device: str):
     return AutoModelForCausalLM.from_pretrained(folder, device_map=device, **kw).eval()
 
 
+def emulation(folder: str) -> str | None:
+    """How an in-process load computes a checkpoint whose activations are quantized (compressed-tensors
+    W8A8 / FP8), or None: transformers decompresses the weights into the load dtype and quantizes then
+    dequantizes each token's activations before a dense matmul — the numerics of W8A8/FP8 (checked
+    exact against a per-token reference in tests/test_w8a8_fp8.py), not its INT8/FP8 GEMMs or speed."""
+    try:
+        qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return None
+    if qc.get("quant_method") != "compressed-tensors":
+        return None
+    acts = [g.get("input_activations") for g in (qc.get("config_groups") or {}).values() if g.get("input_activations")]
+    if not acts:
+        return None
+    a = acts[0]
+    return (f"emulated: weights dequantized to the load dtype, activations quantized to {a.get('type')}"
+            f"{a.get('num_bits')} per {a.get('strategy')} and dequantized before dense matmuls (numerics of "
+            "the format, not its kernels: speed figures are not the format's)")
+
+
 def kernels_of(model) -> dict[str, int]:
     """The classes doing the model's quantized matmuls and how many of each (a dense model: {})."""
     from collections import Counter

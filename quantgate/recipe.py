@@ -167,6 +167,30 @@ class BudgetSpec(Spec):
         return self.size_mb if self.size_mb is not None else self.bits
 
 
+class W8A8Spec(_CandidateBase):
+    """INT8 weights and activations (compressed-tensors W8A8): SmoothQuant moves activation outliers
+    into the weights, GPTQ quantizes the weights per output channel, activations are quantized per
+    token at run time. Through llm-compressor; vLLM serves it with INT8 GEMMs."""
+
+    calibrated: ClassVar[bool] = True
+
+    method: Literal["w8a8"]
+    smoothing_strength: float = Field(0.8, gt=0, lt=1, description="SmoothQuant's migration strength (alpha)")
+    damp_percent: float = Field(0.01, gt=0, lt=1)
+    skip: list[str] = Field(default_factory=lambda: ["lm_head"], description="module name patterns left unquantized")
+    n_samples: int | None = Field(None, ge=1, description="use only the first N calibration windows")
+    backend: Literal["llmcompressor"] = "llmcompressor"
+
+
+class FP8Spec(_CandidateBase):
+    """FP8 (E4M3) weights per output channel and activations per token, scaled at run time
+    (compressed-tensors FP8_DYNAMIC): no calibration data. vLLM serves it on GPUs only."""
+
+    method: Literal["fp8"]
+    skip: list[str] = Field(default_factory=lambda: ["lm_head"], description="module name patterns left unquantized")
+    backend: Literal["llmcompressor"] = "llmcompressor"
+
+
 MIXED_BITS = {"rtn": (2, 4, 8, 16), "gptq": (2, 3, 4, 8, 16), "awq": (4, 16)}  # 16: left unquantized
 
 
@@ -207,7 +231,7 @@ class MixedSpec(_CandidateBase):
 
 
 # every method a candidate can name; the lists below are derived from it, never repeated
-CANDIDATE_CLASSES = (BaselineSpec, RTNSpec, GPTQSpec, AWQSpec, MixedSpec)
+CANDIDATE_CLASSES = (BaselineSpec, RTNSpec, GPTQSpec, AWQSpec, MixedSpec, W8A8Spec, FP8Spec)
 CandidateSpec = Annotated[Union[CANDIDATE_CLASSES], Field(discriminator="method")]
 SPEC_BY_METHOD = {get_args(cls.model_fields["method"].annotation)[0]: cls for cls in CANDIDATE_CLASSES}
 METHODS = tuple(SPEC_BY_METHOD)

@@ -11,7 +11,7 @@ import sys
 import time
 
 from ..isolate import child_main
-from ..kernels import dtype_of
+from ..kernels import dtype_of, emulation
 from ..progress import emit
 from ..recipe import EvaluationClientSpec, EvaluationSpec
 from ..workspace import candidate_record
@@ -186,6 +186,8 @@ def execute(job: dict) -> dict:
     TIMINGS["model_load"] = round(time.perf_counter() - t_load, 2)
     # what the scores were computed in: the declared dtype and the quantized kernels it ran on
     loaded = {"dtype": dtype_of(local.model), "kernels": local.kernels()}
+    if note := emulation(cand["artifact"]):  # W8A8 / FP8 in process: the format's numerics, not its kernels
+        loaded["emulated"] = note
     q_section, flat = quality(local, spec, cand["name"])
     speed_engine = local
     if engine_spec.kind == "openai":

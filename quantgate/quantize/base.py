@@ -78,6 +78,8 @@ BACKENDS: dict[tuple[str, str], tuple[str, str]] = {
     ("gptq", "llmcompressor"): ("quantgate.quantize.llmcompressor_backend:LLMCompressorQuantizer", "llmcompressor"),
     ("awq", "llmcompressor"): ("quantgate.quantize.llmcompressor_backend:LLMCompressorQuantizer", "llmcompressor"),
     ("mixed", "quantgate"): ("quantgate.quantize.mixed:MixedQuantizer", "models"),
+    ("w8a8", "llmcompressor"): ("quantgate.quantize.llmcompressor_backend:LLMCompressorQuantizer", "llmcompressor"),
+    ("fp8", "llmcompressor"): ("quantgate.quantize.llmcompressor_backend:LLMCompressorQuantizer", "llmcompressor"),
 }
 
 
