@@ -21,7 +21,10 @@ manifest's `on_redis_down`: `open` decides with its own local ledger and buckets
 then enforces the limits on its own, so together they may let through up to N times a budget);
 `closed` refuses requests that draw on a budget (503) and serves the rest with local rate limits.
 It tries Redis again at most every `retry_s` (one request or /readyz probe at a time), and
-settles that could not be sent are replayed when it is back. The tenant's share of concurrent
+settles that could not be sent are replayed when it is back. Reserve and settle are idempotent by
+request id (the scripts' mark), so a settle whose reply came too late is replayed without charging
+twice, and an admit that timed out here but ran on Redis is released (a settle of nothing, queued
+like the others): its reservation does not lock the tenant out until the window's key expires. The tenant's share of concurrent
 slots stays per replica: slots are this process's own.
 """
 
@@ -29,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -41,6 +46,7 @@ from .tenants import Ledger, OverBudget, Reservation, window_start
 log = logging.getLogger("quantgate.serve")
 
 _KEEP_S = 60  # a budget window's key outlives its window by this much (settles of late answers)
+_TOMBSTONE_S = 600  # a request released before Redis ran its admit: that admit holds nothing this long
 
 # Each script's ARGV arrives as one space-separated string (`_evalsha`): redis-py encodes every
 # argument of a command in Python, and one string instead of two dozen numbers per request was the
@@ -53,13 +59,22 @@ local function words(s)
 end
 """
 
+# Both scripts are idempotent by request id: the admit that holds a reservation marks it in the
+# request's own key (KEYS' last: '1' while held); a settle releases only a reservation still marked
+# (and unmarks it), so a settle replayed after a reply that came too late charges nothing twice. A
+# settle that finds no mark leaves a short tombstone ('0'), so an admit of that id that Redis runs
+# later still (it was sent before a timeout, and the gateway has released it since) holds nothing.
+
 # KEYS: n budget accounts (one hash per window: t, u used; rt, ru reserved), the request bucket,
-# the token bucket. ARGV: n, tokens, usd, now, then (limit_tokens, limit_usd, expire_at) per account
-# (-1 = no limit), then req rate, req capacity, token rate, token capacity (-1 = no bucket), bucket ttl.
+# the token bucket, the request's mark. ARGV: n, tokens, usd, now, then (limit_tokens, limit_usd,
+# expire_at) per account (-1 = no limit), then req rate, req capacity, token rate, token capacity
+# (-1 = no bucket), bucket ttl, the mark's expire_at.
 ADMIT = """
 local ARGV = words(ARGV[1])
 local n = tonumber(ARGV[1])
 local tokens, usd, now = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local mark = KEYS[n + 3]
+if redis.call('EXISTS', mark) == 1 then return {3} end
 for i = 1, n do
   local lt, lu = tonumber(ARGV[2 + 3 * i]), tonumber(ARGV[3 + 3 * i])
   local v = redis.call('HMGET', KEYS[i], 't', 'u', 'rt', 'ru')
@@ -101,14 +116,22 @@ for i = 1, n do
   redis.call('HINCRBYFLOAT', KEYS[i], 'ru', ARGV[3])
   redis.call('EXPIREAT', KEYS[i], ARGV[4 + 3 * i])
 end
+redis.call('SET', mark, '1')
+redis.call('EXPIREAT', mark, ARGV[b + 5])
 return {0}
 """
 
-# KEYS: n budget accounts, the token bucket. ARGV: n, reserved tokens, reserved usd, used tokens,
-# used usd, token capacity (-1 = no bucket), then expire_at per account.
+# KEYS: n budget accounts, the token bucket, the request's mark. ARGV: n, reserved tokens, reserved
+# usd, used tokens, used usd, token capacity (-1 = no bucket), then expire_at per account.
 SETTLE = """
 local ARGV = words(ARGV[1])
 local n = tonumber(ARGV[1])
+local mark = KEYS[n + 2]
+if redis.call('GET', mark) ~= '1' then
+  redis.call('SET', mark, '0', 'EX', TOMBSTONE_S)
+  return 1
+end
+redis.call('DEL', mark)
 local rt, ru, t, u, cap = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
                           tonumber(ARGV[6])
 for i = 1, n do
@@ -123,7 +146,7 @@ if cap >= 0 and rt > t and redis.call('EXISTS', KEYS[n + 1]) == 1 then
   redis.call('HSET', KEYS[n + 1], 'l', tostring(math.min(cap, level + rt - t)))
 end
 return 0
-"""
+""".replace("TOMBSTONE_S", str(_TOMBSTONE_S))
 
 
 @dataclass(slots=True)
@@ -143,7 +166,7 @@ class Held:
     tokens: int
     usd: float
     local: Reservation | None = None
-    remote: tuple | None = None   # (account keys, token bucket key, token capacity, expire_at per account)
+    remote: tuple | None = None   # (account keys, token bucket key, token capacity, expire_at per account, mark)
     backend: "LocalState | None" = None  # who settles it: a reload may swap the state meanwhile
     settled: bool = field(default=False)
 
@@ -225,6 +248,8 @@ class RedisState(LocalState):
                                        health_check_interval=0)
         self.redis = client
         self._sha = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()}
+        # request ids for the scripts' idempotency: a random prefix per process and a counter
+        self._rid_prefix, self._rid_n = os.urandom(6).hex(), itertools.count(1)
         self._calls: list[tuple[tuple, asyncio.Future]] = []  # commands waiting for the next batch
         self._batch_soon = False
         self.up = True
@@ -427,11 +452,15 @@ class RedisState(LocalState):
         args: list = [len(keys), tokens, repr(float(usd)), repr(wall)]
         for (lt, lu), e in zip(limits, expire):
             args += [lt, lu, e]
-        args += [rr, burst(rate) if rr != -1 else -1, tr, tc, 120]
+        mark = f"{p}res:{self._rid_prefix}{next(self._rid_n):x}"
+        args += [rr, burst(rate) if rr != -1 else -1, tr, tc, 120, max(expire, default=int(wall) + 3600)]
         try:
-            out = await self._script("admit", keys + bucket_keys, args)
+            out = await self._script("admit", keys + bucket_keys + [mark], args)
         except self._errors() as exc:
             self._down(exc)
+            # the script may have run after all (a reply slower than timeout_ms): release whatever it
+            # held, by its id, once Redis answers again (a no-op if it never ran, and it never will)
+            self._write(("settle", self._settle_args(keys, bucket_keys[1], tc, expire, mark, tokens, usd, 0, 0.0)))
             return self._local(tenant, user_id, tokens, usd, wall, mono)
         self._up()
         code = int(out[0])
@@ -446,7 +475,14 @@ class RedisState(LocalState):
             return OverBudget(account, text, start + spec.period_s)
         if code == 2:
             return refused(tenant, rate, _s(out[1]), float(out[2]))
-        return Held(tenant, tokens, usd, remote=(keys, bucket_keys[1], tc, expire), backend=self)
+        if code == 3:  # an id already released: cannot happen for a fresh id; decide here rather than guess
+            return self._local(tenant, user_id, tokens, usd, wall, mono)
+        return Held(tenant, tokens, usd, remote=(keys, bucket_keys[1], tc, expire, mark), backend=self)
+
+    @staticmethod
+    def _settle_args(keys, bucket, cap, expire, mark, held_tokens, held_usd, tokens, usd) -> tuple:
+        return (keys + [bucket, mark], [len(keys), held_tokens, repr(float(held_usd)), tokens, repr(float(usd)), cap,
+                                        *expire])
 
     def _local(self, tenant, user_id, tokens, usd, wall, mono) -> Held | OverBudget | Limited | Unavailable:
         mode = self.spec.on_redis_down
@@ -462,10 +498,7 @@ class RedisState(LocalState):
         if held.settled:
             return
         held.settled = True
-        keys, bucket, cap, expire = held.remote
-        args = (keys + [bucket], [len(keys), held.tokens, repr(float(held.usd)), tokens, repr(float(usd)), cap,
-                                  *expire])
-        self._write(("settle", args))
+        self._write(("settle", self._settle_args(*held.remote, held.tokens, held.usd, tokens, usd)))
 
     def store_soon(self, key: str, value: str, ttl_ms: int) -> None:
         """A cache entry, written with the next batch (the answer does not wait for Redis)."""

@@ -326,6 +326,8 @@ async def test_redis_stopped_mid_load_replicas_answer_per_choice_and_recover(red
         while len(seen["down"]) < 50:
             await asyncio.sleep(0.01)
         phase = "starting"
+        while open_["down"]:  # what started with Redis down is decided with it down (a loaded machine may
+            await asyncio.sleep(0.005)  # otherwise admit it after the restart below, and rightly serve it)
         redis_server.start()  # same port
         for g in gws:
             while not (await readyz(s, g))[1]["up"]:
@@ -382,3 +384,94 @@ async def test_a_reservation_is_settled_by_the_state_that_made_it_after_a_reload
     usage = await red.redis.hgetall(f"quantgate:budget:tenant:acme:{int(NOW // 3600 * 3600)}")
     assert (int(usage[b"t"]), int(usage[b"rt"])) == (10, 0)
     assert red.ledger.usage("tenant:acme").reserved_tokens == 0 and red.ledger.usage("tenant:acme").tokens == 10
+
+
+# ---------------------------------------------------------------------- a slow Redis (issue 19, finding 4)
+def _budget_key(account: str = "tenant:acme") -> str:
+    return f"quantgate:budget:{account}:{int(NOW // 3600 * 3600)}"
+
+
+async def _held(st, account: str = "tenant:acme") -> tuple[int, int]:
+    """(used, reserved) tokens of an account in Redis."""
+    v = await st.redis.hgetall(_budget_key(account))
+    return int(v.get(b"t", 0)), int(v.get(b"rt", 0))
+
+
+@aio
+async def test_a_settle_sent_twice_charges_once_and_a_release_before_its_admit_holds_nothing():
+    """The scripts are idempotent by request id: a settle replayed (its first reply came too late)
+    changes nothing, and an admit Redis runs only after the gateway released it holds nothing."""
+    st, _, _ = redis_state()
+    h = await st.admit("acme", None, 30, 0.0, NOW, 0)
+    st.settle(h, 10, 0.0, NOW)
+    await st.drain()
+    st._write(("settle", st._settle_args(*h.remote, h.tokens, h.usd, 10, 0.0)))  # the replay
+    await st.drain()
+    assert await _held(st) == (10, 0)
+    st._rid_prefix, st._rid_n = "late", iter([7])
+    keys, _, expire = st._keys("acme", None, NOW)
+    st._write(("settle", st._settle_args(keys, "quantgate:rate:tok:acme", -1, expire, "quantgate:res:late7", 30,
+                                         0.0, 0, 0.0)))  # the release of a timed-out admit
+    await st.drain()
+    late = await st.admit("acme", None, 30, 0.0, NOW, 0)  # the same id, run after its release
+    assert late.remote is None and await _held(st) == (10, 0)
+
+
+def _frozen_redis_state(redis_server):
+    """A state on the real server, its timeout short, and a way to freeze the server (SIGSTOP) a while."""
+    import contextlib
+
+    clock = Clock()
+    st = RedisState(StateSpec(redis=redis_server.url, on_redis_down="open", timeout_ms=200, retry_s=1.0),
+                    Ledger(BUDGETS), TenantLimiter({}), GatewayMetrics(), clock=clock)
+
+    @contextlib.contextmanager
+    def frozen():
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+
+    async def back():  # after retry_s, a probe finds it back and replays what waited
+        clock.t = 1.5
+        await st.probe()
+        await st.drain()
+        assert st.up
+
+    return st, frozen, back
+
+
+@aio
+async def test_an_admit_that_answers_after_the_timeout_is_released_once_redis_is_back(redis_server):
+    """A real redis-server frozen (SIGSTOP) while an admit is in flight: the gateway decides locally
+    after timeout_ms, Redis runs the admit when it resumes, and that reservation used to stay until
+    the window's key expired (the tenant locked out up to a day)."""
+    st, frozen, back = _frozen_redis_state(redis_server)
+    try:
+        first = await st.admit("acme", None, 30, 0.0, NOW, 0)
+        with frozen():
+            assert (await st.admit("acme", None, 40, 0.0, NOW, 0)).local is not None
+        await back()
+        assert await _held(st) == (0, 30)  # only the first request's reservation
+        st.settle(first, 10, 0.0, NOW)
+        await st.drain()
+        assert await _held(st) == (10, 0)
+    finally:
+        await st.close()
+
+
+@aio
+async def test_a_settle_whose_reply_came_too_late_is_replayed_without_charging_twice(redis_server):
+    """The audit: a 10-token request charged 20 (the settle ran, its reply timed out, it was replayed)."""
+    st, frozen, back = _frozen_redis_state(redis_server)
+    try:
+        h = await st.admit("acme", None, 30, 0.0, NOW, 0)
+        with frozen():
+            st.settle(h, 10, 0.0, NOW)
+            await st.drain()  # its round trip times out: kept to replay
+            assert not st.up
+        await back()
+        assert await _held(st) == (10, 0)
+    finally:
+        await st.close()
