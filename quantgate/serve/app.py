@@ -20,6 +20,7 @@ from json.encoder import encode_basestring as _enc  # the C string escaper json.
 from aiohttp import web
 from pydantic import ValidationError
 
+from .connections import ConnectionTable
 from .gateway import Answer, ChatCall, Gateway, GatewayError
 from .guards.input_size import prompt_tokens
 from .trace import event as trace_event, outcome_of
@@ -32,6 +33,7 @@ perf = time.perf_counter
 _TRACE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _JSON = "application/json"
 _DIGITS = re.compile(r"[0-9]{1,9}")  # ASCII only: str.isdigit() also accepts '²', which int() refuses
+CONNECTIONS = web.AppKey("connections", ConnectionTable)
 
 
 def _internal(trace: str | None) -> GatewayError:
@@ -44,8 +46,9 @@ def _dumps(obj) -> bytes:
 
 
 class Handlers:
-    def __init__(self, gw: Gateway, bind_host: str = "127.0.0.1"):
+    def __init__(self, gw: Gateway, bind_host: str = "127.0.0.1", connections: ConnectionTable | None = None):
         self.gw, self.bind_host = gw, bind_host
+        self.connections = connections if connections is not None else ConnectionTable(1 << 30, 1 << 30, 0.0)
         # Generated trace ids: a random per-process prefix and a counter (unique, and no syscall
         # per request the way os.urandom would be).
         self._trace_prefix = os.urandom(4).hex()
@@ -100,6 +103,17 @@ class Handlers:
         if table is not keys:  # a reload brought new keys: forget what was learnt from the old ones
             table, known = self._known_keys = (keys, {})
         return lookup(keys, known, key), True
+
+    def _gatekeep(self, request: web.Request) -> None:
+        """The key check on the headers alone, before the body is read: an unknown key, an admin key,
+        or none where one is needed is refused without reading or parsing what was sent. A connection
+        that passes keeps its place (serve/connections.py)."""
+        principal, given = self._principal(request)
+        if given and principal is not None and not principal.admin:
+            self.connections.proven(request.protocol)
+            return
+        self._identity(request, None, None)  # raises for what the headers alone refuse
+        self.connections.proven(request.protocol)
 
     def _identity(self, request: web.Request, tenant: str | None, user: str | None) -> tuple[str, str | None]:
         """(tenant, user) from the API key when keys are used; the body or x-tenant only when anonymous."""
@@ -186,6 +200,7 @@ class Handlers:
         try:
             trace = self._trace(request)
             self._check_origin(request, True)
+            self._gatekeep(request)
             req = await self._parse(request, ChatRequest)
             call = ChatCall("chat", trace, *self._identity(request, req.tenant, req.user_id),
                             [{"role": "user", "content": req.prompt}], t0, req.budget_ms, req.max_tokens,
@@ -211,6 +226,7 @@ class Handlers:
         try:
             trace = self._trace(request)
             self._check_origin(request, True)
+            self._gatekeep(request)
             req = await self._parse(request, ChatCompletionRequest)
             call = ChatCall("openai", trace, *self._identity(request, req.tenant, req.user),
                             [{"role": m.role, "content": m.text()} for m in req.messages], t0,
@@ -342,7 +358,10 @@ def make_app(gw: Gateway, bind_host: str = "127.0.0.1") -> web.Application:
     # aiohttp's own limit is a backstop for chunked bodies; the manifest's limit is checked per
     # request, so a reload that lowers it applies at once.
     app = web.Application(client_max_size=max(gw.rt.serving.max_body_bytes, 1 << 20) * 4)
-    h = Handlers(gw, bind_host)
+    http = gw.rt.serving.http
+    app[CONNECTIONS] = ConnectionTable(http.max_connections, http.max_connections_per_client,
+                                       http.reserved_for_keyed)  # applied by server.limit_connections
+    h = Handlers(gw, bind_host, app[CONNECTIONS])
     app.router.add_post("/chat", h.chat)
     app.router.add_post("/v1/chat/completions", h.completions)
     app.router.add_get("/v1/models", h.models)

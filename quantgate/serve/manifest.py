@@ -265,7 +265,12 @@ class HttpSpec(Spec):
     header_timeout_s: float = Field(15.0, gt=0, le=300, description="request line + headers must arrive within this; "
                                     "also the idle keep-alive timeout")
     body_timeout_s: float = Field(15.0, gt=0, le=300, description="the body must arrive within this")
-    max_connections: int = Field(1024, ge=1, description="open connections; more are closed at once")
+    max_connections: int = Field(1024, ge=1, description="open connections; past it the oldest that has not "
+                                 "passed the key check is closed for a newcomer (serve/connections.py)")
+    max_connections_per_client: int = Field(128, ge=1, description="connections one client address may hold "
+                                            "before any request on them passed the key check")
+    reserved_for_keyed: float = Field(0.25, ge=0, lt=1, description="share of max_connections only connections "
+                                      "that passed the key check may use")
     allowed_hosts: list[str] = Field(default_factory=list, description="Host names accepted besides the bind "
                                      "address and localhost (the public name when exposed)")
     allowed_origins: list[str] = Field(default_factory=list, description="browser Origins allowed to call the API")

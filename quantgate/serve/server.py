@@ -21,7 +21,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .app import make_app
+from .app import CONNECTIONS, make_app
+from .connections import ConnectionTable
 from .gateway import Gateway
 
 log = logging.getLogger("quantgate.serve")
@@ -39,27 +40,31 @@ def listen_socket(host: str, port: int, backlog: int = BACKLOG) -> socket.socket
     return sock
 
 
-def limit_connections(server: web.Server, limit: int) -> None:
-    """Close connections beyond `limit` as soon as they open (idle sockets cost memory and fds).
-
-    Wraps the server's connection hooks on this one instance: aiohttp has no setting for it.
-    """
+def limit_connections(server: web.Server, table: ConnectionTable) -> None:
+    """Apply the connection table's rules (serve/connections.py) as connections open and close:
+    a newcomer refused is closed at once, and one it displaces (the oldest that passed no key
+    check) is closed for it. Wraps the server's connection hooks on this one instance: aiohttp has
+    no setting for it."""
     made, lost = server.connection_made, server.connection_lost
-    state = {"open": 0, "refused": 0}
 
     def connection_made(handler, transport) -> None:
         made(handler, transport)
-        state["open"] += 1
-        if state["open"] > limit:
-            state["refused"] += 1
-            if state["refused"] in (1, 1000) or state["refused"] % 100_000 == 0:
-                log.warning("connection limit %d reached: closing new connections (%d so far)", limit,
-                            state["refused"])
+        peer = transport.get_extra_info("peername")
+        keep, close = table.opened(handler, str(peer[0]) if peer else "?")
+        for old in close:
+            old.force_close()
+            if old.transport is not None:
+                old.transport.close()
+        if not keep:
+            n = table.refused
+            if n in (1, 1000) or n % 100_000 == 0:
+                log.warning("connections: closing new ones (%d so far): the limit %d is reached or a client "
+                            "address holds %d not yet past the key check", n, table.limit, table.per_client)
             handler.force_close()
             transport.close()
 
     def connection_lost(handler, exc=None) -> None:
-        state["open"] -= 1
+        table.closed(handler)
         lost(handler, exc)
 
     server.connection_made, server.connection_lost = connection_made, connection_lost
@@ -114,10 +119,11 @@ async def start(gw: Gateway, host: str, port: int) -> tuple[web.AppRunner, socke
     await gw.start()
     quiet_malformed_requests()
     http = gw.rt.serving.http
-    runner = web.AppRunner(make_app(gw, host), access_log=None, handle_signals=False, handler_cancellation=True,
+    app = make_app(gw, host)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True,
                            keepalive_timeout=http.header_timeout_s, lingering_time=1.0, shutdown_timeout=1.0)
     await runner.setup()
-    limit_connections(runner.server, http.max_connections)
+    limit_connections(runner.server, app[CONNECTIONS])
     sock = listen_socket(host, port)
     await web.SockSite(runner, sock, backlog=BACKLOG).start()
     return runner, sock

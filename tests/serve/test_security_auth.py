@@ -142,3 +142,20 @@ def test_budget_ms_true_is_not_one_millisecond(serve):
     assert r.status_code == 400 and r.json()["error"]["param"] == "budget_ms"
     r = httpx.post(srv.url + "/v1/chat/completions", json=oai_body(max_tokens=True))
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+def test_a_body_without_a_valid_key_is_neither_read_nor_parsed(serve):
+    """Finding 8 (issue 19): the body of an unauthenticated request was read and parsed in full before
+    the key was checked. The key check now runs on the headers: the 401 comes without the body."""
+    import socket
+    import time
+
+    srv = serve(keyed(http={"body_timeout_s": 5}))
+    for auth in (b"", b"Authorization: Bearer wrong\r\n"):
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        t = time.monotonic()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  + auth + b"Content-Length: 1000000\r\n\r\n")  # and no body at all
+        got = s.recv(65536)
+        s.close()
+        assert got.startswith(b"HTTP/1.1 401") and time.monotonic() - t < 2, got[:200]

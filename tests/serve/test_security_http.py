@@ -60,15 +60,79 @@ def test_idle_keep_alive_connections_are_closed(serve):
     assert answer.startswith(b"HTTP/1.1 200")
 
 
-def test_connections_past_the_limit_are_closed_at_once(serve):
-    srv = serve(base_manifest(http={"max_connections": 2, "header_timeout_s": 60}))
-    a, b = connect(srv), connect(srv)
-    c = connect(srv)
-    assert closed_by_server(c) == b""
+def _served(conn: "http.client.HTTPConnection", headers: dict | None = None) -> int:
     body = b'{"user_id": "u1", "prompt": "hi"}'
-    a.sendall(REQ + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
-    assert closed_by_server(a).startswith(b"HTTP/1.1 200")  # the ones within the limit are served
-    b.close()
+    conn.request("POST", "/chat", body, {"Content-Type": "application/json", **(headers or {})})
+    r = conn.getresponse()
+    r.read()
+    return r.status
+
+
+def test_a_newcomer_displaces_the_oldest_socket_that_passed_no_key_check_never_a_proven_one(serve):
+    """Finding 7 (issue 19): max_connections was one global count, so idle sockets filled it and keyed
+    clients were reset. Now a connection that passed the key check keeps its place; a newcomer
+    displaces the oldest one that did not, and is refused only when every place is proven."""
+    import http.client
+    import time
+
+    srv = serve(base_manifest(http={"max_connections": 2, "header_timeout_s": 60, "reserved_for_keyed": 0.0}))
+    a = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=20)
+    assert _served(a) == 200                   # proven (anonymous access is allowed here), kept alive
+    b = connect(srv)                           # only a socket
+    time.sleep(0.1)
+    c = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=20)
+    c.connect()
+    assert closed_by_server(b) == b""          # the oldest unproven one made room
+    assert _served(c) == 200 and _served(a) == 200
+    d = connect(srv)                           # every place is proven now: the newcomer is refused
+    assert closed_by_server(d) == b""
+    assert _served(a) == 200 and _served(c) == 200
+
+
+def test_idle_sockets_from_other_addresses_cannot_lock_a_keyed_client_out(serve):
+    import hashlib
+    import time
+
+    m = base_manifest(anonymous=False, api_keys={"acme": [{"sha256": hashlib.sha256(b"k1").hexdigest()}]},
+                      http={"max_connections": 8, "max_connections_per_client": 3, "header_timeout_s": 60})
+    srv = serve(m)
+    idle = []
+    for host in ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"):
+        for _ in range(5):
+            s = socket.socket()
+            s.bind((host, 0))
+            s.connect(("127.0.0.1", srv.port))
+            idle.append(s)
+    time.sleep(0.2)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=10) as c:
+            for i in range(3):
+                r = c.post("/chat", json=chat_body(f"q{i}"), headers={"authorization": "Bearer k1"})
+                assert r.status_code == 200, r.text
+            assert c.post("/chat", json=chat_body()).status_code == 401  # a keyless request is still refused
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_the_connection_rules_are_pure():
+    from quantgate.serve.connections import ConnectionTable
+
+    t = ConnectionTable(limit=4, per_client=2, reserved_for_keyed=0.25)  # pending take at most 3
+    assert t.opened("a1", "A") == (True, []) and t.opened("a2", "A") == (True, [])
+    assert t.opened("a3", "A") == (False, [])                        # A holds its 2 unproven
+    t.proven("a1")
+    assert t.opened("a3", "A") == (True, [])                         # a proven one no longer counts for A
+    assert t.opened("b1", "B") == (True, [])
+    assert t.opened("c1", "C") == (True, ["a2"])                     # at the limit: the oldest unproven goes
+    for conn in ("a3", "b1", "c1"):
+        t.proven(conn)
+    assert t.opened("d1", "D") == (False, [])                        # all four proven: refused
+    t.closed("c1")
+    assert t.opened("d1", "D") == (True, [])
+    room = ConnectionTable(limit=4, per_client=9, reserved_for_keyed=0.5)  # unproven take at most 2 of 4
+    assert room.opened("x1", "X") == (True, []) and room.opened("x2", "Y") == (True, [])
+    assert room.opened("x3", "Z") == (True, ["x1"]) and len(room) == 2
 
 
 def test_a_client_that_leaves_frees_its_slot(serve):
