@@ -20,6 +20,7 @@ Layer 1: imports only documents, errors, formats and procs, so `engines/` and `s
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -94,17 +95,11 @@ def vllm_command(spec: EngineSpec, served: Served, port, python: str, host: str 
 def llamacpp_command(spec: EngineSpec, served: Served, port, python: str, host: str = LOOPBACK) -> Command:
     """llama-cpp-python's server. `--interrupt_requests False`: otherwise each new request cuts
     off the one streaming; the thread count is stated because it decides speed on a small CPU."""
-    threads = spec.threads or len(spec.cores or ()) or _cpu_count()
+    threads = spec.threads or len(spec.cores or ()) or os.cpu_count() or 1
     argv = [python, "-m", "llama_cpp.server", "--model", served.path, "--model_alias", served.name,
             "--host", host, "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
             "--n_ctx", str(spec.context), "--interrupt_requests", "False"]
     return Command(argv + list(spec.args), dict(spec.env), KINDS["llamacpp"].health_path)
-
-
-def _cpu_count() -> int:
-    import os
-
-    return os.cpu_count() or 1
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
@@ -136,12 +131,6 @@ def register(kind: Kind, rules: list[tuple] = ()) -> None:
     """Add an engine kind and its rows of the format table (what it serves, with which kernel)."""
     KINDS[kind.name] = kind
     formats.RULES[:0] = [r for r in rules if r[0] == kind.name]
-
-
-def kind_of(name: str) -> Kind:
-    if name not in KINDS:
-        raise KeyError(name)
-    return KINDS[name]
 
 
 def launched_kinds() -> tuple[str, ...]:
