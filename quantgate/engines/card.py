@@ -51,6 +51,9 @@ def rank(pairs: list[dict], goal: str, min_attainment: float = 0.95) -> tuple[li
     for p in pairs:
         if not p.get("measured"):
             excluded.append({**p, "why_excluded": p.get("error") or "not measured"})
+        elif (p.get("quality") or {}).get("engine_failed"):
+            excluded.append({**p, "why_excluded": f"its answers on {p['engine']} fail the recipe's regression "
+                                                  f"gate: {p['quality']['engine_failed']}"})
         elif (p.get("quality") or {}).get("passed") is False:
             excluded.append({**p, "why_excluded": "failed the recipe's quality gates (compare.json)"})
         else:
@@ -195,6 +198,14 @@ def _rollback(target: str | None, pairs: list[dict], goal: str, min_att: float, 
 
 
 # ------------------------------------------------------------------------------ markdown
+def _graded(p: dict) -> str:
+    """The regression set as this engine answered it, beside the gate verdict."""
+    eq, reg = p.get("engine_quality"), p.get("regression")
+    if eq:
+        return f" (regression {eq['passed_cases']}/{eq['total']} here, baseline {_fmt((eq['baseline'] or 0) * 100, 0, '%')})"
+    return f" (regression {reg['passed']}/{reg['total']} here)" if reg else ""
+
+
 def _row(p: dict) -> list[str]:
     m, lr, k = p.get("metrics") or {}, p.get("launch") or {}, p.get("knee")
     q = (p.get("quality") or {}).get("passed")
@@ -207,7 +218,7 @@ def _row(p: dict) -> list[str]:
         _fmt((m.get("slo_attainment") or 0) * 100, 0, "%") if m.get("slo_attainment") is not None else "–",
         f"{_fmt((m.get('error_rate') or 0) * 100, 0, '%')} / {_fmt((m.get('timeout_rate') or 0) * 100, 0, '%')}",
         f"{k['concurrency']} ({_fmt(k.get('goodput_rps'), 2)})" if k else ("none" if p.get("sweep") else "–"),
-        _fmt(m.get("usd_per_1m_output_tokens"), 3), {True: "pass", False: "FAIL", None: "–"}[q],
+        _fmt(m.get("usd_per_1m_output_tokens"), 3), {True: "pass", False: "FAIL", None: "–"}[q] + _graded(p),
         p.get("load_avg") or "–",
     ]
 

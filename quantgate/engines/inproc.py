@@ -45,10 +45,18 @@ def execute(job: dict) -> dict:
     sweep = SweepSpec.model_validate(job["sweep"]) if job.get("sweep") else None
     cost = CostSpec.model_validate(job["cost"]) if job.get("cost") else None
 
+    regression = None
+    if job.get("regression"):
+        from ..evaluate.regression import Case
+
+        cases, max_tokens = job["regression"]
+        regression = ([Case.model_validate(c) for c in cases], max_tokens)
+
     async def go():
         # the engine is already loaded: measure() calls start() (a reload) — avoid it
         engine.start = _noop  # type: ignore[method-assign]
-        return await measure(engine, WorkloadSpec.model_validate(job["workload"]), sweep, prompts, cost=cost)
+        return await measure(engine, WorkloadSpec.model_validate(job["workload"]), sweep, prompts, cost=cost,
+                             regression=regression)
 
     got = asyncio.run(go())
     got.pop("points", None)

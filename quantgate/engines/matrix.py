@@ -18,6 +18,7 @@ from ..workload import WorkloadSpec
 from ..workspace import RunFolder, read_json
 from .card import build_card, render_markdown
 from .host import machine
+from . import quality as engine_quality
 from .pairs import refresh, run_pair
 from .spec import EngineSelectionSpec, EngineSpec, gguf_converter
 
@@ -51,7 +52,8 @@ def token_counter(recipe, log=print):
         return None
 
 
-def pair_key(name: str, spec: EngineSpec, art: Artifact, workload: WorkloadSpec, selection: EngineSelectionSpec) -> str:
+def pair_key(name: str, spec: EngineSpec, art: Artifact, workload: WorkloadSpec, selection: EngineSelectionSpec,
+             regression=None) -> str:
     """What a pair's measurement depends on: the engine settings, the artifact's identity (name,
     path, format, modification time), the workload and sweep. Not the table or the log reading:
     those are re-applied to a reused record (refresh), so a better rule needs no re-measurement."""
@@ -60,7 +62,9 @@ def pair_key(name: str, spec: EngineSpec, art: Artifact, workload: WorkloadSpec,
                         "artifact": {"name": art.name, "path": art.path, "format": art.format},
                         "mtime": st.st_mtime if st else None, "workload": workload.model_dump(mode="json"),
                         "sweep": selection.sweep.model_dump(mode="json") if selection.sweep else None,
-                        "probe": selection.probe_unsupported, "serve_port": selection.serve_port})
+                        "probe": selection.probe_unsupported, "serve_port": selection.serve_port,
+                        "regression": None if regression is None else
+                        [[c.model_dump() for c in regression[0]], regression[1]]})
 
 
 def run_matrix(recipe, ws, selection: EngineSelectionSpec, *, engines: list[str] | None = None,
@@ -94,7 +98,13 @@ def run_matrix(recipe, ws, selection: EngineSelectionSpec, *, engines: list[str]
     for n, why in missing.items():
         log(f"! {n}: {why}")
     texts, _ = prompt_texts(workload, warn=log)
+    regression = None
+    if recipe.evaluation.regression is not None:  # graded on every pair: what each engine answers
+        from ..evaluate.regression import load_cases
+
+        regression = (load_cases(recipe.evaluation.regression.path), recipe.evaluation.regression.max_tokens)
     ctx = {"selection": selection, "workload": workload, "run": run, "cost": recipe.evaluation.cost,
+           "regression": regression,
            "prompts": PromptSource(texts, token_counter(recipe, log)), "prompt_texts": texts}
     quality = quality_verdicts(run)
     cells, pairs = [], []
@@ -102,7 +112,7 @@ def run_matrix(recipe, ws, selection: EngineSelectionSpec, *, engines: list[str]
         if engines and name not in engines:
             continue
         for art in arts + extras:
-            key = pair_key(name, spec, art, workload, selection)
+            key = pair_key(name, spec, art, workload, selection, regression)
             cached = run.engine_pair_file(name, art.name)
             saved = None if force else read_json(cached)
             if saved is not None and saved.get("key") == key:
@@ -119,6 +129,9 @@ def run_matrix(recipe, ws, selection: EngineSelectionSpec, *, engines: list[str]
                 pair["quality"] = quality.get(art.name, {"passed": None})
                 pairs.append(pair)
             cells.append(cell)
+    baseline = recipe.baseline.name if recipe.baseline else None
+    evaluated = ((run.evaluation(baseline) or {}).get("metrics") or {}).get("regression_pass_rate") if baseline else None
+    engine_quality.apply(pairs, recipe.card.gates, baseline, evaluated)
     device = "cuda" if any(s.device == "cuda" for s in selection.engines.values()) else "cpu"
     context = {
         "recipe": recipe.name, "recipe_hash": recipe.recipe_hash, "goal": selection.goal,

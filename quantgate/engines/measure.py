@@ -36,8 +36,10 @@ def sweep_workload(w: WorkloadSpec, concurrency: int, requests: int) -> Workload
 
 
 async def measure(engine, workload: WorkloadSpec, sweep_spec, prompts, *, cost=None, alive=lambda: True,
-                  log=print) -> dict:
-    """The workload, then the sweep, on one started-by-us engine; returns {report, metrics, sweep, knee}."""
+                  regression=None, log=print) -> dict:
+    """The workload, then the sweep, then the regression set ((cases, max_tokens), graded as the
+    evaluation grades it, greedy) on one started engine; returns {report, metrics, sweep, knee,
+    regression}: what the engine that would serve answers, not only how fast."""
     from ..evaluate.loadgen import run_load
 
     await engine.start()
@@ -58,11 +60,19 @@ async def measure(engine, workload: WorkloadSpec, sweep_spec, prompts, *, cost=N
                     f"TTFT p95 {p.ttft_p95_ms or 0:.0f} ms, {p.output_tok_s or 0:.1f} tok/s")
                 if sw.should_stop(p, sweep_spec.stop_after_miss):
                     break
+        graded = None
+        if regression is not None and alive():
+            from ..evaluate.regression import run_cases
+
+            res = await run_cases(engine, *regression)
+            graded = {k: v for k, v in res.to_dict().items()}
+            log(f"    regression set: {res.passed}/{res.total} pass on this engine")
     finally:
         await engine.close()
     k = sw.knee(points)
     return {"report": report, "metrics": metrics, "first_error": first_error(report),
-            "sweep": [p.to_dict() for p in points], "knee": k.to_dict() if k else None, "points": points}
+            "sweep": [p.to_dict() for p in points], "knee": k.to_dict() if k else None, "points": points,
+            "regression": graded}
 
 
 

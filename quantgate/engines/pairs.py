@@ -62,6 +62,8 @@ def run_pair(name: str, spec: EngineSpec, art: Artifact, ctx: dict, log=print) -
         pair["kernel"] = f"{sup.kernel} (table; not in the log)"
     if measured:
         pair.update(measured=True, metrics=measured["metrics"], sweep=measured["sweep"], knee=measured["knee"])
+        if measured.get("regression") is not None:
+            pair["regression"] = measured["regression"]
         atomic_write_json(ctx["run"].engine_report_file(slug), measured["report"])
     pair["failure_modes"] = sw.failure_modes(
         (measured or {}).get("points", []),
@@ -100,7 +102,8 @@ def _launched(name: str, spec: EngineSpec, art: Artifact, ctx: dict, slug: str, 
     try:
         engine = client(spec.kind, server.base_url, art.name, spec, ctx["workload"].timeout_s)
         measured = asyncio.run(measure(engine, ctx["workload"], ctx["selection"].sweep, ctx["prompts"],
-                                       cost=ctx["cost"], alive=server.alive, log=log))
+                                       cost=ctx["cost"], alive=server.alive, regression=ctx.get("regression"),
+                                       log=log))
         died = not server.alive()
     finally:
         rec = server.stop()
@@ -114,7 +117,7 @@ def _launched(name: str, spec: EngineSpec, art: Artifact, ctx: dict, slug: str, 
 def _running(spec: EngineSpec, art: Artifact, ctx: dict, log) -> dict:
     engine = client(spec.kind, spec.base_url, spec.model or art.name, spec, ctx["workload"].timeout_s)
     measured = asyncio.run(measure(engine, ctx["workload"], ctx["selection"].sweep, ctx["prompts"],
-                                   cost=ctx["cost"], log=log))
+                                   cost=ctx["cost"], regression=ctx.get("regression"), log=log))
     ok = measured["metrics"].get("error_rate", 1) < 1
     return {"base_url": spec.base_url, "served_model": spec.model or art.name, "measured": measured if ok else None,
             "error": None if ok else f"every request to {spec.base_url} failed: {measured['first_error']}",
@@ -130,7 +133,9 @@ def _inprocess(spec: EngineSpec, art: Artifact, ctx: dict, slug: str, log) -> di
            "workload": ctx["workload"].model_dump(mode="json"),
            "sweep": ctx["selection"].sweep.model_dump(mode="json") if ctx["selection"].sweep else None,
            "cost": ctx["cost"].model_dump(mode="json") if ctx["cost"] is not None else None,
-           "prompt_texts": ctx["prompt_texts"]}
+           "prompt_texts": ctx["prompt_texts"],
+           "regression": ([c.model_dump() for c in ctx["regression"][0]], ctx["regression"][1])
+           if ctx.get("regression") else None}
     got = run_in_child("quantgate.engines.inproc", job, ctx["run"].engines_tmp)
     if got.get("error"):
         return {"error": got["error"], "observed": {"tried": True, "loads": False, "reason": got["error"][-400:]}}

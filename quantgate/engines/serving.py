@@ -16,6 +16,7 @@ from ..engine_spec import KINDS
 from ..errors import QuantgateError
 from ..formats import Artifact, expected
 from .card import deployment_of, pair_id, rank
+from .quality import refusal as engine_refusal
 from .spec import EngineSpec, engine_python
 
 def choices() -> tuple[str, ...]:
@@ -69,16 +70,23 @@ def from_card(card: dict, name: str) -> EngineChoice | None:
     device = (card.get("constraints") or {}).get("device", "cpu")
     goal = (card.get("goal") or {}).get("kind", "latency")
     min_att = (card.get("sweep") or {}).get("min_attainment", 0.95)
-    ranked, _ = rank([p for p in card.get("pairs", []) if p["artifact"]["name"] == name], goal, min_att)
-    if not ranked:
-        return None
+    mine = [p for p in card.get("pairs", []) if p["artifact"]["name"] == name]
+    ranked, _ = rank(mine, goal, min_att)
+    if not ranked:  # every measured pair of it answered wrongly on its engine: refused, not served in process
+        failed = [p for p in mine if p.get("measured") and engine_refusal(p)]
+        if not failed:
+            return None
+        best = failed[0]
+        engine, provider = engine_of_pair(best, device)
+        source = f"engine card: row '{pair_id(best)}'"
+        return EngineChoice({**engine, "source": source}, provider, source, engine_refusal(best))
     rec = (card.get("recommendation") or {}).get("recommended")
     best = next((p for p in ranked if pair_id(p) == rec), ranked[0])
     why = "the card's recommendation" if pair_id(best) == rec else (
         f"{name}'s best-ranked row (the card recommends {rec})" if rec else f"{name}'s best-ranked row")
     engine, provider = engine_of_pair(best, device)
     source = f"engine card: row '{pair_id(best)}', {why}"
-    return EngineChoice({**engine, "source": source}, provider, source)
+    return EngineChoice({**engine, "source": source}, provider, source, engine_refusal(best))
 
 
 def for_choice(text: str, art: Artifact, card: dict | None = None, device: str = "cpu",
@@ -93,7 +101,9 @@ def for_choice(text: str, art: Artifact, card: dict | None = None, device: str =
                     "model": art.name}
         return EngineChoice(engine, provider, source)
     sup = expected(kind, art, device)
-    refused = failed_start(card, art.name, kind) or (
+    graded = next((engine_refusal(p) for p in (card or {}).get("pairs", [])
+                   if p["artifact"]["name"] == art.name and p.get("engine_kind") == kind and engine_refusal(p)), None)
+    refused = failed_start(card, art.name, kind) or graded or (
         f"{kind} does not serve {art.label} on {device}: {sup.reason}" if sup.status == "no" else None)
     if KINDS[kind].provider == "local":
         engine = {"kind": kind, "device": device, "kernel": sup.kernel, "source": source}

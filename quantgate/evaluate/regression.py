@@ -109,3 +109,20 @@ def flips(candidate: dict, baseline: dict) -> dict:
         "broke": sorted(i for i, ok in mine.items() if base.get(i) and not ok),
         "fixed": sorted(i for i, ok in mine.items() if ok and base.get(i) is False),
     }
+
+
+async def answer(client, case: Case, max_tokens: int) -> str:
+    """The client's greedy answer to one case (any evaluate.clients Client: in process or over HTTP)."""
+    from .clients.base import GenerationRequest
+
+    parts = []
+    async for chunk in client.stream(GenerationRequest(f"regression-{case.id}", case.messages(), max_tokens,
+                                                       ignore_eos=False, greedy=True)):
+        parts.append(chunk.text)
+    return "".join(parts)
+
+
+async def run_cases(client, cases: list[Case], max_tokens: int, progress=lambda xs: xs) -> RegressionResult:
+    """Every case through `client`, graded: the evaluation's in-process model and a serving engine
+    are graded by the same code, so their pass rates compare."""
+    return summarize([grade(c, await answer(client, c, max_tokens)) for c in progress(cases)])

@@ -32,15 +32,6 @@ def _progress(stage):
     return counted
 
 
-async def _generate(engine, messages, max_tokens) -> str:
-    from .clients.base import GenerationRequest
-
-    parts = []
-    async for chunk in engine.stream(GenerationRequest("regression", messages, max_tokens, ignore_eos=False)):
-        parts.append(chunk.text)
-    return "".join(parts)
-
-
 TIMINGS: dict[str, float] = {}
 
 
@@ -64,13 +55,11 @@ class _stage:
 def quality(engine, spec: EvaluationSpec, name: str) -> tuple[dict, dict]:
     """Perplexity and the regression set on the in-process model; returns (section, flat metrics)."""
     from .quality import perplexity, perplexity_windows
-    from .regression import grade, load_cases, summarize
-
     section, flat = {}, {}
     with _stage("perplexity", spec.perplexity):
         _perplexity(engine, spec, name, section, flat, perplexity, perplexity_windows)
     with _stage("regression", spec.regression):
-        _regression(engine, spec, section, flat, grade, load_cases, summarize)
+        _regression(engine, spec, section, flat)
     with _stage("lm_eval", spec.lm_eval and spec.lm_eval.tasks):
         _lm_eval(engine, spec, section, flat)
     return section, flat
@@ -84,12 +73,12 @@ def _perplexity(engine, spec, name, section, flat, perplexity, perplexity_window
         flat["perplexity"] = res.perplexity
 
 
-def _regression(engine, spec, section, flat, grade, load_cases, summarize):
+def _regression(engine, spec, section, flat):
+    from .regression import load_cases, run_cases
+
     if spec.regression:
         cases = load_cases(spec.regression.path)
-        results = [grade(c, asyncio.run(_generate(engine, c.messages(), spec.regression.max_tokens)))
-                   for c in _progress("regression")(cases)]
-        reg = summarize(results)
+        reg = asyncio.run(run_cases(engine, cases, spec.regression.max_tokens, _progress("regression")))
         section["regression"] = reg.to_dict()
         flat["regression_pass_rate"] = reg.pass_rate
 

@@ -59,7 +59,11 @@ def test_a_kind_from_the_registry_goes_card_promote_supervisor(fake_kind, tmp_pa
     art = formats.Artifact("cand", str(folder), "dense", "baseline", dtype="bfloat16")
     spec = EngineSpec(kind="fakeng", dtype="bfloat16", startup_timeout_s=30)
     sel = EngineSelectionSpec(engines={"fk": spec}, sweep=SweepSpec(levels=[1], requests_per_level=2))
-    ctx = {"selection": sel, "run": RunFolder(tmp_path / "run"), "cost": None,
+    from quantgate.evaluate.regression import Case
+
+    cases = [Case(id="own", prompt="say your name", checks=[{"type": "contains", "value": "fk-bfloat16"}]),
+             Case(id="capital", prompt="capital of France?", checks=[{"type": "contains", "value": "Paris"}])]
+    ctx = {"selection": sel, "run": RunFolder(tmp_path / "run"), "cost": None, "regression": (cases, 4),
            "prompts": PromptSource(["some words to cut prompts from"] * 3),
            "workload": WorkloadSpec(requests=3, concurrency=1, warmup_requests=0, timeout_s=20,
                                     mix=[LengthClass(name="s", prompt_tokens=4, output_tokens=3)])}
@@ -67,6 +71,9 @@ def test_a_kind_from_the_registry_goes_card_promote_supervisor(fake_kind, tmp_pa
     assert cell["expected"]["status"] == "yes" and cell["observed"]["loads"] and pair["measured"]
     assert pair["kernel"] == "fakeng.server"  # read from its log by the registry's pattern
     assert pair["engine_spec"]["kind"] == "fakeng" and pair["engine_spec"]["dtype"] == "bfloat16"
+    # the regression set graded on what this engine answered (its replies start with fk-bfloat16)
+    assert pair["regression"]["passed"] == 1 and pair["regression"]["total"] == 2
+    assert [c["passed"] for c in pair["regression"]["cases"]] == [True, False]
 
     card = build_card({"goal": "latency", "constraints": {"device": "cpu"}}, [cell], [pair])
     assert card["recommendation"]["recommended"] == "cand @ fk"

@@ -17,6 +17,7 @@ class GenerationRequest:
     max_tokens: int
     kind: str = ""  # the workload's length class, e.g. "short" / "long"
     ignore_eos: bool = True  # load tests want the asked-for output length
+    greedy: bool = False  # the regression set grades greedy answers (a server samples unless told)
 
 
 @dataclass

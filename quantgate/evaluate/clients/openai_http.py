@@ -212,6 +212,8 @@ class OpenAIClient:
                 "stream": True, "stream_options": {"include_usage": True}}
         if req.ignore_eos:
             body["ignore_eos"] = True
+        if req.greedy:
+            body["temperature"] = 0
         body.update(self.extra_body)
         return body
 
