@@ -11,6 +11,10 @@ running is stopped by `serve/reaper.py`:
   path answers AND a one-token chat completion (the probe) comes back; a vLLM CPU engine is pinned
   to cores no other running engine holds (cores.plan), so a blue/green switch does not warm the new
   engine up on the old one's core;
+- nobody else can use or stand in for an engine: each is started with a secret of its own in its
+  environment (the kind's `secret_env`), which the health check, the probe and the provider send,
+  and whoever answers on its port must be the spawned session (`procs.port_owned_by`, before the
+  probe and at every liveness check): a local squatter that took the port is never sent a prompt;
 - `acquire(d, wait=True)` (a manifest reload: blue/green) returns only once the engine is ready,
   or raises (EngineStartError, ChecksumMismatch) so the gateway keeps its old plan;
   `acquire(d, wait=False)` (the gateway's start) spawns in the background: requests meanwhile go
@@ -30,8 +34,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import logging
+import secrets
 import threading
 import time
 import urllib.error
