@@ -113,13 +113,21 @@ def iter_jsonl(path: Path):
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(?P<pw>:[^/@\s]*)?@")
 
 
+# a query parameter whose name says it carries a credential (?token=, &api_key=, X-Amz-Signature=, sig=…)
+_SECRET_PARAM = re.compile(r"(?P<name>[?&;][A-Za-z0-9_.-]*(?:token|key|secret|passw|pwd|sig|credential|auth|session)"
+                           r"[A-Za-z0-9_.-]*=)[^&#\s;]+", re.IGNORECASE)
+
+
 def redact_uri(text: str) -> str:
     """Hide credentials in URIs anywhere in `text`: scheme://user:password@host → scheme://user:***@host,
-    and scheme://token@host → scheme://***@host (a lone user part is often a token).
+    scheme://token@host → scheme://***@host (a lone user part is often a token), and the values of
+    query parameters named like credentials (?token=…, &api_key=…, X-Amz-Signature=…) → ***.
 
     For whatever is printed, logged, sent to MLflow as a parameter or copied into a manifest: the
     credentials stay in the environment or config they came from.
     """
+    if "=" in text:
+        text = _SECRET_PARAM.sub(lambda m: f"{m['name']}***", text)
     if "@" not in text:
         return text
     return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@" if m["pw"] else f"{m['scheme']}***@", text)

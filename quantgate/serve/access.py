@@ -35,6 +35,7 @@ class Principal:
     tenant: str | None        # None for an admin key
     user: str | None = None   # set when the key is bound to one user
     admin: bool = False
+    key_id: str | None = None  # a prefix of the key's digest: who shares a cache scope 'key' (never the key)
 
 
 class Refusal(Exception):
@@ -61,7 +62,8 @@ def key_table(m: Manifest, source: str) -> dict[str, Principal]:
     table: dict[str, Principal] = {}
     for tenant, refs in m.serving.api_keys.items():
         for i, ref in enumerate(refs):
-            table[_digest(ref, f"serving.api_keys.{tenant}.{i}", source)] = Principal(tenant, ref.user)
+            d = _digest(ref, f"serving.api_keys.{tenant}.{i}", source)
+            table[d] = Principal(tenant, ref.user, key_id=d[:16])
     for i, ref in enumerate(m.serving.admin_keys):
         d = _digest(ref, f"serving.admin_keys.{i}", source)
         if d in table:

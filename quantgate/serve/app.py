@@ -104,16 +104,17 @@ class Handlers:
             table, known = self._known_keys = (keys, {})
         return lookup(keys, known, key), True
 
-    def _gatekeep(self, request: web.Request) -> None:
+    def _gatekeep(self, request: web.Request) -> str | None:
         """The key check on the headers alone, before the body is read: an unknown key, an admin key,
         or none where one is needed is refused without reading or parsing what was sent. A connection
-        that passes keeps its place (serve/connections.py)."""
+        that passes keeps its place (serve/connections.py). Returns the key's id (None: anonymous)."""
         principal, given = self._principal(request)
         if given and principal is not None and not principal.admin:
             self.connections.proven(request.protocol)
-            return
+            return principal.key_id
         self._identity(request, None, None)  # raises for what the headers alone refuse
         self.connections.proven(request.protocol)
+        return None
 
     def _identity(self, request: web.Request, tenant: str | None, user: str | None) -> tuple[str, str | None]:
         """(tenant, user) from the API key when keys are used; the body or x-tenant only when anonymous."""
@@ -177,6 +178,8 @@ class Handlers:
         tw = self.gw.trace
         if tw is None:
             return
+        if call is None and err is not None and err.status in (401, 403, 421):
+            return  # refused at the door (key, Host, Origin): anyone could rotate real traffic out with those
         text = tw.spec.include_text
         if a is not None:
             out = outcome_of(None, cached=a.cached, degraded=len(a.path) > 1 or bool(a.reasons))
@@ -200,11 +203,11 @@ class Handlers:
         try:
             trace = self._trace(request)
             self._check_origin(request, True)
-            self._gatekeep(request)
+            key_id = self._gatekeep(request)
             req = await self._parse(request, ChatRequest)
             call = ChatCall("chat", trace, *self._identity(request, req.tenant, req.user_id),
                             [{"role": "user", "content": req.prompt}], t0, req.budget_ms, req.max_tokens,
-                            req.temperature)
+                            req.temperature, key_id=key_id)
             a = await self.gw.chat(call)
         except GatewayError as e:
             self._note("chat", False, call, t0, err=e)
@@ -226,12 +229,12 @@ class Handlers:
         try:
             trace = self._trace(request)
             self._check_origin(request, True)
-            self._gatekeep(request)
+            key_id = self._gatekeep(request)
             req = await self._parse(request, ChatCompletionRequest)
             call = ChatCall("openai", trace, *self._identity(request, req.tenant, req.user),
                             [{"role": m.role, "content": m.text()} for m in req.messages], t0,
                             self._budget(request, req.budget_ms), req.max_completion_tokens or req.max_tokens,
-                            req.temperature, req.top_p, req.stop_list(), req.seed, bool(req.ignore_eos))
+                            req.temperature, req.top_p, req.stop_list(), req.seed, bool(req.ignore_eos), key_id)
             if req.stream:
                 return await self._stream(request, call, req, t0)
             a = await self.gw.chat(call)
@@ -346,6 +349,15 @@ class Handlers:
         return web.Response(status=200 if ok else 503, body=_dumps(detail), content_type=_JSON)
 
     async def models(self, request: web.Request) -> web.Response:
+        """The deployments, for the callers who may use them: the same Host, Origin and key checks as a
+        request (an admin key may look too)."""
+        try:
+            self._check_origin(request, False)
+            principal, given = self._principal(request)
+            if not (given and principal is not None and principal.admin):
+                self._gatekeep(request)
+        except GatewayError as e:
+            return self._error("models", None, e, perf())
         rt = self.gw.rt
         deps = [rt.active] + ([rt.fallback] if rt.fallback else [])
         return web.Response(body=_dumps({"object": "list", "data": [

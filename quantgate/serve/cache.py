@@ -35,6 +35,17 @@ def cache_key(deployment_key: str, messages: list[dict[str, str]], max_tokens: i
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+def cache_scope(scope: str, tenant: str, user: str | None, key_id: str | None) -> str:
+    """Who may see one request's cached answer (serving.cache.scope): 'key' (the default) the callers of
+    its API key (anonymous: its tenant), 'user' its tenant's user (the key's bound user or the body's;
+    none: the tenant), 'tenant' every caller of its tenant. Pure."""
+    if scope == "key" and key_id is not None:
+        return f"{tenant}#{key_id}"
+    if scope != "tenant" and user:
+        return f"{tenant}/{user}"
+    return tenant
+
+
 class MemoryCache:
     """LRU with a per-entry expiry; `now` is injectable so expiry is testable without waiting."""
 

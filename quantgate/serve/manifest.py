@@ -195,6 +195,9 @@ class TraceSpec(Spec):
 
 class CacheSpec(Spec):
     enabled: bool = True
+    scope: Literal["key", "user", "tenant"] = Field(
+        "key", description="who shares cached answers: the callers of one API key (default), one user of a "
+        "tenant, or the whole tenant (a deployment's shared_cache: every tenant)")
     ttl_s: float = Field(300.0, gt=0)
     max_entries: int = Field(10_000, ge=1)
     backend: Literal["memory", "redis"] | None = Field(

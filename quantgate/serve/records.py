@@ -43,6 +43,7 @@ class ChatCall:
     stop: list[str] | None = None
     seed: int | None = None
     ignore_eos: bool = False
+    key_id: str | None = None           # which API key (a digest's prefix; None: anonymous), for the cache scope
 
 
 @dataclass(slots=True)

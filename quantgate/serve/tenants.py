@@ -53,8 +53,10 @@ class OverBudget:
 
     def message(self, now: float) -> str:
         when = datetime.fromtimestamp(self.reset_at, timezone.utc).isoformat().replace("+00:00", "Z")
-        return (f"{self.account} is over budget ({self.used} this period); "
-                f"resets at {when} (in {max(0, math.ceil(self.reset_at - now))} s)")
+        resets = f"resets at {when} (in {max(0, math.ceil(self.reset_at - now))} s)"
+        if self.account == "global":  # every tenant's spend together is the operator's, not a tenant's, to know
+            return f"this gateway's shared budget is spent for this period; {resets}"
+        return f"{self.account} is over budget ({self.used} this period); {resets}"
 
     @property
     def reset_iso(self) -> str:

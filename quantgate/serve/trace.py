@@ -105,7 +105,10 @@ class _File:
 
     def _open(self, t_first: float) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(self.path, "a", encoding="utf-8")
+        # only the gateway's user reads it: who called when, and with include_text what they said
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)  # a file an earlier run (or another umask) left readable
+        self.fh = open(fd, "a", encoding="utf-8")
         self.salt, self.t_first = secrets.token_bytes(16), t_first
         self.fh.write(header(t_first))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from ..cache import cache_key
+from ..cache import cache_key, cache_scope
 from ..limits import Limited
 from ..records import Answer
 from ..state import Held, Unavailable
@@ -27,8 +27,9 @@ async def take(env, rt, call, ctx) -> Answer | None:
     now = env.wall()
     pending = None
     if env.cache is not None:
+        scope = None if lookup.shared_cache else cache_scope(s.cache.scope, call.tenant, call.user_id, call.key_id)
         ctx.key = cache_key(lookup.key, call.messages, ctx.max_tokens, call.temperature, call.top_p, call.stop,
-                            call.seed, None if lookup.shared_cache else call.tenant, call.ignore_eos)
+                            call.seed, scope, call.ignore_eos)
         pending = env.cache.lookup(ctx.key)
     try:
         held = await env.state.admit(call.tenant, call.user_id, ctx.reserved_tokens,
