@@ -90,7 +90,9 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file.")):
     for col in ("candidate", "method", "bits", "group", "sym", "backend"):
         t.add_column(col)
     for c in r.candidates:
-        t.add_row(c.name, c.method, str(getattr(c, "bits", "-")), str(getattr(c, "group_size", "-")),
+        bits = getattr(c, "bits", "-") if c.method != "mixed" else \
+            f"{'/'.join(map(str, sorted(set(c.choices))))} ≤ {c.budget.value:g}{' MB' if c.budget.kind == 'size_mb' else ' bits'}"
+        t.add_row(c.name, c.method, str(bits), str(getattr(c, "group_size", "-")),
                   str(getattr(c, "sym", "-")), getattr(c, "backend", "quantgate"))
     out.print(t)
     console.print(f"[green]✓[/] {recipe} is valid for {r.model.ref}")
