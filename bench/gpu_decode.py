@@ -306,7 +306,7 @@ def measure_decode(model: Decoder, batch: int, context: int, steps: int, repeats
     tpot = statistics.median(times)
     floor = (model.weight_bytes() + kv_bytes) / bandwidth if bandwidth else None
     return DecodeRow(batch, context, round(1000 * tpot, 5), round(batch / tpot, 3), kv_bytes,
-                     round(1000 * floor, 6) if floor else None, round(floor / tpot, 5) if floor else None,
+                     round(1000 * floor, 6) if floor else None, float(f"{floor / tpot:.4g}") if floor else None,
                      peak, graph, note)
 
 
