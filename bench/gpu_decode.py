@@ -306,7 +306,7 @@ def measure_decode(model: Decoder, batch: int, context: int, steps: int, repeats
     tpot = statistics.median(times)
     floor = (model.weight_bytes() + kv_bytes) / bandwidth if bandwidth else None
     return DecodeRow(batch, context, round(1000 * tpot, 5), round(batch / tpot, 3), kv_bytes,
-                     round(1000 * floor, 6) if floor else None, float(f"{floor / tpot:.4g}") if floor else None,
+                     round(1000 * floor, 6) if floor else None, _sig(floor / tpot) if floor else None,
                      peak, graph, note)
 
 
@@ -354,11 +354,16 @@ def ratios(variants: dict) -> dict:
     """W4A16 over FP16 in the same run: decode tokens/s per batch, and prefill time (FP16 / W4A16)."""
     fp, w4 = variants["fp16"], variants["w4a16"]
     by_b = {r["batch"]: r for r in fp["decode"]}
-    decode = {str(r["batch"]): round(r["tokens_per_s"] / by_b[r["batch"]]["tokens_per_s"], 3)
+    decode = {str(r["batch"]): _sig(r["tokens_per_s"] / by_b[r["batch"]]["tokens_per_s"])
               for r in w4["decode"] if r["batch"] in by_b}
     return {"decode_tokens_per_s_w4a16_over_fp16": decode,
-            "prefill_speedup_w4a16_over_fp16": round(fp["prefill_ms"] / w4["prefill_ms"], 3),
-            "weight_bytes_fp16_over_w4a16": round(fp["weight_bytes"] / w4["weight_bytes"], 3)}
+            "prefill_speedup_w4a16_over_fp16": _sig(fp["prefill_ms"] / w4["prefill_ms"]),
+            "weight_bytes_fp16_over_w4a16": _sig(fp["weight_bytes"] / w4["weight_bytes"])}
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """A ratio to `digits` significant digits (a fixed number of decimals loses a small one)."""
+    return float(f"{x:.{digits}g}")
 
 
 def table(rec: dict) -> str:
