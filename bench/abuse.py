@@ -3,8 +3,12 @@ without an abusive client, measured side by side in one run.
 
   10 well-behaved tenants   each sends non-streaming requests at a steady rate (open loop)
   1 abusive tenant          in its own process: floods at 10× its request share, holds streams open
-                            while reading them slowly, cuts streams mid-answer, and keeps
-                            half-sent-header connections open
+                            while reading them slowly, cuts streams mid-answer (the cut-stream
+                            evader), keeps half-sent-header connections open, sends CJK floods
+                            (32,760 wide characters) and empty-message floods (31,000 messages,
+                            1 MB), asks for long answers (max_tokens 900: the ladder must not
+                            degrade the others), and fills sockets that never send a byte from
+                            other loopback addresses (127.0.0.2-6: the idle-socket filler)
 
 The gateway (`quantgate serve`, its own process, loopback) serves a mock deployment with per-tenant
 limits (concurrency share, request rate) and API keys. Rounds alternate "quiet" (no abuser) and
@@ -48,12 +52,12 @@ def manifest() -> dict:
     return {
         "schema_version": 2,
         "active": {"name": "mock", "provider": {"kind": "mock", "delay_ms": 20, "tokens_per_s": 400,
-                                                  "reply_tokens": 16}},
+                                                  "reply_tokens": 1000}},  # good clients ask for 16
         "serving": {
             "default_budget_ms": 5000, "max_budget_ms": 60000, "max_concurrency": 64,
             "queue": {"size": 0}, "cache": {"enabled": False}, "api_keys": keys,
             "tenant_limits": {"*": {"concurrency_share": 0.125, "requests_per_s": SHARE_RPS, "burst": 20}},
-            "ladder": {"enabled": False},
+            "ladder": {"enabled": True, "min_samples": 10},  # long answers must not move it for everyone
             "http": {"header_timeout_s": 5, "body_timeout_s": 5, "max_connections": 512},
         },
     }
@@ -117,7 +121,8 @@ async def abuse(url: str, duration: float) -> dict:
 
     end = time.perf_counter() + duration
     headers = {"authorization": f"Bearer {key(ABUSER)}"}
-    counts = {"flood_sent": 0, "flood_429": 0, "slow_streams": 0, "cut_streams": 0, "half_headers": 0}
+    counts = {"flood_sent": 0, "flood_429": 0, "slow_streams": 0, "cut_streams": 0, "half_headers": 0,
+              "cjk_413": 0, "empty_413": 0, "long_answers": 0, "idle_sockets": 0}
     host, port = url.split("//")[1].split(":")
 
     async def flood(s) -> None:
@@ -171,9 +176,51 @@ async def abuse(url: str, duration: float) -> dict:
             except Exception:  # noqa: BLE001
                 await asyncio.sleep(0.05)
 
+    async def oversized(s, what: str) -> None:  # refused with 413 before any work, or it is a finding
+        content = [{"role": "user", "content": "漢" * 32_760}] if what == "cjk" else \
+            [{"role": "user", "content": ""}] * 31_000
+        body = json.dumps({"model": "m", "max_tokens": 16, "messages": content}).encode()
+        while time.perf_counter() < end:
+            try:
+                async with s.post(url + "/v1/chat/completions", data=body,
+                                  headers={**headers, "content-type": "application/json"}) as r:
+                    await r.read()
+                    counts[f"{what}_413"] += r.status == 413
+            except Exception:  # noqa: BLE001
+                pass
+            await asyncio.sleep(0.1)
+
+    async def long_answers(s) -> None:
+        body = {"model": "m", "max_tokens": 900, "messages": [{"role": "user", "content": "write a novel"}]}
+        while time.perf_counter() < end:
+            try:
+                async with s.post(url + "/v1/chat/completions", json=body, headers=headers) as r:
+                    await r.read()
+                    counts["long_answers"] += r.status == 200
+            except Exception:  # noqa: BLE001
+                await asyncio.sleep(0.05)
+
+    async def idle_sockets(source: str, n: int) -> None:  # connect and never send a byte
+        held = []
+        for _ in range(n):
+            try:
+                sock = socket.socket()
+                sock.setblocking(False)
+                sock.bind((source, 0))
+                await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+                held.append(sock)
+                counts["idle_sockets"] += 1
+            except OSError:
+                sock.close()
+        await asyncio.sleep(max(0.0, end - time.perf_counter()))
+        for sock in held:
+            sock.close()
+
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=duration + 5)) as s:
         await asyncio.gather(flood(s), *[stream(s, False) for _ in range(4)], *[stream(s, True) for _ in range(4)],
-                             *[half_headers() for _ in range(50)])
+                             *[half_headers() for _ in range(50)], oversized(s, "cjk"), oversized(s, "empty"),
+                             *[long_answers(s) for _ in range(6)],
+                             *[idle_sockets(f"127.0.0.{i}", 150) for i in range(2, 7)])
     return counts
 
 
