@@ -21,6 +21,39 @@ from pathlib import Path
 
 EXACT_CPU_BACKENDS = {"gptq": "torch"}
 
+# CPU flags that give bfloat16 matmuls native instructions; without them (an AVX2-only x86 CPU) torch
+# emulates bfloat16 and a dense bfloat16 linear runs 6-7x slower than in float32 (measured on a 2-core
+# AMD EPYC with avx/avx2: SmolLM2's 1536x576 linear over 2048 rows, 57 ms float32, 402 ms bfloat16)
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def native_bf16(flags: set[str]) -> bool:
+    """Pure: whether a CPU with these /proc/cpuinfo flags computes bfloat16 natively."""
+    return any(f in flags for f in NATIVE_BF16_FLAGS)
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The first CPU's flags (empty where /proc/cpuinfo is missing or says none: not x86 Linux)."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def quantize_dtype(method: str, device: str, flags: set[str]) -> str:
+    """Pure: the dtype GPTQModel quantizes `method` in. Its loader picks bfloat16 on every CPU ("CPU +
+    Torch Fused"); where the CPU has no native bfloat16 that made GPTQ's per-layer forward replays
+    6-7x slower (SmolLM2: 57 s became 440 s), so there GPTQ quantizes in float32 (119 s, and more
+    exact: the Hessians and replayed activations keep float32; held-out perplexity 47.69 vs 47.84).
+    AWQ keeps bfloat16: GPTQModel 7.6's AWQ in float32 picked scales 10x larger for q/k/v and wrote a
+    broken checkpoint (perplexity 3.4e6), measured. GPUs keep GPTQModel's choice."""
+    if method == "gptq" and device == "cpu" and not native_bf16(flags):
+        return "float32"
+    return "auto"
+
 
 def kernel_backend(quant_method: str | None, dtype: str | None, device: str) -> str | None:
     """The GPTQModel backend that computes in `dtype` where the automatic choice would not (else None)."""

@@ -7,11 +7,13 @@ on small machines, so both are set here rather than left to the user to discover
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 
 from ..errors import QuantgateError, require
+from ..kernels import cpu_flags, quantize_dtype
 from ..models import copy_tokenizer
 from .base import QuantizeContext, QuantizeOutcome
 
@@ -31,6 +33,34 @@ def quantize_config_kwargs(spec) -> dict:
     if skip:
         kw["dynamic"] = {f"-:.*{re.escape(p).replace(chr(92) + '*', '.*')}.*": {} for p in skip}
     return kw
+
+
+def downcast_dense(folder: Path, dtype: str) -> None:
+    """Store a checkpoint quantized in float32 the way GPTQModel's default stores it: the float32
+    tensors it kept dense (embeddings, norms, lm_head) in `dtype`, and config.json saying so. The
+    packed weights, zeros and float16 scales are untouched; without this the 4-bit SmolLM2 checkpoint
+    grows from 114 MB to 175 MB and every reader would load its dense layers in float32."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    target = getattr(torch, dtype)
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as src:
+            meta = src.metadata()
+            tensors = {k: src.get_tensor(k) for k in src.keys()}
+        if not any(t.dtype == torch.float32 for t in tensors.values()):
+            continue
+        tensors = {k: t.to(target) if t.dtype == torch.float32 else t for k, t in tensors.items()}
+        tmp = f.with_name(f.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, f)
+    cfg = Path(folder) / "config.json"
+    conf = json.loads(cfg.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in conf:
+            conf[key] = dtype
+    cfg.write_text(json.dumps(conf, indent=2) + "\n")
 
 
 class GPTQModelQuantizer:
@@ -61,10 +91,19 @@ class GPTQModelQuantizer:
 
             if awq_clip.install():  # same search, as matmuls: the clip search was 95% of AWQ on CPU
                 notes.append("AWQ clip search: quantgate.quantize.awq_clip (batched matmul, same result)")
-        model = GPTQModel.load(str(ctx.source), qc, device=device, trust_remote_code=ctx.trust_remote_code)
+        dtype = quantize_dtype(spec.method, device, cpu_flags())
+        if dtype != "auto":
+            import torch
+
+            notes.append(f"quantized in {dtype}: this CPU has no native bfloat16 (GPTQModel's CPU default)")
+            ctx.progress.log(notes[-1])
+        model = GPTQModel.load(str(ctx.source), qc, device=device, trust_remote_code=ctx.trust_remote_code,
+                               **({"dtype": getattr(torch, dtype)} if dtype != "auto" else {}))
         backend = BACKEND.AWQ_TORCH if (spec.method == "awq" and device == "cpu") else BACKEND.AUTO
         model.quantize(calib, batch_size=1, backend=backend, calibration_sort=None)
         model.save(str(out))
+        if dtype == "float32":
+            downcast_dense(out, "bfloat16")
         copy_tokenizer(ctx.source, out)
         return QuantizeOutcome(
             format="gptq" if spec.method == "gptq" else "awq-gemm",

@@ -20,12 +20,25 @@ REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "smollm2-cpu.yaml"
 
 
+RUN_TIMEOUT_S = 3600  # the shared run's own limit (below); a test's pytest-timeout also covers its setup
+
+
+def pytest_collection_modifyitems(items):
+    """Whichever test first asks for the shared run pays for it in its setup, so every test that uses
+    it gets at least the run's own limit (test_interop's 1800 s once timed the run out on a slow CPU)."""
+    for item in items:
+        if "smollm2_run" in getattr(item, "fixturenames", ()):
+            mark = item.get_closest_marker("timeout")
+            if mark is None or (mark.args and mark.args[0] < RUN_TIMEOUT_S):
+                item.add_marker(pytest.mark.timeout(RUN_TIMEOUT_S))
+
+
 @pytest.fixture(scope="session")
 def smollm2_run(tmp_path_factory):
     recipe = load_recipe(RECIPE)
     root = Path(os.environ.get("QUANTGATE_TEST_WORKSPACE") or tmp_path_factory.mktemp("ws"))
     proc = subprocess.run([sys.executable, "-m", "quantgate", "run", str(RECIPE), "-w", str(root), "--device", "cpu"],
-                          cwd=REPO, capture_output=True, text=True, timeout=3600)
+                          cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     sys.stdout.write(proc.stdout[-6000:] + proc.stderr[-6000:])
     assert proc.returncode == 0, proc.stderr[-6000:]
     ws = Workspace(root)
