@@ -38,6 +38,8 @@ RULES = [
                              "quantgate.workspace"), "the loader knows no document"),
     ("quantgate.formats", ("quantgate.",), "the format table is pure data and functions"),
     ("quantgate.kernels", ("quantgate.",), "the in-process kernel rule is shared by evaluate/ and serve/"),
+    ("quantgate.grading", ("quantgate.",), "the regression grader is shared by evaluate/ and the gateway's canary "
+     "probes"),
     ("quantgate.engine_spec", ("quantgate.util", "quantgate.progress", "quantgate.integrity", "quantgate.kernels",
                                "quantgate.workload", "quantgate.recipe", "quantgate.workspace", "quantgate.models",
                                "quantgate.data", "quantgate.validate", "quantgate.isolate", "quantgate.executors",
@@ -76,7 +78,8 @@ ANYONE_BUT_ENTRY = ("quantgate.cli", "quantgate.engines.cli", "quantgate.evaluat
 # lower ones; RULES above say more about some of them
 LAYERS = {
     1: ("quantgate", "quantgate.errors", "quantgate.util", "quantgate.progress", "quantgate.documents", "quantgate.formats",
-        "quantgate.integrity", "quantgate.procs", "quantgate.engine_spec", "quantgate.kernels", "quantgate.allocation"),
+        "quantgate.integrity", "quantgate.procs", "quantgate.engine_spec", "quantgate.kernels", "quantgate.allocation",
+        "quantgate.grading"),
     2: ("quantgate.workload", "quantgate.recipe", "quantgate.workspace"),
     3: ("quantgate.models", "quantgate.data", "quantgate.validate", "quantgate.isolate", "quantgate.executors",
         "quantgate.plots"),

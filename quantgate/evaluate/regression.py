@@ -1,40 +1,20 @@
 """The regression set: the team's own business cases as JSONL prompts with checks.
 
 One line per case: {"id": "...", "prompt": "...", "checks": [{"type": "contains", "value": "Paris"}]}
-Check types: contains, not_contains, regex, exact, min_len, max_len (characters); `ignore_case`
-is on by default for contains/not_contains/exact. Checking is pure; generation is the engine's job.
+The cases and their grader are quantgate.grading (layer 1: the gateway's canary probes grade with
+the same code); this module reads the set, runs it through a client and summarises.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from ..errors import QuantgateError
+from ..grading import Case, CaseResult, Check, check, grade  # noqa: F401 - re-exported for the stages
 from ..util import iter_jsonl
-
-
-class Check(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    type: Literal["contains", "not_contains", "regex", "exact", "min_len", "max_len"]
-    value: str | int
-    ignore_case: bool = True
-
-
-class Case(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    id: str
-    prompt: str
-    checks: list[Check] = Field(..., min_length=1)
-    system: str | None = None
-
-    def messages(self) -> list[dict]:
-        sys_msg = [{"role": "system", "content": self.system}] if self.system else []
-        return sys_msg + [{"role": "user", "content": self.prompt}]
 
 
 def load_cases(path: str | Path) -> list[Case]:
@@ -55,34 +35,6 @@ def load_cases(path: str | Path) -> list[Case]:
     if not cases:
         raise QuantgateError(f"{p}: no cases")
     return cases
-
-
-def check(output: str, c: Check) -> bool:
-    text, val = (output.lower(), str(c.value).lower()) if c.ignore_case else (output, str(c.value))
-    if c.type == "contains":
-        return val in text
-    if c.type == "not_contains":
-        return val not in text
-    if c.type == "exact":
-        return text.strip() == val.strip()
-    if c.type == "regex":
-        return re.search(str(c.value), output, re.IGNORECASE if c.ignore_case else 0) is not None
-    if c.type == "min_len":
-        return len(output.strip()) >= int(c.value)
-    return len(output.strip()) <= int(c.value)
-
-
-@dataclass
-class CaseResult:
-    id: str
-    passed: bool
-    failed_checks: list[str]
-    output: str
-
-
-def grade(case: Case, output: str) -> CaseResult:
-    failed = [f"{c.type} {c.value!r}" for c in case.checks if not check(output, c)]
-    return CaseResult(case.id, not failed, failed, output)
 
 
 @dataclass
