@@ -344,18 +344,36 @@ def promote(
     by: Optional[str] = typer.Option(None, "--by", help="Who (default: the current user)."),
     engine: Optional[str] = typer.Option(None, "--engine", help="vllm | llamacpp | transformers | url:URL "
                                          "(default: the engine card's row for the candidate, if the run has a card)."),
+    canary: Optional[str] = typer.Option(None, "--canary", help="Serve the candidate as a canary beside the active "
+                                         "deployment, stepped up by live gates: weights in percent, e.g. 5,25,50,100."),
+    min_requests: int = typer.Option(100, "--min-requests", help="Canary: requests each step needs before it steps up."),
+    min_seconds: float = typer.Option(60.0, "--min-seconds", help="Canary: seconds each step lasts at least."),
+    probe_every: float = typer.Option(5.0, "--probe-every", help="Canary: seconds between regression-set probe rounds."),
 ):
-    """Make a candidate the active deployment of the serving manifest — only through its gates."""
-    from .deploy import promote_candidate
+    """Make a candidate the active deployment of the serving manifest — only through its gates.
+
+    With --canary, the candidate is served beside the active deployment on a share of the traffic that the
+    gateway steps up while its live figures match the active one's, and rolls back by itself when they do not
+    (`quantgate canary status` shows where it stands)."""
+    from .deploy import canary_candidate, promote_candidate
     from .engines.serving import choose, parse_choice
     from .workspace import RunFolder, read_json
 
     if engine:
         parse_choice(engine)  # a typo is refused before anything is read
+    steps = _steps(canary) if canary is not None else None
     run = RunFolder(run_dir)
     card = read_json(run.engine_card) if run.engine_card.is_file() else None
     device = ((card or {}).get("constraints") or {}).get("device", "cpu")
     path = manifest or run.workspace.manifest
+    if steps is not None:
+        m = canary_candidate(run_dir, candidate, path, steps, force=force, reason=reason, by=by,
+                             engine_for=lambda art: choose(art, card, engine, device), min_requests=min_requests,
+                             min_seconds=min_seconds, probe_every_s=probe_every)
+        console.print(f"[green]✓[/] {path}: canary {m.canary.challenger.key} at {m.canary.weight:g}% beside "
+                      f"{m.active.key} (steps {', '.join(f'{w:g}' for w in m.canary.steps)}; "
+                      f"{len(m.canary.probes.cases)} probe case(s))")
+        return
     m = promote_candidate(run_dir, candidate, path, force=force, reason=reason, by=by,
                           engine_for=lambda art: choose(art, card, engine, device))
     e = m.evidence.get("engine") or {}
@@ -367,6 +385,13 @@ def promote(
     console.print(f"[green]✓[/] {path}: active = {m.active.key}"
                   + (f"; rollback target = {m.previous[0].key}" if m.previous else "")
                   + (f"; fallback = {m.serving.fallback.key}" if m.serving.fallback else ""))
+
+
+def _steps(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise QuantgateError(f"--canary {text!r}: give weights in percent separated by commas, e.g. 5,25,50,100") from None
 
 
 @app.command()
@@ -418,40 +443,86 @@ def manifest_validate(manifest: Path = typer.Argument(...)):
     from .serve.manifest import load_manifest
 
     m = load_manifest(manifest)
+    running = m.canary is not None and m.canary.running
     missing = [f"{manifest}: {role}: artifact folder {d.artifact} does not exist"
                for role, d in [("active", m.active), ("serving.fallback", m.serving.fallback),
+                               ("canary.challenger", m.canary.challenger if running else None),
                                *((f"previous.{i}", p) for i, p in enumerate(m.previous))]
                if d is not None and d.artifact and "://" not in d.artifact and not Path(d.artifact).expanduser().is_dir()
                and (d.provider.kind == "local" or role != "active")]
     if missing:
         raise QuantgateError("\n".join(missing))
-    console.print(f"[green]✓[/] {manifest} is valid: active {m.active.key}, {len(m.previous)} rollback target(s)")
+    canary = (f"; canary {m.canary.challenger.key} at {m.canary.weight:g}% (step {m.canary.step + 1} of "
+              f"{len(m.canary.steps)})" if running else "")
+    console.print(f"[green]✓[/] {manifest} is valid: active {m.active.key}, {len(m.previous)} rollback target(s)"
+                  + canary)
 
 
-@manifest_app.command("migrate")
-def manifest_migrate(manifest: Path = typer.Argument(..., help="The manifest to rewrite in the current schema."),
-                     by: Optional[str] = typer.Option(None, "--by", help="Who (default: the current user).")):
-    """Rewrite an older manifest in the current schema version, atomically, keeping its history."""
-    from .deploy import migrate
-
-    m, steps = migrate(manifest, by=by)
-    if not steps:
-        console.print(f"[green]✓[/] {manifest} is already schema version {m.schema_version}: nothing to do")
-        return
-    for step in steps:
-        console.print(f"  {step}")
-    console.print(f"[green]✓[/] {manifest} rewritten as schema version {m.schema_version} (history kept)")
+canary_app = typer.Typer(help="Where a canary stands, and moving it by hand (the gateway moves it by its live "
+                         "gates).", no_args_is_help=True)
+app.add_typer(canary_app, name="canary")
 
 
-@manifest_app.command("diff")
-def manifest_diff(a: Path = typer.Argument(...), b: Path = typer.Argument(...)):
-    """What changed between two manifests."""
+@canary_app.command("status")
+def canary_status(manifest: Optional[Path] = typer.Argument(None), workspace: Path = WorkspaceOpt,
+                  json_out: bool = typer.Option(False, "--json", help="Print the canary block.")):
+    """The canary's challenger, step, weight, gates and history, with the figures of each decision."""
     from .serve.manifest import load_manifest
-    from .serve.promote import diff_report
 
-    lines = diff_report(load_manifest(a), load_manifest(b))
-    for line in lines or ["(no differences)"]:
-        out.print(line, highlight=False)
+    path = _manifest_path(manifest, workspace)
+    m = load_manifest(path)
+    c = m.canary
+    if c is None:
+        raise QuantgateError(f"{path}: no canary (`quantgate promote RUN -c X --canary 5,25,50,100` starts one)")
+    if json_out:
+        out.print_json(c.model_dump_json(by_alias=True, exclude_none=True))
+        return
+    out.print(f"canary {c.challenger.key} ({c.state}) beside stable {m.active.key}: "
+              f"{c.weight:g}% at step {c.step + 1} of {len(c.steps)} ({', '.join(f'{w:g}%' for w in c.steps)}); "
+              f"each step ≥ {c.min_requests} requests and ≥ {c.min_seconds:g} s; {len(c.probes.cases)} probe case(s) "
+              f"every {c.probes.every_s:g} s", highlight=False)
+    g = c.gates
+    out.print(f"gates vs stable: error rate +{g.error_rate}, budget-exhausted +{g.budget_exhausted_rate}, "
+              f"P95 TTFT ×{g.p95_ttft_ratio} and E2E ×{g.p95_e2e_ratio} (+{g.latency_slack_ms:g} ms), "
+              f"probe pass rate −{g.probe_pass_rate}", highlight=False)
+    for e in c.history:
+        fig = e.figures or {}
+        live = "".join(f"  {arm}: {_arm_line(fig[arm])}" for arm in ("stable", "canary") if arm in fig)
+        out.print(f"  {e.when:%Y-%m-%d %H:%M:%S} {e.what} → {e.weight:g}%: {e.why} ({e.by}){live}", highlight=False)
+
+
+def _arm_line(f: dict) -> str:
+    return (f"{f.get('requests')} req, errors {f.get('error_rate')}, P95 TTFT {f.get('p95_ttft_ms')} ms, "
+            f"P95 E2E {f.get('p95_e2e_ms')} ms, probes {f.get('probes')}")
+
+
+CanaryReasonOpt = typer.Option("", "--reason", help="Why; recorded in the history.")
+CanaryByOpt = typer.Option(None, "--by", help="Who (default: the current user).")
+
+
+@canary_app.command("advance")
+def canary_advance(manifest: Optional[Path] = typer.Argument(None), workspace: Path = WorkspaceOpt,
+                   reason: str = CanaryReasonOpt, by: Optional[str] = CanaryByOpt):
+    """Step the canary up by hand (at its last step: promote the challenger)."""
+    _canary_move("advance", manifest, workspace, reason, by)
+
+
+@canary_app.command("abort")
+def canary_abort(manifest: Optional[Path] = typer.Argument(None), workspace: Path = WorkspaceOpt,
+                 reason: str = CanaryReasonOpt, by: Optional[str] = CanaryByOpt):
+    """Roll the canary back: weight 0, the stable deployment keeps serving."""
+    _canary_move("abort", manifest, workspace, reason, by)
+
+
+def _canary_move(action: str, manifest: Optional[Path], workspace: Path, reason: str, by: Optional[str]) -> None:
+    from .deploy import canary_edit
+
+    path = _manifest_path(manifest, workspace)
+    m = canary_edit(path, action, reason=reason, by=by)
+    c = m.canary
+    what = {"promoted": f"{c.challenger.key} promoted", "rolled_back": f"canary {c.challenger.key} rolled back",
+            "running": f"canary {c.challenger.key} at {c.weight:g}%"}[c.state]
+    console.print(f"[green]✓[/] {path}: {what}; active = {m.active.key}")
 
 
 def results_table(results) -> Table:

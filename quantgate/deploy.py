@@ -25,23 +25,12 @@ from .serve.manifest import (
     Manifest,
     PriceSpec,
     ServingSpec,
-    load_manifest,
+    edit_manifest,
     migrate_manifest,
-    write_manifest,
 )
-from .serve.promote import PromotionRefused, promote, rollback
+from .serve.promote import PromotionRefused, promote, refuse_failing, rollback
 from .util import redact_uri
 from .workspace import candidate_record, open_run, read_json
-
-def edit_manifest(path: Path, change) -> Manifest:
-    """Read-modify-write under a file lock: concurrent editors queue, and each write is atomic."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock", timeout=60):
-        current = load_manifest(path) if path.is_file() else None
-        new = change(current)
-        write_manifest(path, new)
-    return new
-
 
 def migrate(path: Path, *, by: str | None = None):
     """`quantgate manifest migrate`: an older manifest rewritten in the current schema, under the lock."""
@@ -230,9 +219,10 @@ def _validated(dep: Deployment, engine: dict, provider: dict, source: str) -> De
         raise QuantgateError(f"the engine from {source} does not make a valid deployment: {exc}") from None
 
 
-def promote_candidate(run_dir: Path, name: str, manifest_path: Path, *, force: bool = False, reason: str = "",
-                      by: str | None = None, engine_for=None) -> Manifest:
-    """engine_for(artifact) → the engine choice (engines.serving.choose, wired by the CLI), or None."""
+def candidate_deployment(run_dir: Path, name: str, *, force: bool = False, reason: str = "", engine_for=None):
+    """A finished run's candidate as the deployment to serve, through its gates, its engine choice and its
+    arithmetic check: (deployment, failed gates, evidence, the recipe's serving settings). promote and
+    `promote --canary` both start here, so a challenger is refused for the same reasons a promotion is."""
     _, _, run = open_run(run_dir)
     comp = run.comparison()
     verdict = next((c for c in comp["candidates"] if c["name"] == name), None)
@@ -241,6 +231,7 @@ def promote_candidate(run_dir: Path, name: str, manifest_path: Path, *, force: b
     failed = [g["reason"] for g in verdict["gates"] if not g["passed"]]
     if verdict.get("error"):
         failed.append(f"evaluation error: {verdict['error']}")
+    refuse_failing(name, failed, force=force, reason=reason)
     if force and failed:
         # only passing candidates are registered by `run`; a forced one is registered now, so the
         # registry's champion and the manifest's active deployment stay the same model
@@ -256,6 +247,15 @@ def promote_candidate(run_dir: Path, name: str, manifest_path: Path, *, force: b
                 "go_live_check": go_live_check(run_dir, name, dep, serving)}
     if "mlflow" in dep.params:
         evidence["mlflow"] = dep.params["mlflow"]
+    return dep, failed, evidence, serving
+
+
+def promote_candidate(run_dir: Path, name: str, manifest_path: Path, *, force: bool = False, reason: str = "",
+                      by: str | None = None, engine_for=None) -> Manifest:
+    """engine_for(artifact) → the engine choice (engines.serving.choose, wired by the CLI), or None."""
+    _, _, run = open_run(run_dir)
+    dep, failed, evidence, serving = candidate_deployment(run_dir, name, force=force, reason=reason,
+                                                          engine_for=engine_for)
 
     def change(current):
         keep = serving
@@ -268,6 +268,47 @@ def promote_candidate(run_dir: Path, name: str, manifest_path: Path, *, force: b
     new = edit_manifest(manifest_path, change)
     move_aliases(new)
     log_card(run)
+    return new
+
+
+def canary_candidate(run_dir: Path, name: str, manifest_path: Path, steps: list[float], *, force: bool = False,
+                     reason: str = "", by: str | None = None, engine_for=None, probe_every_s: float = 5.0,
+                     **settings) -> Manifest:
+    """`promote --canary`: the candidate as the challenger of a canary beside the active deployment, with the
+    recipe's regression set as its probes; the active deployment (stable) stays the rollback target."""
+    from .grading import load_cases
+    from .serve.canary import start
+
+    recipe, _, _ = open_run(run_dir)
+    dep, failed, evidence, _ = candidate_deployment(run_dir, name, force=force, reason=reason, engine_for=engine_for)
+    reg = recipe.evaluation.regression if recipe.evaluation else None
+    if reg is not None and "probes" not in settings:
+        settings["probes"] = {"cases": [c.model_dump() for c in load_cases(reg.path)], "max_tokens": reg.max_tokens,
+                              "every_s": probe_every_s}
+    why = reason or ("forced past: " + "; ".join(failed) if failed else "passed every gate")
+    dep = dep.model_copy(update={"params": {**dep.params, "canary_evidence": evidence}})
+
+    def change(current):
+        if current is None:
+            raise QuantgateError(f"{manifest_path}: no manifest yet; a canary needs a stable deployment to "
+                                 "compare with: promote one first (without --canary)")
+        return start(current, dep, steps, now=datetime.now(timezone.utc), by=by or getpass.getuser(), reason=why,
+                     **settings)
+
+    return edit_manifest(manifest_path, change)
+
+
+def canary_edit(manifest_path: Path, action: str, *, reason: str = "", by: str | None = None) -> Manifest:
+    """`quantgate canary advance|abort` under the manifest's lock."""
+    from .serve.canary import abort, advance
+
+    if not manifest_path.is_file():
+        raise QuantgateError(f"{manifest_path}: no such manifest")
+    fn = {"advance": advance, "abort": abort}[action]
+    new = edit_manifest(manifest_path, lambda cur: fn(cur, now=datetime.now(timezone.utc),
+                                                      by=by or getpass.getuser(), reason=reason))
+    if new.canary is not None and new.canary.state == "promoted":
+        move_aliases(new)
     return new
 
 

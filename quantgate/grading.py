@@ -1,6 +1,6 @@
 """The regression set's grader: a case (prompt + checks) and what makes an answer pass it. Pure.
 
-Layer 1 so that the evaluation (evaluate/regression.py, the matrix) and the gateway's canary probes
+Layer 1 (it imports only errors and util) so that the evaluation (evaluate/regression.py, the matrix) and the gateway's canary probes
 (serve/canary_run.py) grade answers with the same code, and their pass rates compare.
 Check types: contains, not_contains, regex, exact, min_len, max_len (characters); `ignore_case`
 is on by default for contains/not_contains/exact.
@@ -12,7 +12,12 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import QuantgateError
+from .util import iter_jsonl
 
 
 class Check(BaseModel):
@@ -32,6 +37,26 @@ class Case(BaseModel):
     def messages(self) -> list[dict]:
         sys_msg = [{"role": "system", "content": self.system}] if self.system else []
         return sys_msg + [{"role": "user", "content": self.prompt}]
+
+
+def load_cases(path: str | Path) -> list[Case]:
+    p = Path(path)
+    if not p.is_file():
+        raise QuantgateError(f"evaluation.regression.path: '{p}' does not exist")
+    cases, seen = [], set()
+    for i, row in iter_jsonl(p):
+        try:
+            case = Case.model_validate(row)
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            raise QuantgateError(f"{p}:{i}: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+        if case.id in seen:
+            raise QuantgateError(f"{p}:{i}: case id '{case.id}' is used twice")
+        seen.add(case.id)
+        cases.append(case)
+    if not cases:
+        raise QuantgateError(f"{p}: no cases")
+    return cases
 
 
 def check(output: str, c: Check) -> bool:

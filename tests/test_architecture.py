@@ -38,7 +38,12 @@ RULES = [
                              "quantgate.workspace"), "the loader knows no document"),
     ("quantgate.formats", ("quantgate.",), "the format table is pure data and functions"),
     ("quantgate.kernels", ("quantgate.",), "the in-process kernel rule is shared by evaluate/ and serve/"),
-    ("quantgate.grading", ("quantgate.",), "the regression grader is shared by evaluate/ and the gateway's canary "
+    ("quantgate.grading", ("quantgate.progress", "quantgate.documents", "quantgate.formats", "quantgate.integrity",
+                           "quantgate.procs", "quantgate.engine_spec", "quantgate.kernels", "quantgate.allocation",
+                           "quantgate.workload", "quantgate.recipe", "quantgate.workspace", "quantgate.models",
+                           "quantgate.data", "quantgate.evaluate", "quantgate.serve", "quantgate.engines",
+                           "quantgate.quantize", "quantgate.deploy", "quantgate.pipeline", "quantgate.cli"),
+     "the regression grader is shared by evaluate/ and the gateway's canary "
      "probes"),
     ("quantgate.engine_spec", ("quantgate.util", "quantgate.progress", "quantgate.integrity", "quantgate.kernels",
                                "quantgate.workload", "quantgate.recipe", "quantgate.workspace", "quantgate.models",

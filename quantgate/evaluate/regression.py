@@ -1,40 +1,15 @@
 """The regression set: the team's own business cases as JSONL prompts with checks.
 
 One line per case: {"id": "...", "prompt": "...", "checks": [{"type": "contains", "value": "Paris"}]}
-The cases and their grader are quantgate.grading (layer 1: the gateway's canary probes grade with
-the same code); this module reads the set, runs it through a client and summarises.
+The cases, their reader and their grader are quantgate.grading (layer 1: the gateway's canary probes
+grade with the same code); this module runs the set through a client and summarises.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from pydantic import ValidationError
-
-from ..errors import QuantgateError
-from ..grading import Case, CaseResult, Check, check, grade  # noqa: F401 - re-exported for the stages
-from ..util import iter_jsonl
-
-
-def load_cases(path: str | Path) -> list[Case]:
-    p = Path(path)
-    if not p.is_file():
-        raise QuantgateError(f"evaluation.regression.path: '{p}' does not exist")
-    cases, seen = [], set()
-    for i, row in iter_jsonl(p):
-        try:
-            case = Case.model_validate(row)
-        except ValidationError as exc:
-            e = exc.errors()[0]
-            raise QuantgateError(f"{p}:{i}: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
-        if case.id in seen:
-            raise QuantgateError(f"{p}:{i}: case id '{case.id}' is used twice")
-        seen.add(case.id)
-        cases.append(case)
-    if not cases:
-        raise QuantgateError(f"{p}: no cases")
-    return cases
+from ..grading import Case, CaseResult, Check, check, grade, load_cases  # noqa: F401 - re-exported for the stages
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 One schema-versioned JSON (or YAML) document: the `active` deployment, the `serving` settings
 (budgets, concurrency, cache, tenant budgets, degrade ladder, prices, the `fallback` deployment),
-the `evidence` that earned the promotion, the `previous` deployments and an append-only `history`.
+the `evidence` that earned the promotion, the `previous` deployments, an append-only `history`, and
+a `canary` (a challenger served beside the active deployment and stepped up by live gates).
 Promote and rollback (the tracking issue) are edits of this document; the gateway re-reads it
 when the file changes, so they take effect without a restart.
 
@@ -24,6 +25,7 @@ from pydantic import Field, field_validator, model_validator
 from ..documents import Spec, omitted_while_unset, read_mapping, validate
 from ..engine_spec import EngineSpec
 from ..errors import QuantgateError
+from ..grading import Case
 from ..util import atomic_write_text
 
 SCHEMA_VERSION = 2  # 2: deployments name their engine (`Deployment.engine`); 1 migrates
@@ -374,6 +376,86 @@ class HistoryEvent(Spec):
     why: str = ""
     by: str = ""
     deployment: str | None = None
+    figures: dict[str, Any] | None = Field(None, description="the live figures a canary decision rested on")
+
+
+# --------------------------------------------------------------------------------- canary
+class CanaryGatesSpec(Spec):
+    """Live gates of the challenger *relative to the stable deployment*, over one step's windows.
+    A rate gate fails when canary − stable exceeds it; a latency gate when canary P95 exceeds
+    stable P95 × ratio + slack_ms (the slack keeps a fast mock's 1 ms vs 2 ms from reading as 2×)."""
+
+    error_rate: float = Field(0.02, ge=0, le=1, description="canary error rate may exceed stable's by this much")
+    p95_ttft_ratio: float = Field(1.5, ge=1, description="canary P95 TTFT ≤ stable's × this + latency_slack_ms")
+    p95_e2e_ratio: float = Field(1.5, ge=1, description="canary P95 E2E ≤ stable's × this + latency_slack_ms")
+    latency_slack_ms: float = Field(25.0, ge=0)
+    budget_exhausted_rate: float = Field(0.02, ge=0, le=1, description="canary timeouts may exceed stable's by this")
+    probe_pass_rate: float = Field(0.0, ge=0, le=1, description="canary probe pass rate may be below stable's by this")
+
+
+class ProbesSpec(Spec):
+    """The recipe's regression set, sent through both deployments and graded (quantgate.grading), charged
+    to no tenant. One round = every case once to each deployment."""
+
+    cases: list[Case] = Field(default_factory=list)
+    every_s: float = Field(5.0, gt=0, description="seconds between probe rounds")
+    max_tokens: int = Field(64, ge=1)
+
+
+class CanaryEvent(Spec):
+    what: Literal["start", "step", "promote", "rollback"]
+    when: datetime
+    step: int = Field(..., ge=0)
+    weight: float = Field(..., ge=0, le=100)
+    why: str = ""
+    by: str = ""
+    figures: dict[str, Any] | None = None
+
+
+class CanarySpec(Spec):
+    """A challenger served beside the active (stable) deployment, stepped up by live gates (serve/canary.py).
+
+    The stable deployment stays `active`, so it is the rollback target throughout; the challenger
+    becomes active only when the last step passes. `state` running: the gateway splits traffic by
+    `steps[step]` percent; promoted / rolled_back: the block stays as the record of how it ended."""
+
+    challenger: Deployment
+    steps: list[float] = Field(..., min_length=1, description="canary weight per step, percent, e.g. [5, 25, 50, 100]")
+    step: int = Field(0, ge=0)
+    step_started: datetime = Field(..., description="when the current step began (min_seconds counts from here)")
+    state: Literal["running", "promoted", "rolled_back"] = "running"
+    min_requests: int = Field(100, ge=1, description="canary requests a step needs before it may step up")
+    min_seconds: float = Field(60.0, ge=0, description="time a step lasts at least before it may step up")
+    min_fail_requests: int = Field(20, ge=1, description="canary requests before a rate gate may roll back early "
+                                   "(when the excess is significant, z ≥ 3)")
+    ready_timeout_s: float = Field(600.0, gt=0, description="a challenger engine not ready by then is rolled back")
+    eval_interval_s: float = Field(1.0, gt=0, description="how often the gateway decides")
+    gates: CanaryGatesSpec = CanaryGatesSpec()
+    probes: ProbesSpec = ProbesSpec()
+    history: list[CanaryEvent] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _schedule(self) -> "CanarySpec":
+        s = self.steps
+        if any(not 0 < w <= 100 for w in s):
+            raise ValueError(f"steps {s}: each weight must be in (0, 100] percent")
+        if any(b <= a for a, b in zip(s, s[1:])):
+            raise ValueError(f"steps {s}: weights must increase step by step")
+        if s[-1] != 100:
+            raise ValueError(f"steps {s}: the last step must be 100 (the challenger takes all traffic before it "
+                             "is promoted)")
+        if self.step >= len(s):
+            raise ValueError(f"step {self.step}: the schedule has only {len(s)} steps (0 … {len(s) - 1})")
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    @property
+    def weight(self) -> float:
+        """Percent of traffic the challenger takes now (0 unless running)."""
+        return self.steps[self.step] if self.running else 0.0
 
 
 class Manifest(Spec):
@@ -383,6 +465,7 @@ class Manifest(Spec):
     evidence: dict[str, Any] = Field(default_factory=dict)
     previous: list[Deployment] = Field(default_factory=list)
     history: list[HistoryEvent] = Field(default_factory=list)
+    canary: CanarySpec | None = Field(None, description="a challenger stepped up by live gates (serve/canary.py)")
 
     @model_validator(mode="after")
     def _distinct_fallback(self) -> "Manifest":
@@ -390,6 +473,10 @@ class Manifest(Spec):
         if fb is not None and fb.key == self.active.key:
             raise ValueError(f"serving.fallback is the active deployment itself ({fb.key}): "
                              "name a different model or version, or remove the fallback")
+        c = self.canary
+        if c is not None and c.running and c.challenger.key == self.active.key:
+            raise ValueError(f"canary.challenger is the active deployment itself ({self.active.key}): "
+                             "a canary needs a different model or version")
         return self
 
 
@@ -494,6 +581,23 @@ def dump_manifest(m: Manifest) -> str:
 def write_manifest(path: str | Path, m: Manifest) -> None:
     """Atomic: readers (the gateway's reloader included) see the old or the new file, never a torn one."""
     atomic_write_text(Path(path), dump_manifest(m))
+
+
+def edit_manifest(path: str | Path, change) -> Manifest:
+    """Read-modify-write under a file lock: concurrent editors (promote, rollback, `canary`, the
+    gateway's canary decisions) queue, and each write is atomic. `change(current or None)` returns
+    the new manifest, or None to leave the file as it is (returned unchanged then)."""
+    from filelock import FileLock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock", timeout=60):
+        current = load_manifest(path) if path.is_file() else None
+        new = change(current)
+        if new is None:
+            return current
+        write_manifest(path, new)
+    return new
 
 
 def manifest_digest(data: bytes) -> str:

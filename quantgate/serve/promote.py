@@ -23,12 +23,7 @@ class PromotionRefused(QuantgateError):
 def promote(manifest: Manifest | None, new: Deployment, *, now: datetime, by: str, reason: str = "",
             failed_gates: list[str] = (), force: bool = False, evidence: dict | None = None,
             serving: ServingSpec | None = None) -> Manifest:
-    if failed_gates and not force:
-        raise PromotionRefused(
-            f"'{new.name}' fails {len(failed_gates)} gate(s):\n  " + "\n  ".join(failed_gates)
-            + "\npromote it anyway only with --force --reason \"...\" (recorded in the history)")
-    if failed_gates and force and not reason.strip():
-        raise PromotionRefused("--force needs --reason \"...\": the history records why a failing candidate went live")
+    refuse_failing(new.name, failed_gates, force=force, reason=reason)
     what = "promote" + (" (forced past failing gates)" if failed_gates else "")
     event = HistoryEvent(what=what, when=now, why=reason or "passed every gate", by=by, deployment=new.key)
     if manifest is None:
@@ -46,6 +41,16 @@ def promote(manifest: Manifest | None, new: Deployment, *, now: datetime, by: st
         "serving": serving,
         "history": [*manifest.history, event],
     }))
+
+
+def refuse_failing(name: str, failed_gates: list[str], *, force: bool, reason: str) -> None:
+    """PromotionRefused for a candidate that failed a gate, unless forced with a reason."""
+    if failed_gates and not force:
+        raise PromotionRefused(
+            f"'{name}' fails {len(failed_gates)} gate(s):\n  " + "\n  ".join(failed_gates)
+            + "\npromote it anyway only with --force --reason \"...\" (recorded in the history)")
+    if failed_gates and force and not reason.strip():
+        raise PromotionRefused("--force needs --reason \"...\": the history records why a failing candidate went live")
 
 
 def rollback(manifest: Manifest, *, now: datetime, by: str, reason: str = "") -> Manifest:
