@@ -24,7 +24,7 @@ from .ladder import Ladder, Sample, health_ms, upstream_fault
 from .manifest import Deployment
 from .metrics import GatewayMetrics
 from .providers import GenRequest, GenResult, ProviderError
-from .providers.base import within
+from .providers.base import generate_within
 from .records import Answer, ChatCall, GatewayError, RequestState
 from .runtime import Runtime
 
@@ -121,6 +121,7 @@ class Attempts:
         if att.target == "active" and upstream_fault(kind, window_s * 1000, self.expected_ms(dep, att.max_tokens)):
             ctx.fault = True
             self.ladder.observe(Sample(self.clock(), (perf() - t_a) * 1000, False))
+            self.rt.observe(kind)  # a running canary's window: the upstream's own faults, as the ladder's
         ctx.path.append(f"{att.target}:{kind}")
         self.charge(dep, kind, ctx.tokens_in, 0)  # a timeout's prompt was the upstream's work
         log.info("trace %s: %s failed on %s (%s): %s", self.call.trace_id, ctx.route, dep.key, kind, why)
@@ -142,6 +143,7 @@ class Attempts:
             latency = health_ms((t_end - t_a) * 1000, res.generation_ms, res.tokens_out,
                                 self.ladder.spec.reference_tokens)
             self.ladder.observe(Sample(self.clock(), latency, True, cost))
+            self.rt.observe("ok", res.ttft_ms, latency)
         series = self.metrics.for_deployment(dep)
         series.upstream("ok", t_end - t_a)
         series.tokens_in.inc(res.tokens_in)
@@ -224,11 +226,7 @@ class Attempts:
                 prov = self.rt.providers[att.target]
                 t_a = perf()
                 try:
-                    if prov.honours_timeout:
-                        req.timeout_s = window
-                        res = await prov.generate(req)
-                    else:
-                        res = await within(prov.generate(req), window)
+                    res = await generate_within(prov, req, window)
                 except asyncio.CancelledError:  # the client left while the upstream worked on its prompt
                     self.charge(dep, "client_closed", self.ctx.tokens_in, 0)
                     raise

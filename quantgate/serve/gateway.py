@@ -27,6 +27,7 @@ from . import guards
 from .admission import ConcurrencyGate, effective_limit
 from .attempts import Attempts
 from .budget import Estimator
+from .canary_run import CanaryRun
 from .cache import make_cache
 from .ladder import Ladder, Level
 from .limits import TenantLimiter
@@ -68,6 +69,7 @@ class Gateway:
         self.switch_failure: dict | None = None  # the last blue/green candidate that did not come up
         self.replica_id = f"{socket.gethostname()}/{os.getpid()}"
         self.trace: TraceWriter | None = None  # serving.trace; None (the default): nothing recorded
+        self.canary = CanaryRun(self)  # a manifest's running canary: windows, probes, decisions
         self._breaker_seen: str | None = None  # the last breaker opening shared through the state
         self._tasks: list[asyncio.Task] = []
         self._reloading = asyncio.Lock()  # one reload at a time, so the newest file always wins
@@ -85,7 +87,8 @@ class Gateway:
             raise
         self._configure(m, None)
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._watch()), loop.create_task(self._tick())]
+        self._tasks = [loop.create_task(self._watch()), loop.create_task(self._tick()),
+                       loop.create_task(self.canary.run())]
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -122,6 +125,7 @@ class Gateway:
                 asyncio.get_running_loop().create_task(self.cache.close())
             self.cache = make_cache(s.cache, s.state, self.state)
         self.metrics.set_active(m.active, old.active if old is not None else None)
+        self.canary.configure(self.rt)
         if old is None or old.serving.trace != s.trace:
             self._configure_trace(s.trace)
 
@@ -239,6 +243,9 @@ class Gateway:
             out["engines"] = engines
         if self.switch_failure:
             out["engine_switch_failed"] = self.switch_failure
+        canary = self.canary.status()
+        if canary is not None:
+            out["canary"] = canary
         if self.last_reload_error:
             out["reload_error"] = self.last_reload_error
         await self.state.probe()
@@ -256,7 +263,10 @@ class Gateway:
 
     def _attempts(self, rt: Runtime, call: ChatCall, ctx: RequestState) -> Attempts:
         """The attempts of this request, with the collaborators in force when it started."""
-        return Attempts(rt, call, ctx, self.metrics, self.estimator, self.ladder, self.cache, self.clock, self.wall,
+        # the canary arm has a ladder of its own, off: its faults are the canary's gates' to judge, and
+        # they must neither degrade the stable deployment nor be degraded away
+        ladder = self.ladder if rt.arm == "stable" else self.canary.ladder
+        return Attempts(rt, call, ctx, self.metrics, self.estimator, ladder, self.cache, self.clock, self.wall,
                         self._apply)
 
     # ------------------------------------------------------------------ streaming
@@ -294,15 +304,17 @@ class Opened:
     A class rather than contextlib.asynccontextmanager: it is on every request, and the generator
     version costs about 2 us more each time."""
 
-    __slots__ = ("gw", "call", "on_cancel", "rt", "ctx")
+    __slots__ = ("gw", "call", "on_cancel", "rt", "ctx", "base")
 
     def __init__(self, gw: Gateway, call: ChatCall,
                  on_cancel: Callable[[Runtime, ChatCall, RequestState], None] | None = None):
         self.gw, self.call, self.on_cancel = gw, call, on_cancel
 
     async def __aenter__(self) -> tuple[Runtime, RequestState, Answer | None]:
-        rt = self.rt = self.gw.rt
-        rt.acquire()
+        base = self.base = self.gw.rt
+        base.acquire()
+        call = self.call
+        rt = self.rt = base if base.canary_view is None else base.for_call(call.tenant, call.user_id)
         ctx = self.ctx = RequestState.empty()
         try:
             return rt, ctx, await guards.admit(self.gw, rt, self.call, ctx)
@@ -316,7 +328,7 @@ class Opened:
                 self.on_cancel(self.rt, self.call, self.ctx)
         finally:
             guards.give_back(self.gw, self.call, self.ctx)
-            self.rt.release()
+            self.base.release()
             if self.ctx.used_tokens:  # who uses the engine: the ladder cuts the heaviest tenants first
                 self.gw.ladder.observe_usage(self.call.tenant, self.ctx.used_tokens, self.gw.clock())
         return False

@@ -166,6 +166,15 @@ class GatewayMetrics:
                                             "ready (the old plan kept serving)", registry=r)
         self.active = Gauge("quantgate_active_deployment", "1 for the deployment the manifest makes active",
                             DEP, registry=r)
+        self.canary_weight = Gauge("quantgate_canary_weight", "Percent of traffic a running canary's challenger "
+                                   "takes (0 once it ends)", DEP, registry=r)
+        self.canary_attempts = Counter("quantgate_canary_attempts", "Attempts on each arm's deployment while a "
+                                       "canary runs, by arm (stable, canary) and outcome", ("arm", "outcome"),
+                                       registry=r)
+        self.canary_probes = Counter("quantgate_canary_probes", "Regression-set probes graded, by arm and result",
+                                     ("arm", "result"), registry=r)
+        self.canary_decisions = Counter("quantgate_canary_decisions", "Canary decisions written to the manifest",
+                                        ("action",), registry=r)
 
     def for_deployment(self, d) -> _DepSeries:
         s = self._dep.get(d.key)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..integrity import deployment_problems, problems_line
 from .access import Principal, exposure_problem, key_table
+from .canary import arm_of
 from .manifest import Deployment, Manifest, ManifestError, manifest_digest, parse_manifest
 from .providers import Provider, make_provider
 from .providers.engine import EngineProvider
@@ -80,6 +81,8 @@ class ProviderPool:
 
 
 class Runtime:
+    arm = "stable"  # the canary's view of a runtime says "canary" (CanaryView)
+
     def __init__(self, manifest: Manifest, digest: str, keys: dict[str, Principal]):
         self.manifest, self.digest, self.keys = manifest, digest, keys
         self.serving = manifest.serving
@@ -90,6 +93,14 @@ class Runtime:
         self.retired = False
         self._pool: ProviderPool | None = None
         self._closing: asyncio.Task | None = None
+        # a running canary (serve/canary.py): the challenger's provider, the view requests on the canary
+        # arm use, why its provider could not be had (fail closed: the canary takes no traffic), and the
+        # attempts' observer (serve/canary_run.py) while one runs
+        c = manifest.canary
+        self.canary = c if c is not None and c.running else None
+        self.canary_view: CanaryView | None = None
+        self.canary_failure: str | None = None
+        self.watch = None
 
     @classmethod
     async def build(cls, manifest: Manifest, digest: str, pool: ProviderPool, source: str,
@@ -112,9 +123,47 @@ class Runtime:
                 if role in rt.providers:
                     await pool.put(d)
             raise
+        if rt.canary is not None:
+            await rt._start_canary(pool, source)
         return rt
 
+    async def _start_canary(self, pool: ProviderPool, source: str) -> None:
+        """The challenger's provider, never waited for (a canary engine that never gets ready must not
+        hold up the stable's reload); any failure to have it — checksums, a start that raises — is kept
+        as `canary_failure`, for the controller to roll the canary back with, instead of refusing the
+        manifest: the stable keeps serving whatever the challenger does."""
+        d = self.canary.challenger
+        try:
+            folder = artifact_to_check(d)
+            if folder is not None:
+                problems = await asyncio.to_thread(deployment_problems, folder, d.files, d.sha256)
+                if problems:
+                    raise ManifestError(f"{source}: canary.challenger ({d.key}): the artifact does not match the "
+                                        f"manifest's checksums: {problems_line(problems)}")
+            self.providers["canary"] = await pool.get(d, wait=False)
+        except Exception as exc:  # noqa: BLE001 - fail closed: the canary is rolled back with the reason
+            self.canary_failure = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.error("canary %s cannot be served, it takes no traffic: %s", d.key, self.canary_failure)
+            return
+        self.canary_view = CanaryView(self)
+
+    def for_call(self, tenant: str, user: str | None) -> "Runtime":
+        """The runtime this caller's request uses: the canary's view when the sticky hash puts the caller on
+        the canary and its provider is ready (a starting or crashed canary engine sends everyone to stable)."""
+        view = self.canary_view
+        if view is None or not self.providers["canary"].available:
+            return self
+        return view if arm_of(self.canary, tenant, user) == "canary" else self
+
+    def observe(self, kind: str, ttft_ms: float = 0.0, e2e_ms: float = 0.0) -> None:
+        """An attempt on this runtime's active deployment ended (`ok`, or a failure kind): into the canary's
+        window for this arm while a canary runs."""
+        if self.watch is not None:
+            self.watch.observe(self.arm, kind, ttft_ms, e2e_ms)
+
     def deployment(self, role: str) -> Deployment:
+        if role == "canary":
+            return self.canary.challenger
         return self.active if role == "active" else self.fallback
 
     def available(self, role: str) -> bool:
@@ -129,7 +178,9 @@ class Runtime:
     def engines(self) -> dict[str, dict]:
         """The started engines of this runtime's roles, for /readyz: each one's status, or stopped."""
         out = {}
-        for role in ("active", "fallback"):
+        for role in ("active", "fallback", "canary"):
+            if role == "canary" and "canary" not in self.providers:
+                continue
             if not self.launched(role):
                 continue
             engine = getattr(self.providers.get(role), "engine", None)
@@ -155,10 +206,40 @@ class Runtime:
             self._closing = asyncio.get_running_loop().create_task(self.close())
 
     async def close(self) -> None:
-        for role, d in (("active", self.active), ("fallback", self.fallback)):
+        for role, d in (("active", self.active), ("fallback", self.fallback),
+                        ("canary", self.canary.challenger if self.canary else None)):
             if role in self.providers:
                 await self._pool.put(d)
         self.providers = {}
+
+
+class CanaryView(Runtime):
+    """A runtime as a request on the canary arm sees it: the challenger is its active deployment and the
+    stable deployment its fallback, so a failed canary attempt is answered by the stable within the same
+    budget (a crashing canary costs the client nothing). It shares everything else with the runtime it
+    views, whose reference count, retirement and providers it uses; it owns nothing."""
+
+    arm = "canary"
+
+    def __init__(self, base: Runtime):  # noqa: D107 - no Runtime.__init__: the view owns no providers
+        self.base = base
+        self.manifest, self.digest, self.keys, self.serving = base.manifest, base.digest, base.keys, base.serving
+        self.active, self.fallback = base.canary.challenger, base.active
+        self.providers = {"active": base.providers["canary"], "fallback": base.providers["active"]}
+        self.canary, self.canary_view, self.canary_failure = None, None, None
+
+    @property
+    def watch(self):
+        return self.base.watch
+
+    def acquire(self) -> None:
+        self.base.acquire()
+
+    def release(self) -> None:
+        self.base.release()
+
+    def retire(self) -> None:  # only the runtime it views is ever retired
+        raise TypeError("a canary view is never retired itself")
 
 
 def artifact_to_check(d: Deployment) -> str | None:

@@ -129,3 +129,12 @@ if sys.version_info >= (3, 11):
             return await aw
 else:  # pragma: no cover - Python 3.10
     within = asyncio.wait_for
+
+
+async def generate_within(prov: Provider, req: GenRequest, seconds: float) -> GenResult:
+    """`prov.generate(req)` bounded by `seconds`: by the provider itself when it honours a timeout (its
+    own deadline on the upstream call), else cancelled from outside."""
+    if prov.honours_timeout:
+        req.timeout_s = seconds
+        return await prov.generate(req)
+    return await within(prov.generate(req), seconds)
