@@ -84,3 +84,11 @@ def test_canary_candidate_carries_the_regression_set_as_probes(path, tmp_path, m
 def test_promote_refuses_a_bad_schedule_before_reading_anything(tmp_path):
     r = run(app, ["promote", str(tmp_path), "-c", "x", "--canary", "5,x"])
     assert r.exit_code != 0 and "give weights in percent" in str(r.exception)
+
+
+def test_the_shipped_canary_example_validates():
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "manifest.canary.json"
+    r = run(app, ["manifest", "validate", str(example)])
+    assert r.exit_code == 0 and "canary smollm2-rtn-w4@2 at 10% (step 1 of 3)" in r.output, r.output

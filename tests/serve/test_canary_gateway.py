@@ -186,3 +186,14 @@ def test_two_gateways_on_one_manifest_take_each_step_once(serve, manifest_path):
     assert [(e.what, e.weight) for e in m.canary.history] == [("step", 50), ("step", 100), ("promote", 100)]
     assert [e.what for e in m.history].count("promote") == 1
     wait_for(lambda: a.gateway.rt.active.name == b.gateway.rt.active.name == "good", "both to serve the challenger")
+
+
+def test_a_canary_engine_that_never_gets_ready_is_rolled_back_and_takes_no_traffic(serve, manifest_path, tmp_path):
+    from test_serve_engines import engine_dep
+
+    challenger = engine_dep(tmp_path, "sleepy", "--never-ready")
+    srv = serve(canary_manifest(challenger, ready_timeout_s=0.5, probes={"cases": []}))
+    sent, failed, served = drive(srv, manifest_path, ended("rolled_back"), batch=5)
+    why = load_manifest(manifest_path).canary.history[-1].why
+    assert why == "challenger engine: engine not ready after 0.5 s", why
+    assert not failed and set(served) == {"stable"}
