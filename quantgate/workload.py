@@ -34,6 +34,17 @@ class SLOSpec(Spec):
     ttft_ms: float | None = Field(None, gt=0)
     tpot_ms: float | None = Field(None, gt=0)
     e2e_ms: float | None = Field(None, gt=0)
+    attainment: float | None = Field(
+        None, gt=0, le=1, description="the share of requests that must meet them for the load to count as "
+                                      "within the SLOs (default: the engine sweep's min_attainment, 0.95)")
+
+    _stable_dump = omitted_while_unset("attainment")  # recipe hashes of SLOs that do not set it
+
+    @property
+    def targets(self) -> dict[str, float]:
+        """The latency targets given (ttft_ms, tpot_ms, e2e_ms), without the attainment."""
+        return {k: v for k, v in (("ttft_ms", self.ttft_ms), ("tpot_ms", self.tpot_ms), ("e2e_ms", self.e2e_ms))
+                if v is not None}
 
 
 def _default_mix() -> list[LengthClass]:

@@ -9,6 +9,7 @@ in quantgate's: `python` names that interpreter, else `$QUANTGATE_<KIND>_PYTHON`
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -18,6 +19,8 @@ from pydantic import Field, model_validator
 from ..documents import Spec, load_document
 from ..engine_spec import EngineSpec
 from ..workload import WorkloadSpec
+from .ratesearch import grid, probes_needed
+
 
 class ExtraArtifactSpec(Spec):
     """A checkpoint measured beside the candidates: a GGUF file, the bundled model's own GGUF, a
@@ -54,15 +57,57 @@ class SweepSpec(Spec):
         return self
 
 
+class SLORateSpec(Spec):
+    """The search for the highest load a pair sustains within the SLOs (engines/ratesearch.py): a
+    bisection over the grid low, low·growth, … high, each probe a short load test at one value. The
+    answer is a grid value and the one above it that missed: exact to one step (× growth)."""
+
+    axis: Literal["rate", "concurrency"] = Field(
+        "rate", description="rate: open-loop arrivals at so many requests/s (the workload's burst shape, else "
+                            "Poisson); concurrency: a closed loop with so many requests in flight")
+    low: float = Field(0.25, gt=0, description="the lowest value probed (req/s, or requests in flight)")
+    high: float = Field(16.0, gt=0, description="the highest value probed")
+    growth: float = Field(1.25, gt=1, le=4, description="each grid value is the previous one times this")
+    max_probes: int = Field(8, ge=1, le=32, description="load tests per pair, at most")
+    requests: int | None = Field(None, ge=1, description="requests per probe (default: 4 × the value, at least 12)")
+    in_flight_cap: int = Field(256, ge=1, description="rate axis: requests in flight at most, so the server's "
+                                                       "queue (not the client's) shows an overload")
+
+    @model_validator(mode="after")
+    def _bounded(self) -> SLORateSpec:
+        if self.high <= self.low:
+            raise ValueError(f"slo_rate.high ({self.high:g}) must be above slo_rate.low ({self.low:g})")
+        if self.axis == "concurrency" and self.low < 1:
+            raise ValueError("slo_rate.low: a concurrency is at least 1")
+        n = len(self.values)
+        if probes_needed(n) > self.max_probes:
+            raise ValueError(f"slo_rate.max_probes: the grid from {self.low:g} to {self.high:g} at growth "
+                             f"{self.growth:g} has {n} values and needs {probes_needed(n)} probes to find the "
+                             f"boundary to one step; raise max_probes to {probes_needed(n)}, raise growth or "
+                             "narrow low/high")
+        return self
+
+    @property
+    def values(self) -> list[float]:
+        return grid(self.low, self.high, self.growth, integer=self.axis == "concurrency")
+
+    def requests_at(self, value: float) -> int:
+        return self.requests or max(12, math.ceil(4 * value))
+
+
 class EngineSelectionSpec(Spec):
-    goal: Literal["latency", "throughput"] = Field(
-        "latency", description="latency: lowest P95 TTFT/E2E within the SLOs; throughput: most goodput at the knee")
+    goal: Literal["latency", "throughput", "cost"] = Field(
+        "latency", description="latency: lowest P95 TTFT/E2E within the SLOs; throughput: most goodput at the "
+                               "highest SLO rate (else the knee); cost: fewest $ per 1M output tokens there")
     engines: dict[str, EngineSpec] = Field(default_factory=lambda: {"transformers": EngineSpec(kind="transformers")},
                                            min_length=1)
     candidates: list[str] | None = Field(None, description="which candidates (default: all)")
     extra: list[ExtraArtifactSpec] = Field(default_factory=list)
     workload: WorkloadSpec | None = Field(None, description="default: evaluation.workload")
     sweep: SweepSpec | None = Field(default_factory=SweepSpec)
+    slo_rate: SLORateSpec | Literal[False] | None = Field(
+        None, description="search each pair's highest load within the SLOs (default: searched with the "
+                          "default settings when the goal is throughput or cost, not for latency; false: never)")
     probe_unsupported: bool = Field(
         True, description="start launched engines (vllm, llamacpp) on pairs the table marks unsupported anyway, "
                           "to record the engine's own message (they fail fast)")
@@ -70,6 +115,15 @@ class EngineSelectionSpec(Spec):
     gguf_converter: str | None = Field(
         None, description="llama.cpp's convert_hf_to_gguf.py (default: $QUANTGATE_GGUF_CONVERTER, else "
                           "$QUANTGATE_ENGINES_HOME/llama.cpp/); it runs in the llama.cpp engine's interpreter")
+
+    @property
+    def rate_search(self) -> SLORateSpec | None:
+        """The search to run: the one given, else the default one where the goal ranks on it."""
+        if self.slo_rate is False:
+            return None
+        if self.slo_rate is not None:
+            return self.slo_rate
+        return SLORateSpec() if self.goal in ("throughput", "cost") else None
 
     @model_validator(mode="after")
     def _running_servers_named(self) -> EngineSelectionSpec:
