@@ -2,6 +2,7 @@
 
   pareto.png   quality vs latency, one point per candidate, colour = cost, the frontier drawn
   latency.png  TTFT / TPOT / E2E percentiles per candidate, side by side
+  engines/pareto-slo-rate.png  quality vs the highest load within the SLOs, one point per candidate × engine
 """
 
 from __future__ import annotations
@@ -42,12 +43,7 @@ def pareto_plot(rows: list[dict], out: Path, x: str = "e2e_p95_ms", y: str = "pe
     front = pareto_front([(p[0], p[1], p[2]) for p in pts])
     fp = sorted((p for p in pts if p[0] in front), key=lambda p: p[1])
     ax.plot([p[1] for p in fp], [p[2] for p in fp], "--", color="grey", zorder=2, label="Pareto front")
-    # near-identical points (e.g. GPTQ and AWQ at the same bits) get labels on alternating sides
-    offsets = [(12, 14), (12, -20), (-95, 14), (-95, -20)]
-    for i, (name, px, py, _) in enumerate(sorted(pts, key=lambda p: (p[1], p[2]))):
-        ax.annotate(name + (" ★" if name == recommended else ""), (px, py), textcoords="offset points",
-                    xytext=offsets[i % len(offsets)], fontsize=9, arrowprops={"arrowstyle": "-", "color": "grey"},
-                    fontweight="bold" if name == recommended else "normal")
+    _label(ax, [p[:3] for p in pts], recommended)
     xs, ys = [p[1] for p in pts], [p[2] for p in pts]
     from matplotlib.ticker import NullFormatter
 
@@ -55,16 +51,52 @@ def pareto_plot(rows: list[dict], out: Path, x: str = "e2e_p95_ms", y: str = "pe
         if min(values) > 0 and max(values) / min(values) > 5:
             setter("log")  # one very slow or very bad candidate must not squash the others into a corner
             axis.set_minor_formatter(NullFormatter())
+    return _finish(plt, fig, ax, out, f"{x} (lower is better)", f"{y} (lower is better)",
+                   "quality vs latency (colour: cost)")
+
+
+def _label(ax, pts: list[tuple[str, float, float]], recommended: str | None) -> None:
+    # near-identical points (e.g. GPTQ and AWQ at the same bits) get labels on alternating sides
+    offsets = [(12, 14), (12, -20), (-95, 14), (-95, -20)]
+    for i, (name, px, py) in enumerate(sorted(pts, key=lambda p: (p[1], p[2]))):
+        ax.annotate(name + (" ★" if name == recommended else ""), (px, py), textcoords="offset points",
+                    xytext=offsets[i % len(offsets)], fontsize=9, arrowprops={"arrowstyle": "-", "color": "grey"},
+                    fontweight="bold" if name == recommended else "normal")
+
+
+def _finish(plt, fig, ax, out: Path, xlabel: str, ylabel: str, title: str) -> Path:
     ax.margins(0.18)
-    ax.set_xlabel(f"{x} (lower is better)")
-    ax.set_ylabel(f"{y} (lower is better)")
-    ax.set_title("quality vs latency (colour: cost)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def slo_rate_front(points: list[tuple[str, float, float]]) -> list[str]:
+    """Names no other point beats on both: more load within the SLOs, lower perplexity. Pure."""
+    return pareto_front([(name, -rate, ppl) for name, rate, ppl in points])
+
+
+def slo_rate_plot(points: list[tuple[str, float, float]], out: Path, unit: str = "req/s",
+                  recommended: str | None = None) -> Path | None:
+    """Quality (the candidate's perplexity) against the highest load each candidate × engine pair
+    sustained within the SLOs; the frontier drawn. `points`: (pair, load, perplexity)."""
+    if not points:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    ax.scatter([p[1] for p in points], [p[2] for p in points], s=120, edgecolors="black", zorder=3)
+    front = set(slo_rate_front(points))
+    fp = sorted((p for p in points if p[0] in front), key=lambda p: p[1])
+    ax.plot([p[1] for p in fp], [p[2] for p in fp], "--", color="grey", zorder=2, label="Pareto front")
+    _label(ax, points, recommended)
+    return _finish(plt, fig, ax, out, f"highest load within the SLOs ({unit}, higher is better)",
+                   "perplexity (lower is better)", "quality vs the highest load within the SLOs, per candidate × engine")
 
 
 def latency_plot(rows: list[dict], out: Path) -> Path | None:

@@ -152,7 +152,7 @@ def log_run(recipe, workspace: Path, run_dir: Path, *, quantize_results: list[di
         with warnings.catch_warnings():  # pandas' dtype deprecation notices inside MLflow
             warnings.simplefilter("ignore")
             mlflow.log_table(data=comparison_table_data(comparison), artifact_file="comparison_table.json")
-        for card in (run.engine_card_report, run.engine_card):
+        for card in (run.engine_card_report, run.engine_card, run.engine_slo_rate_plot):
             if card.is_file():
                 mlflow.log_artifact(str(card), artifact_path="engine_card")
         params = flatten(recipe.model_dump(mode="json", exclude={"candidates"}))
@@ -444,7 +444,10 @@ def engine_card_table(card: dict) -> dict:
             "format": [(p.get("artifact") or {}).get("label") for p in pairs],
             "kernel": [p.get("kernel") for p in pairs], "measured": [bool(p.get("measured")) for p in pairs],
             "e2e_p95_ms": [metric(p, "e2e_p95_ms") for p in pairs], "ttft_p95_ms": [metric(p, "ttft_p95_ms") for p in pairs],
-            "goodput_rps": [metric(p, "goodput_rps") for p in pairs], "recommended": [pid(p) == rec for p in pairs]}
+            "goodput_rps": [metric(p, "goodput_rps") for p in pairs],
+            "max_slo_load": [(p.get("slo_rate") or {}).get("max_value") for p in pairs],
+            "goodput_at_max_slo_load": [(p.get("slo_rate") or {}).get("goodput_rps") for p in pairs],
+            "recommended": [pid(p) == rec for p in pairs]}
 
 
 def log_engine_card(uri: str, run_id: str, card_file: Path, report_file: Path | None = None) -> None:
@@ -455,10 +458,11 @@ def log_engine_card(uri: str, run_id: str, card_file: Path, report_file: Path | 
 
     _quiet_mlflow()
     client = MlflowClient(uri)
-    for f in (card_file, report_file):
+    card = json.loads(Path(card_file).read_text())
+    plots = [Path(card_file).parent / name for name in card.get("plots") or []]  # beside the card, by its name
+    for f in (card_file, report_file, *plots):
         if f is not None and Path(f).is_file():
             client.log_artifact(run_id, str(f), artifact_path="engine_card")
-    card = json.loads(Path(card_file).read_text())
     with warnings.catch_warnings():  # pandas' dtype deprecation notices inside MLflow
         warnings.simplefilter("ignore")
         client.log_table(run_id, data=engine_card_table(card), artifact_file="engine_card/pairs.json")

@@ -163,6 +163,10 @@ class RunFolder:
     def engine_card_report(self) -> Path:
         return self.engines_dir / "card.md"
 
+    @property
+    def engine_slo_rate_plot(self) -> Path:
+        return self.engines_dir / "pareto-slo-rate.png"
+
     def engine_pair_file(self, engine: str, artifact: str) -> Path:
         return self.engines_dir / "pairs" / f"{engine}--{artifact}.json"
 

@@ -16,11 +16,14 @@ from ..engine_spec import KINDS
 
 GOALS = {
     "latency": "lowest P95 end-to-end latency (TTFT and TPOT both count) among pairs meeting the SLOs",
-    "throughput": "most goodput (requests/s meeting the SLOs) at the knee of the concurrency sweep",
+    "throughput": "highest load within the SLOs (the SLO-rate search; the knee of the concurrency sweep where "
+                  "it was not searched), then most goodput (requests/s meeting the SLOs) there",
+    "cost": "fewest $ per 1M output tokens at the highest load within the SLOs (the machine's $/hour over the "
+            "tokens it writes there), then the highest load",
 }
 COLUMNS = ("pair", "format", "kernel", "start s", "peak MB", "TTFT p50/p95 ms", "TPOT p50/p95 ms",
            "E2E p95 ms", "out tok/s", "goodput rps", "SLO att.", "err/timeout", "knee c (goodput)",
-           "$/1M out", "quality", "load")
+           "max SLO load (goodput)", "$/1M out", "quality", "load")
 
 
 # ------------------------------------------------------------------------------ ranking
@@ -28,7 +31,23 @@ def pair_id(p: dict) -> str:
     return f"{p['artifact']['name']} @ {p['engine']}"
 
 
-def _meets(p: dict, min_attainment: float) -> bool:
+def card_attainment(card: dict) -> float:
+    """The share of requests a card's pairs had to bring within the SLOs."""
+    return card.get("attainment") or (card.get("sweep") or {}).get("min_attainment", 0.95)
+
+
+def slo_load(p: dict) -> float | None:
+    """The highest rate (or concurrency) at which the pair met the SLOs, if it was searched."""
+    return (p.get("slo_rate") or {}).get("max_value")
+
+
+def _searched(p: dict) -> bool:
+    return (p.get("slo_rate") or {}).get("status") not in (None, "unresolved") or slo_load(p) is not None
+
+
+def _meets(p: dict, min_attainment: float, goal: str = "latency") -> bool:
+    if goal != "latency" and _searched(p):  # ranked on the search: it met them at some probed load
+        return slo_load(p) is not None
     m = p.get("metrics") or {}
     att = m.get("slo_attainment")
     return (att is not None and att >= min_attainment and not m.get("error_rate") and not m.get("timeout_rate"))
@@ -37,10 +56,15 @@ def _meets(p: dict, min_attainment: float) -> bool:
 def _key(p: dict, goal: str):
     m = p.get("metrics") or {}
     inf = float("inf")
-    if goal == "throughput":
-        k = p.get("knee") or {}
-        return (-(k.get("goodput_rps") or m.get("goodput_rps") or 0.0),
-                -(k.get("output_tok_s") or m.get("output_tok_s") or 0.0), m.get("e2e_p95_ms") or inf)
+    if goal in ("throughput", "cost"):
+        k, r = p.get("knee") or {}, p.get("slo_rate") or {}
+        goodput = r.get("goodput_rps") or k.get("goodput_rps") or m.get("goodput_rps") or 0.0
+        load = (-(slo_load(p) or 0.0), -goodput, -(r.get("output_tok_s") or k.get("output_tok_s")
+                                                   or m.get("output_tok_s") or 0.0), m.get("e2e_p95_ms") or inf)
+        if goal == "cost":
+            usd = r.get("usd_per_1m_output_tokens") if slo_load(p) is not None else m.get("usd_per_1m_output_tokens")
+            return (usd if usd is not None else inf, *load)
+        return load
     return (m.get("e2e_p95_ms") or inf, m.get("ttft_p95_ms") or inf, -(m.get("output_tok_s") or 0.0))
 
 
@@ -59,7 +83,7 @@ def rank(pairs: list[dict], goal: str, min_attainment: float = 0.95) -> tuple[li
         else:
             ranked.append(p)
     # a pair whose quality was never gated (an extra, or no compare.json yet) ranks after gated passes
-    ranked.sort(key=lambda p: (not _meets(p, min_attainment), (p.get("quality") or {}).get("passed") is not True,
+    ranked.sort(key=lambda p: (not _meets(p, min_attainment, goal), (p.get("quality") or {}).get("passed") is not True,
                                _key(p, goal)))
     return ranked, excluded
 
@@ -72,12 +96,33 @@ def _fmt(v, nd=0, unit=""):
     return f"{v:,.{nd}f}{unit}"
 
 
+def _load_text(r: dict | None) -> str:
+    """A search's answer in words: '2.44 req/s (3.05 missed)', '≥ 16 req/s', '< 0.25 req/s'."""
+    if not r:
+        return "–"
+    unit, mx, nxt = r.get("unit", "req/s"), r.get("max_value"), r.get("next_value")
+    if mx is None:
+        return f"< {nxt:g} {unit}" if nxt is not None else "–"
+    if r.get("status") == "all_pass":
+        return f"≥ {mx:g} {unit} (the top of the range)"
+    if r.get("status") == "unresolved":
+        return f"{mx:g}–{nxt:g} {unit} (probes ran out)" if nxt is not None else f"≥ {mx:g} {unit}"
+    return f"{mx:g} {unit} ({nxt:g} missed)"
+
+
 def _why(best: dict, other: dict | None, goal: str, min_attainment: float) -> str:
     m = best["metrics"]
     parts = []
     if goal == "latency":
         parts.append(f"P95 E2E {_fmt(m.get('e2e_p95_ms'))} ms, P95 TTFT {_fmt(m.get('ttft_p95_ms'))} ms, "
                      f"P50 TPOT {_fmt(m.get('tpot_p50_ms'), 1)} ms")
+    elif slo_load(best) is not None:
+        r = best["slo_rate"]
+        if goal == "cost":
+            parts.append(f"{_fmt(r.get('usd_per_1m_output_tokens'), 3)} $ per 1M output tokens at its highest "
+                         f"SLO load")
+        parts.append(f"highest load within the SLOs {_load_text(r)}, goodput {_fmt(r.get('goodput_rps'), 2)} req/s "
+                     f"there ({_fmt(r.get('output_tok_s'), 1)} tok/s)")
     else:
         k = best.get("knee") or {}
         parts.append(f"goodput {_fmt(k.get('goodput_rps') or m.get('goodput_rps'), 2)} req/s at concurrency "
@@ -86,13 +131,19 @@ def _why(best: dict, other: dict | None, goal: str, min_attainment: float) -> st
         om = other["metrics"]
         if goal == "latency" and m.get("e2e_p95_ms") and om.get("e2e_p95_ms"):
             parts.append(f"{1 - m['e2e_p95_ms'] / om['e2e_p95_ms']:.0%} lower P95 E2E than {pair_id(other)}")
+        elif goal in ("throughput", "cost") and slo_load(best) and slo_load(other):
+            parts.append(f"{slo_load(best) / slo_load(other):.2f}× the SLO load of {pair_id(other)}")
         elif goal == "throughput":
             a = (best.get("knee") or {}).get("goodput_rps") or m.get("goodput_rps")
             b = (other.get("knee") or {}).get("goodput_rps") or om.get("goodput_rps")
             if a and b:
                 parts.append(f"{a / b:.2f}× the goodput of {pair_id(other)}")
-    parts.append("meets the SLOs under the workload" if _meets(best, min_attainment)
-                 else "NO pair meets the SLOs under the workload; this one misses them least")
+    if goal != "latency" and _searched(best):
+        parts.append("meets the SLOs there" if _meets(best, min_attainment, goal)
+                     else "NO pair meets the SLOs at any load probed; this one misses them least")
+    else:
+        parts.append("meets the SLOs under the workload" if _meets(best, min_attainment)
+                     else "NO pair meets the SLOs under the workload; this one misses them least")
     if (best.get("quality") or {}).get("passed") is None:
         parts.append("quality not gated yet (no compare.json: run `quantgate run` first)")
     return "; ".join(parts)
@@ -108,7 +159,7 @@ def recommend(pairs: list[dict], goal: str, min_attainment: float = 0.95) -> dic
     why = _why(best, runner, goal, min_attainment)
     if (best.get("quality") or {}).get("passed") is True:
         better = [p for p in ranked[1:] if (p.get("quality") or {}).get("passed") is None
-                  and _meets(p, min_attainment) and _key(p, goal) < _key(best, goal)]
+                  and _meets(p, min_attainment, goal) and _key(p, goal) < _key(best, goal)]
         if better:
             why += ("; " + ", ".join(pair_id(p) for p in better) + " measured better but "
                     + ("its" if len(better) == 1 else "their") + " quality is not gated (not a recipe candidate, "
@@ -169,7 +220,7 @@ def recommended_deployment(card: dict) -> dict | None:
 def build_card(context: dict, cells: list[dict], pairs: list[dict]) -> dict:
     """context: recipe, recipe_hash, goal, workload, sweep, constraints, rollback_to, command, ..."""
     goal = context["goal"]
-    min_att = (context.get("sweep") or {}).get("min_attainment", 0.95)
+    min_att = card_attainment(context)
     rec = recommend(pairs, goal, min_att)
     by_id = {pair_id(p): p for p in pairs}
     best = by_id.get(rec["recommended"])
@@ -218,6 +269,8 @@ def _row(p: dict) -> list[str]:
         _fmt((m.get("slo_attainment") or 0) * 100, 0, "%") if m.get("slo_attainment") is not None else "–",
         f"{_fmt((m.get('error_rate') or 0) * 100, 0, '%')} / {_fmt((m.get('timeout_rate') or 0) * 100, 0, '%')}",
         f"{k['concurrency']} ({_fmt(k.get('goodput_rps'), 2)})" if k else ("none" if p.get("sweep") else "–"),
+        (f"{_load_text(p['slo_rate'])} ({_fmt(p['slo_rate'].get('goodput_rps'), 2)})" if slo_load(p) is not None
+         else _load_text(p.get("slo_rate"))),
         _fmt(m.get("usd_per_1m_output_tokens"), 3), {True: "pass", False: "FAIL", None: "–"}[q] + _graded(p),
         p.get("load_avg") or "–",
     ]
@@ -255,9 +308,10 @@ def render_markdown(card: dict) -> str:
          f"Recipe hash `{str(card.get('recipe_hash', ''))[:12]}` · generated {card.get('generated_at', '')} · "
          f"`{card.get('command', 'quantgate engines')}`", "",
          "## Goal", "", f"**{card['goal']['kind']}** — {card['goal']['rule']}.",
-         "SLOs: " + (", ".join(f"{k.split('_')[0].upper()} ≤ {_fmt(v)} ms" for k, v in slo.items() if v is not None)
+         "SLOs: " + (", ".join(f"{k.split('_')[0].upper()} ≤ {_fmt(v)} ms" for k, v in slo.items()
+                               if v is not None and k != "attainment")
                      or "none set (every successful request counts)") + "; a pair meets them when ≥ "
-         f"{(card.get('sweep') or {}).get('min_attainment', 0.95):.0%} of requests do, with no errors or timeouts.", "",
+         f"{card_attainment(card):.0%} of requests do, with no errors or timeouts.", "",
          "## Workload", "",
          f"- {w.get('requests')} requests, arrival `{w.get('arrival')}`, concurrency {w.get('concurrency')}"
          + (f", rate {w.get('rate')} req/s" if w.get("rate") else "")
@@ -306,6 +360,27 @@ def render_markdown(card: dict) -> str:
                              _fmt(s.get("goodput_rps"), 2), "✓" if s.get("meets") else "✗"])
         L += _table(["pair", "c", "requests", "SLO att.", "TTFT p95", "TPOT p95", "out tok/s", "goodput", "meets"], rows)
         L.append("")
+    searched = [p for p in measured if (p.get("slo_rate") or {}).get("probed")]
+    if searched:
+        sr = card.get("slo_rate") or {}
+        L += ["### Highest load within the SLOs", "",
+              f"Bisection over {sr.get('axis', 'rate')} {_fmt(sr.get('low'), 2)}…{_fmt(sr.get('high'), 2)} (each step × "
+              f"{_fmt(sr.get('growth'), 2)}), at most {sr.get('max_probes', '–')} probes a pair; one probe is "
+              "`quantgate loadtest` at that value (same arrivals, mix, seed and SLOs); the answer is exact to one "
+              "step: the value above it missed.", ""]
+        rows = []
+        for p in searched:
+            r = p["slo_rate"]
+            for s in r["probed"]:
+                rows.append([pair_id(p), f"{s['value']:g} {r.get('unit', '')}", s["requests"],
+                             _fmt((s.get("attainment") or 0) * 100, 0, "%") if s.get("attainment") is not None else "–",
+                             _fmt(s.get("ttft_p95_ms")), _fmt(s.get("tpot_p95_ms"), 1), _fmt(s.get("goodput_rps"), 2),
+                             "✓" if s.get("meets") else "✗"])
+            rows.append([f"**{pair_id(p)}**", f"**{_load_text(r)}**", "", "", "", "", _fmt(r.get("goodput_rps"), 2), ""])
+        L += _table(["pair", "load", "requests", "SLO att.", "TTFT p95", "TPOT p95", "goodput", "meets"], rows)
+        L.append("")
+    if card.get("plots"):
+        L += ["Plots: " + ", ".join(f"`{x}`" for x in card["plots"]), ""]
     L += ["## Recommendation", ""]
     if rec.get("recommended"):
         L += [f"**{rec['recommended']}** — {rec['why']}.", ""]

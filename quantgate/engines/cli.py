@@ -38,7 +38,8 @@ def register(app: typer.Typer) -> None:
         engine: Optional[List[str]] = typer.Option(None, "--engine", "-e", help="Only these engines (repeat)."),
         only: Optional[List[str]] = typer.Option(None, "--only", help="Only these candidates or extras (repeat)."),
         requests: Optional[int] = typer.Option(None, "--requests", min=1, help="Override the workload's requests."),
-        no_sweep: bool = typer.Option(False, "--no-sweep", help="Skip the concurrency sweep."),
+        no_sweep: bool = typer.Option(False, "--no-sweep", help="Skip the concurrency sweep and the search "
+                                      "for the highest SLO rate."),
         force: bool = typer.Option(False, "--force", help="Measure again even where a pair's record is current."),
     ):
         """Launch engines on each candidate, measure the pairs under the workload, write the engine card."""
@@ -78,6 +79,7 @@ def register(app: typer.Typer) -> None:
         over = {}
         if no_sweep:
             over["sweep"] = None
+            over["slo_rate"] = False
         if requests is not None:
             w = sel.workload or r.evaluation.workload
             over["workload"] = w.model_copy(update={"requests": requests}) if w else None

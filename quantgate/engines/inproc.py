@@ -32,7 +32,7 @@ def execute(job: dict) -> dict:
     from ..recipe import CostSpec
     from ..workload import WorkloadSpec
     from .measure import measure
-    from .spec import SweepSpec
+    from .spec import SLORateSpec, SweepSpec
 
     engine = TransformersClient(job["artifact"], device=job["device"], threads=job.get("threads"))
     t0 = time.perf_counter()
@@ -43,6 +43,7 @@ def execute(job: dict) -> dict:
                            lambda text: len(tok(text, add_special_tokens=False)["input_ids"]))
     kernel = _kernel(engine.model)
     sweep = SweepSpec.model_validate(job["sweep"]) if job.get("sweep") else None
+    rate_spec = SLORateSpec.model_validate(job["slo_rate"]) if job.get("slo_rate") else None
     cost = CostSpec.model_validate(job["cost"]) if job.get("cost") else None
 
     regression = None
@@ -56,7 +57,7 @@ def execute(job: dict) -> dict:
         # the engine is already loaded: measure() calls start() (a reload) — avoid it
         engine.start = _noop  # type: ignore[method-assign]
         return await measure(engine, WorkloadSpec.model_validate(job["workload"]), sweep, prompts, cost=cost,
-                             regression=regression)
+                             regression=regression, rate_spec=rate_spec)
 
     got = asyncio.run(go())
     got.pop("points", None)

@@ -18,6 +18,7 @@ from ..workload import WorkloadSpec
 from ..workspace import RunFolder, read_json
 from .card import build_card, render_markdown
 from .host import machine
+from .measure import required_attainment
 from . import quality as engine_quality
 from .pairs import refresh, run_pair
 from .spec import EngineSelectionSpec, EngineSpec, gguf_converter
@@ -63,6 +64,8 @@ def pair_key(name: str, spec: EngineSpec, art: Artifact, workload: WorkloadSpec,
                         "mtime": st.st_mtime if st else None, "workload": workload.model_dump(mode="json"),
                         "sweep": selection.sweep.model_dump(mode="json") if selection.sweep else None,
                         "probe": selection.probe_unsupported, "serve_port": selection.serve_port,
+                        # only when searched, so the records of pairs measured before the search stay current
+                        **({"slo_rate": rate.model_dump(mode="json")} if (rate := selection.rate_search) else {}),
                         "regression": None if regression is None else
                         [[c.model_dump() for c in regression[0]], regression[1]]})
 
@@ -138,6 +141,8 @@ def run_matrix(recipe, ws, selection: EngineSelectionSpec, *, engines: list[str]
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
         "workload": workload.model_dump(mode="json"),
         "sweep": selection.sweep.model_dump(mode="json") if selection.sweep else None,
+        "slo_rate": rate.model_dump(mode="json") if (rate := selection.rate_search) else None,
+        "attainment": required_attainment(workload, selection.sweep),
         "prompts": f"{'file ' + workload.prompts_file if workload.prompts_file else 'corpus ' + workload.corpus} "
                    f"(eval split), counted with the model's tokenizer",
         "constraints": {**machine(device), "load_avg": _load_range(pairs)},
@@ -146,5 +151,34 @@ def run_matrix(recipe, ws, selection: EngineSelectionSpec, *, engines: list[str]
         "engines": {n: s.model_dump(mode="json") for n, s in selection.engines.items()},
     }
     card = build_card(context, cells, pairs)
+    plot = slo_rate_plot(run, card, log)
+    if plot:
+        card["plots"] = [plot]
     run.write_engine_card(card, render_markdown(card))
     return card
+
+
+def slo_rate_points(card: dict, perplexity: dict[str, float]) -> list[tuple[str, float, float]]:
+    """(pair, highest load within the SLOs, the candidate's perplexity) for each pair with both."""
+    from .card import pair_id, slo_load
+
+    return [(pair_id(p), slo_load(p), perplexity[p["artifact"]["name"]]) for p in card["pairs"]
+            if slo_load(p) is not None and perplexity.get(p["artifact"]["name"]) is not None]
+
+
+def slo_rate_plot(run: RunFolder, card: dict, log=print) -> str | None:
+    """engines/pareto-slo-rate.png: quality × the highest SLO load (the name it has in the card)."""
+    names = {p["artifact"]["name"] for p in card["pairs"]}
+    ppl = {n: ((run.evaluation(n) or {}).get("metrics") or {}).get("perplexity") for n in names}
+    points = slo_rate_points(card, ppl)
+    if not points:
+        return None
+    try:
+        from ..plots import slo_rate_plot as draw
+
+        unit = next(((p.get("slo_rate") or {}).get("unit") for p in card["pairs"] if p.get("slo_rate")), "req/s")
+        made = draw(points, run.engine_slo_rate_plot, unit=unit, recommended=card["recommendation"].get("recommended"))
+    except ImportError as exc:  # matplotlib is optional: the card stands without its plot
+        log(f"no Pareto plot of the SLO load ({exc})")
+        return None
+    return made.name if made else None

@@ -61,7 +61,8 @@ def run_pair(name: str, spec: EngineSpec, art: Artifact, ctx: dict, log=print) -
     if not pair.get("kernel") and sup.kernel and got["observed"].get("loads"):
         pair["kernel"] = f"{sup.kernel} (table; not in the log)"
     if measured:
-        pair.update(measured=True, metrics=measured["metrics"], sweep=measured["sweep"], knee=measured["knee"])
+        pair.update(measured=True, metrics=measured["metrics"], sweep=measured["sweep"], knee=measured["knee"],
+                    slo_rate=measured.get("slo_rate"))
         if measured.get("regression") is not None:
             pair["regression"] = measured["regression"]
         atomic_write_json(ctx["run"].engine_report_file(slug), measured["report"])
@@ -103,6 +104,7 @@ def _launched(name: str, spec: EngineSpec, art: Artifact, ctx: dict, slug: str, 
         engine = client(spec.kind, server.base_url, art.name, spec, ctx["workload"].timeout_s)
         measured = asyncio.run(measure(engine, ctx["workload"], ctx["selection"].sweep, ctx["prompts"],
                                        cost=ctx["cost"], alive=server.alive, regression=ctx.get("regression"),
+                                       rate_spec=ctx["selection"].rate_search,
                                        log=log))
         died = not server.alive()
     finally:
@@ -117,7 +119,8 @@ def _launched(name: str, spec: EngineSpec, art: Artifact, ctx: dict, slug: str, 
 def _running(spec: EngineSpec, art: Artifact, ctx: dict, log) -> dict:
     engine = client(spec.kind, spec.base_url, spec.model or art.name, spec, ctx["workload"].timeout_s)
     measured = asyncio.run(measure(engine, ctx["workload"], ctx["selection"].sweep, ctx["prompts"],
-                                   cost=ctx["cost"], regression=ctx.get("regression"), log=log))
+                                   cost=ctx["cost"], regression=ctx.get("regression"),
+                                   rate_spec=ctx["selection"].rate_search, log=log))
     ok = measured["metrics"].get("error_rate", 1) < 1
     return {"base_url": spec.base_url, "served_model": spec.model or art.name, "measured": measured if ok else None,
             "error": None if ok else f"every request to {spec.base_url} failed: {measured['first_error']}",
@@ -132,6 +135,7 @@ def _inprocess(spec: EngineSpec, art: Artifact, ctx: dict, slug: str, log) -> di
     job = {"artifact": art.path, "device": spec.device, "threads": spec.threads,
            "workload": ctx["workload"].model_dump(mode="json"),
            "sweep": ctx["selection"].sweep.model_dump(mode="json") if ctx["selection"].sweep else None,
+           "slo_rate": rate.model_dump(mode="json") if (rate := ctx["selection"].rate_search) else None,
            "cost": ctx["cost"].model_dump(mode="json") if ctx["cost"] is not None else None,
            "prompt_texts": ctx["prompt_texts"],
            "regression": ([c.model_dump() for c in ctx["regression"][0]], ctx["regression"][1])

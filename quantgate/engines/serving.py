@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from ..engine_spec import KINDS
 from ..errors import QuantgateError
 from ..formats import Artifact, expected
-from .card import deployment_of, pair_id, rank
+from .card import card_attainment, deployment_of, pair_id, rank
 from .quality import refusal as engine_refusal
 from .spec import EngineSpec, engine_python
 
@@ -69,7 +69,7 @@ def from_card(card: dict, name: str) -> EngineChoice | None:
     this candidate's best-ranked pair; None when the card measured no pair of it."""
     device = (card.get("constraints") or {}).get("device", "cpu")
     goal = (card.get("goal") or {}).get("kind", "latency")
-    min_att = (card.get("sweep") or {}).get("min_attainment", 0.95)
+    min_att = card_attainment(card)
     mine = [p for p in card.get("pairs", []) if p["artifact"]["name"] == name]
     ranked, _ = rank(mine, goal, min_att)
     if not ranked:  # every measured pair of it answered wrongly on its engine: refused, not served in process

@@ -52,6 +52,15 @@ def load_prompts(spec, workload_file: Path | None, warn=print):
 
 
 # ---------------------------------------------------------------------------- output
+DEFAULT_ATTAINMENT = 0.95  # the share `quantgate engines` requires when the SLOs do not say (sweep.min_attainment)
+
+
+def within_slo(attainment: float | None, error_rate: float, timeout_rate: float, need: float) -> bool:
+    """The rule `quantgate engines` judges a load by (sweep.point_of): enough requests met every
+    SLO, and none failed or timed out."""
+    return attainment is not None and attainment >= need and not error_rate and not timeout_rate
+
+
 def _ms(x) -> str:
     return "-" if x is None else f"{x:.1f}"
 
@@ -69,7 +78,8 @@ def report_tables(report) -> list:
         lat.add_row(name.upper(), str(s.n), str(s.requests), *(_ms(x) for x in (s.mean, s.p50, s.p95, s.p99, s.max)))
 
     slo = report.workload.slo
-    slo_text = ", ".join(f"{k} ≤ {v:g}" for k, v in slo.model_dump().items() if v is not None) or "none set"
+    slo_text = ", ".join(f"{k} ≤ {v:g}" for k, v in slo.targets.items()) or "none set"
+    need = DEFAULT_ATTAINMENT if slo.attainment is None else slo.attainment
     tp = Table(title="throughput")
     tp.add_column("measure")
     tp.add_column("value", justify="right")
@@ -82,6 +92,8 @@ def report_tables(report) -> list:
         ("SLO attainment", f"{a.slo_attainment:.1%}"),
         ("error rate", f"{a.error_rate:.1%}"),
         ("timeout rate", f"{a.timeout_rate:.1%}"),
+        (f"within the SLOs (≥ {need:.0%} attainment, no errors or timeouts)",
+         "yes" if within_slo(a.slo_attainment, a.error_rate, a.timeout_rate, need) else "no"),
     ]
     for r in rows:
         tp.add_row(*r)

@@ -8,6 +8,8 @@ Behaviour from flags (unknown engine flags are ignored):
   --ignore-term      ignore SIGTERM (the launcher must SIGKILL)
   --spawn-child      fork a worker process that sleeps (the launcher must reap it too)
   --tpot-ms MS       pause between streamed tokens
+  --slots N          answer at most N requests at once; the others wait their turn (a server with a
+                     capacity: past it, the queue grows and TTFT with it)
   --crash-after N    exit (code 3, the whole process at once) when the (N+1)-th chat request arrives
   --pid-file PATH    append this process's pid to PATH at start (tests check what was spawned)
   --reply TEXT       the first word of every answer (tells deployments apart)
@@ -44,6 +46,7 @@ def main() -> None:
     ap.add_argument("--ignore-term", action="store_true")
     ap.add_argument("--spawn-child", action="store_true")
     ap.add_argument("--tpot-ms", type=float, default=1.0)
+    ap.add_argument("--slots", type=int, default=None)
     ap.add_argument("--crash-after", type=int, default=None)
     ap.add_argument("--pid-file", default=None)
     ap.add_argument("--reply", default="t")
@@ -92,7 +95,15 @@ def main() -> None:
     async def health(_):
         return web.Response(text="")
 
+    slots = asyncio.Semaphore(a.slots) if a.slots else None
+
     async def chat(request):
+        if slots is None:
+            return await answer(request)
+        async with slots:
+            return await answer(request)
+
+    async def answer(request):
         served[0] += 1
         log(f"INFO chat request {served[0]}")
         if a.crash_after is not None and served[0] > a.crash_after:
