@@ -430,6 +430,8 @@ def manifest_show(manifest: Optional[Path] = typer.Argument(None), workspace: Pa
     rows = [("active", m.active)] + [("previous", d) for d in m.previous]
     if m.serving.fallback:
         rows.append(("fallback", m.serving.fallback))
+    if m.canary is not None and m.canary.running:
+        rows.append((f"canary {m.canary.weight:g}%", m.canary.challenger))
     for role, d in rows:
         t.add_row(role, d.key, d.method, d.provider.kind + (f" ({d.engine.kind})" if d.engine else ""), d.artifact or "-")
     out.print(t)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from ..errors import QuantgateError
-from .manifest import Deployment, HistoryEvent, Manifest, ServingSpec
+from .manifest import CanaryEvent, Deployment, HistoryEvent, Manifest, ServingSpec
 
 KEEP_PREVIOUS = 10
 
@@ -30,6 +30,9 @@ def promote(manifest: Manifest | None, new: Deployment, *, now: datetime, by: st
         return Manifest(active=new, serving=serving or ServingSpec(), evidence=evidence or {}, history=[event])
     if manifest.active.key == new.key:
         raise QuantgateError(f"'{new.key}' is already the active deployment")
+    if manifest.canary is not None and manifest.canary.running:
+        raise QuantgateError(f"a canary of '{manifest.canary.challenger.key}' is running at {manifest.canary.weight:g}%: "
+                             "`quantgate canary abort` it (or let it finish) before promoting another deployment")
     previous = [manifest.active] + [d for d in manifest.previous if d.key != new.key]
     serving = serving or manifest.serving
     if serving.fallback is not None and serving.fallback.key == new.key:
@@ -63,8 +66,13 @@ def rollback(manifest: Manifest, *, now: datetime, by: str, reason: str = "") ->
     if serving.fallback is not None and serving.fallback.key == target.key:
         # rolling back onto the fallback itself: there is nothing cheaper to fall back to now
         serving = serving.model_copy(update={"fallback": None})
+    canary = manifest.canary
+    if canary is not None and canary.running:  # its comparison was with the deployment rolled back: it ends too
+        ended = CanaryEvent(what="rollback", when=now, step=canary.step, weight=0, by=by,
+                            why=f"the stable deployment {manifest.active.key} was rolled back")
+        canary = canary.model_copy(update={"state": "rolled_back", "history": [*canary.history, ended]})
     return _validated(manifest.model_copy(update={"active": target, "previous": rest, "serving": serving,
-                                                  "history": [*manifest.history, event]}))
+                                                  "canary": canary, "history": [*manifest.history, event]}))
 
 
 def _validated(m: Manifest) -> Manifest:

@@ -146,3 +146,14 @@ def test_a_bad_schedule_is_refused_naming_the_field(steps, msg):
            "canary": {"challenger": {"name": "new"}, "steps": steps, "step_started": T0.isoformat()}}
     with pytest.raises(ManifestError, match=msg):
         parse_manifest(__import__("json").dumps(doc))
+
+
+def test_a_plain_promote_waits_for_the_canary_and_a_rollback_ends_it():
+    from quantgate.serve.promote import promote, rollback
+
+    m = cn.start(promote(manifest(), dep("older"), now=T0, by="me"), dep("new"), [5, 100], now=T0, by="me")
+    with pytest.raises(QuantgateError, match="canary abort"):
+        promote(m, dep("other"), now=LATER, by="me")
+    r = rollback(m, now=LATER, by="me", reason="incident")
+    assert r.active.name == "old" and r.canary.state == "rolled_back" and r.canary.weight == 0
+    assert "older@1 was rolled back" in r.canary.history[-1].why

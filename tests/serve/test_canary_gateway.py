@@ -27,7 +27,7 @@ CASES = [{"id": "who", "prompt": "who are you?", "checks": [{"type": "not_contai
 def canary_manifest(challenger: dict, steps=(20, 50, 100), **canary) -> dict:
     c = {"challenger": challenger, "steps": list(steps), "step_started": datetime.now(timezone.utc).isoformat(),
          "min_requests": 20, "min_fail_requests": 10, "min_seconds": 0, "eval_interval_s": 0.02,
-         "gates": {"latency_slack_ms": 100}, "probes": {"cases": CASES, "every_s": 0.05}, **canary}
+         "gates": {"latency_slack_ms": 250}, "probes": {"cases": CASES, "every_s": 0.05}, **canary}
     return {"schema_version": 2, "active": mock("stable", reply_tokens=8),
             "serving": {"default_budget_ms": 3000, "max_budget_ms": 10000, "max_concurrency": 64, "anonymous": True,
                         "reload_interval_s": 0.05, "cache": {"enabled": False}},
