@@ -125,10 +125,13 @@ class CanaryRun:
         while True:
             c = self.gw.rt.canary
             await asyncio.sleep(c.eval_interval_s if c is not None else 1.0)
-            if c is not None and c.probes.cases and self.gw.clock() >= next_probe:
-                next_probe = self.gw.clock() + c.probes.every_s
-                await self.probe_round()
-            await self.tick()
+            try:
+                if c is not None and c.probes.cases and self.gw.clock() >= next_probe:
+                    next_probe = self.gw.clock() + c.probes.every_s
+                    await self.probe_round()
+                await self.tick()
+            except Exception:  # noqa: BLE001 - a bug here must not end the canary's watch (nor the gateway)
+                log.exception("canary: the decision loop failed; trying again")
 
     # ------------------------------------------------------------------ probes
     async def probe_round(self) -> None:

@@ -80,6 +80,9 @@ def again(serve, path):
 
 def test_a_good_canary_is_promoted_through_every_step(serve, manifest_path):
     srv = serve(canary_manifest(mock("good", reply_tokens=8)))
+    ok, ready = srv.call(srv.gateway.readiness())
+    assert ok and {k: ready["canary"][k] for k in ("challenger", "step", "weight", "serving")} == {
+        "challenger": "good@1", "step": 0, "weight": 20, "serving": True}
     sent, failed, served = drive(srv, manifest_path, ended("promoted"))
     m = load_manifest(manifest_path)
     assert not failed
@@ -121,6 +124,7 @@ def test_a_canary_answering_the_regression_set_wrongly_is_rolled_back_by_its_pro
     assert "probe pass rate 0.500" in c.history[-1].why and c.history[-1].figures["stable"]["probe_pass_rate"] == 1
     assert srv.gateway.canary.rounds <= 2
     wait_for(lambda: srv.gateway.rt.canary is None, "the gateway to reload without the canary")
+    assert "canary" not in srv.call(srv.gateway.readiness())[1]
 
 
 def test_a_restarted_gateway_resumes_the_canary_at_the_same_step(serve, manifest_path):
