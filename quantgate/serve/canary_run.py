@@ -11,7 +11,9 @@ evaluation's own grader.
 `tick()` decides with the gateway's wall clock; a step, a promotion or a rollback is written to the
 manifest under its lock, atomically, with the figures (a restarted gateway resumes from the file at
 the same step), and the gateway reloads at once. A decision taken at a step the file has already
-left (a person or another replica decided first) is dropped. Fail closed: a rollback takes the
+left (a person or another replica decided first) is dropped. Replicas sharing Redis
+(serving.state) take one decision per step: the first to claim it there (SET NX); the others adopt
+it — figures, author and time — into their own manifest files, also while they would hold. Fail closed: a rollback takes the
 canary's traffic away in memory before the file is written, so a manifest that cannot be written
 still stops the canary here; a challenger whose provider could not be had (checksums, a start that
 raised), whose engine exited, restarts, gave up, or is not ready by `ready_timeout_s` is rolled back
@@ -21,6 +23,7 @@ with that reason.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from datetime import datetime, timezone
 
@@ -95,13 +98,21 @@ class CanaryRun:
             return None
         now = datetime.fromtimestamp(self.gw.wall(), timezone.utc)
         d = self.last = decide(c, self.stable, self.canary, now=now, engine_problem=self.engine_problem(rt))
+        key, step, by = c.challenger.key, c.step, f"gateway {self.gw.replica_id}"
+        # replicas sharing Redis take one decision per step: the first to claim it; the others adopt it
+        step_key, state = f"{key}:{step}", self.gw.state
         if d.action == "hold":
-            return d
+            theirs = await state.canary_decision(step_key)
+            if theirs is None:
+                return d
+            d, by, now = _decision(theirs)
+        else:
+            d, by, now = _decision(await state.claim_canary(step_key, _payload(d, by, now), CLAIM_TTL_S))
+        self.last = d
         if d.action == "rollback":
             rt.canary_view = None  # weight 0 now, whatever happens to the file
         self._writing = True
         try:
-            key, step, by = c.challenger.key, c.step, f"gateway {self.gw.replica_id}"
 
             def change(cur):
                 if cur is None or cur.canary is None or cur.canary.challenger.key != key:
@@ -160,6 +171,19 @@ class CanaryRun:
         return {"challenger": c.challenger.key, "step": c.step, "weight": c.weight if self.gw.rt.canary_view else 0,
                 "serving": self.gw.rt.canary_view is not None, "probe_rounds": self.rounds,
                 "last_decision": {"action": d.action, "reason": d.reason} if d else None}
+
+
+CLAIM_TTL_S = 86_400.0  # a step's decision stays in Redis a day: replicas behind it adopt it meanwhile
+
+
+def _payload(d: Decision, by: str, now: datetime) -> str:
+    return json.dumps({"action": d.action, "reason": d.reason, "figures": d.figures, "by": by,
+                       "when": now.isoformat()})
+
+
+def _decision(payload: str) -> tuple[Decision, str, datetime]:
+    x = json.loads(payload)
+    return Decision(x["action"], x["reason"], x["figures"]), x["by"], datetime.fromisoformat(x["when"])
 
 
 async def _probe(prov, case, max_tokens: int, timeout_s: float) -> bool:

@@ -213,6 +213,12 @@ class LocalState:
     async def breaker_event(self, deployment: str) -> str | None:
         return None
 
+    async def claim_canary(self, step_key: str, decision: str, ttl_s: float) -> str:
+        return decision  # alone, this replica's decision is the decision
+
+    async def canary_decision(self, step_key: str) -> str | None:
+        return None
+
     async def probe(self) -> None:
         return None
 
@@ -415,16 +421,45 @@ class RedisState(LocalState):
 
     async def breaker_event(self, deployment: str) -> str | None:
         """The breaker another replica opened on `deployment` within its cool-down, if any."""
+        return await self._signal("breaker", f"{self.spec.prefix}breaker:{deployment}")
+
+    async def _signal(self, op: str, key: str) -> str | None:
+        """A value one replica left for the others (a GET), or None: absent, or Redis down."""
         if not self._use_redis():
             return None
-        self.trip("breaker")
+        self.trip(op)
         try:
-            got = await self._bounded(self.redis.get(f"{self.spec.prefix}breaker:{deployment}"))
+            got = await self._bounded(self.redis.get(key))
         except self._errors() as exc:
             self._down(exc)
             return None
         self._up()
         return None if got is None else _s(got)
+
+    # ------------------------------------------------------------------ canary decisions
+    async def claim_canary(self, step_key: str, decision: str, ttl_s: float) -> str:
+        """The one decision about a canary step: `decision` if no replica decided this step first (SET NX),
+        else the one that did. Redis down: this replica's own (the manifest file's stale check still
+        keeps a step from being taken twice where replicas share the file)."""
+        if not self._use_redis():
+            return decision
+        k = f"{self.spec.prefix}canary:{step_key}"
+        self.trip("canary")
+        try:
+            if await self._bounded(self.redis.set(k, decision, nx=True, px=max(1, int(ttl_s * 1000)))):
+                self._up()
+                return decision
+            self.trip("canary")
+            got = await self._bounded(self.redis.get(k))
+        except self._errors() as exc:
+            self._down(exc)
+            return decision
+        self._up()
+        return decision if got is None else _s(got)
+
+    async def canary_decision(self, step_key: str) -> str | None:
+        """The decision another replica took about this canary step, if any."""
+        return await self._signal("canary", f"{self.spec.prefix}canary:{step_key}")
 
     # ------------------------------------------------------------------ admit / settle
     def _keys(self, tenant: str, user_id: str | None, wall: float) -> tuple[list, list, list]:

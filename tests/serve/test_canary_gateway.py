@@ -201,3 +201,40 @@ def test_a_canary_engine_that_never_gets_ready_is_rolled_back_and_takes_no_traff
     why = load_manifest(manifest_path).canary.history[-1].why
     assert why == "challenger engine: engine not ready after 0.5 s", why
     assert not failed and set(served) == {"stable"}
+
+
+def test_two_replicas_on_one_redis_follow_one_decision(tmp_path):
+    """Each replica its own manifest file and its own windows; Redis (serving.state) holds one decision per
+    step, claimed by the first replica to decide it, adopted by the other with its figures."""
+    import shutil
+
+    from gwkit import RedisServer, write
+    from quantgate.serve.server import ServerThread
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run installs it)")
+    redis = RedisServer(binary, tmp_path).start()
+    m = canary_manifest(mock("good", reply_tokens=8))
+    m["serving"]["state"] = {"redis": redis.url}
+    paths = [write((tmp_path / r).mkdir() or tmp_path / r / "manifest.json", m) for r in ("a", "b")]
+    srvs = [ServerThread(p).start() for p in paths]
+    try:
+        async def go():
+            sent = 0
+            async with aiohttp.ClientSession() as s:
+                while not all(load_manifest(p).canary.state == "promoted" for p in paths):
+                    assert sent < 4000, [load_manifest(p).canary.history for p in paths]
+                    got = await asyncio.gather(*(_batch(s, srv.url, sent + 10 * i, 10) for i, srv in enumerate(srvs)))
+                    assert all(status == 200 for batch in got for status, _ in batch)
+                    sent += 20
+        asyncio.run(go())
+        a, b = ([(e.what, e.weight, e.why, e.when, e.figures) for e in load_manifest(p).canary.history] for p in paths)
+        assert [x[:2] for x in a] == [("step", 50), ("step", 100), ("promote", 100)]
+        assert a == b  # the same decisions, with the same figures (one replica's windows) and times
+        text = srvs[0].gateway.metrics.render().decode() + srvs[1].gateway.metrics.render().decode()
+        assert metric(text, "quantgate_redis_round_trips_total", op="canary") >= 3
+    finally:
+        for srv in srvs:
+            srv.stop()
+        redis.stop()
