@@ -254,6 +254,8 @@ def test_a_mixed_rtn_candidate_is_a_checkpoint_that_loads_with_its_bit_map(tmp_p
     with pytest.raises(ValueError, match="evaluation.dtype: bfloat16"):
         load_causal_lm(str(out), "float32", "cpu")
     model = load_causal_lm(str(out), "bfloat16", "cpu")
+    torch_kernels = [m for m in model.modules() if type(m).__name__ == "TorchLinear"]
+    assert torch_kernels and all(m._cache_enabled for m in torch_kernels)  # 8-bit: dequantized once, not per call
     dense = load_file(str(tiny_model / "model.safetensors"))
     torch.manual_seed(0)
     checked = 0
