@@ -49,11 +49,48 @@ def quantize_dtype(method: str, device: str, flags: set[str]) -> str:
     Torch Fused"); where the CPU has no native bfloat16 that made GPTQ's per-layer forward replays
     6-7x slower (SmolLM2: 57 s became 440 s), so there GPTQ quantizes in float32 (119 s, and more
     exact: the Hessians and replayed activations keep float32; held-out perplexity 47.69 vs 47.84).
-    AWQ keeps bfloat16: GPTQModel 7.6's AWQ in float32 picked scales 10x larger for q/k/v and wrote a
-    broken checkpoint (perplexity 3.4e6), measured. GPUs keep GPTQModel's choice."""
+    AWQ keeps bfloat16 (with float32_linears below): GPTQModel 7.6's AWQ in float32 picked scales 10x
+    larger for q/k/v and wrote a broken checkpoint (perplexity 3.4e6), measured. GPUs keep its choice."""
     if method == "gptq" and device == "cpu" and not native_bf16(flags):
         return "float32"
     return "auto"
+
+
+def float32_linears(dtype: str | None, device: str, flags: set[str]) -> bool:
+    """Pure: whether bfloat16 linears on this device should be computed by bf16_linears_in_float32."""
+    return device == "cpu" and dtype == "bfloat16" and not native_bf16(flags)
+
+
+# rows at and above which a bfloat16 linear is computed in float32: a prefill or calibration batch;
+# a decode step (1 row) stays in bfloat16, where converting the weight would cost more than it saves
+FLOAT32_MIN_ROWS = 16
+
+
+def bf16_linears_in_float32(min_rows: int = FLOAT32_MIN_ROWS) -> bool:
+    """Compute this process's bfloat16 linears of `min_rows` rows or more as float32 matmuls of the
+    same bfloat16 values, rounded to bfloat16 once: the arithmetic torch's CPU bfloat16 GEMM does
+    where the CPU lacks bfloat16 instructions (it accumulates in float32 and rounds the output), at
+    float32 speed instead of its emulation's (tests/test_quantize_dtype.py checks the outputs agree
+    to one bfloat16 step). Patches torch.nn.functional.linear, which nn.Linear calls; returns whether
+    it is installed (idempotent). Call it only where float32_linears says so."""
+    import torch
+    import torch.nn.functional as F
+
+    if getattr(F.linear, "quantgate_float32", False):
+        return True
+    plain = F.linear
+    bf16 = torch.bfloat16
+
+    def linear(x, weight, bias=None):
+        if (x.dtype is bf16 and weight.dtype is bf16 and x.device.type == "cpu"
+                and x.dim() and x.numel() >= min_rows * x.shape[-1]):
+            return plain(x.float(), weight.float(), None if bias is None else bias.float()).to(bf16)
+        return plain(x, weight, bias)
+
+    linear.quantgate_float32 = True
+    linear.plain = plain
+    F.linear = linear
+    return True
 
 
 def kernel_backend(quant_method: str | None, dtype: str | None, device: str) -> str | None:
@@ -104,6 +141,12 @@ def load_causal_lm(folder: str, dtype: str | None, device: str):
     """The model in `folder` for in-process generation, on the kernels of the rule above: through
     transformers, or through GPTQModel where the checkpoint has per-module overrides."""
     kw = load_kwargs(folder, dtype, device)
+    # GPTQModel's torch kernel (its CPU choice for 8-bit layers, and ours for float32 on CPU) dequantizes
+    # on every call unless told to keep the result: 34 ms against 0.4 ms for the int4 kernel on one
+    # SmolLM2 MLP linear (one token), and an RTN checkpoint in float32 decoded at 354 ms per token
+    # against the dense baseline's 59; kept, those layers run as dense matmuls and hold their
+    # dequantized copy in memory
+    os.environ.setdefault("GPTQ_TORCH_CACHE_WEIGHTS", "1")
     if per_module_overrides(folder):
         from gptqmodel import GPTQModel
 
@@ -112,14 +155,20 @@ def load_causal_lm(folder: str, dtype: str | None, device: str):
                                  "kernels compute in float16 or bfloat16; evaluate it in one of those "
                                  "(evaluation.dtype: bfloat16)")
         kw.pop("quantization_config", None)
-        # GPTQModel's torch kernel (its CPU choice for 8-bit) dequantizes on every call unless told to
-        # keep the result: 34 ms against 0.4 ms for the int4 kernel on one SmolLM2 MLP linear (measured,
-        # one token); kept, those layers run as dense matmuls and hold their dequantized copy in memory
-        os.environ.setdefault("GPTQ_TORCH_CACHE_WEIGHTS", "1")
-        return GPTQModel.load(folder, device=device, **kw).model.eval()
-    from transformers import AutoModelForCausalLM
+        model = GPTQModel.load(folder, device=device, **kw).model.eval()
+    else:
+        from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, device_map=device, **kw).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, device_map=device, **kw).eval()
+    return on_cpu_arithmetic(model, device)
+
+
+def on_cpu_arithmetic(model, device: str):
+    """`model`, with this process's bfloat16 linears computed in float32 where the CPU emulates
+    bfloat16 (float32_linears): what the evaluation and the gateway's local provider both load."""
+    if float32_linears(dtype_of(model), device, cpu_flags()):
+        bf16_linears_in_float32()
+    return model
 
 
 def emulation(folder: str) -> str | None:

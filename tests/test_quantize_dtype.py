@@ -57,3 +57,44 @@ def test_downcast_keeps_packed_tensors_and_scales_and_says_bfloat16(tmp_path):
     assert torch.equal(got["model.layers.0.q.scales"], tensors["model.layers.0.q.scales"])
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("dtype,device,flags,expected", [
+    ("bfloat16", "cpu", AVX2, True),
+    ("bfloat16", "cpu", SAPPHIRE, False),
+    ("float32", "cpu", AVX2, False),
+    ("bfloat16", "cuda", AVX2, False),
+])
+def test_float32_linears_only_for_bfloat16_on_a_cpu_that_emulates_it(dtype, device, flags, expected):
+    from quantgate.kernels import float32_linears
+
+    assert float32_linears(dtype, device, flags) is expected
+
+
+def test_bf16_linears_in_float32_round_like_bfloat16_and_leave_the_rest_alone(monkeypatch):
+    import torch.nn.functional as F
+
+    from quantgate.kernels import FLOAT32_MIN_ROWS, bf16_linears_in_float32
+
+    monkeypatch.setattr(F, "linear", F.linear)  # restored after the test
+    plain = F.linear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(576, 384).to(torch.bfloat16)
+    batch = torch.randn(2, 64, 576).to(torch.bfloat16)
+    step = torch.randn(1, 1, 576).to(torch.bfloat16)
+    wide = torch.randn(64, 576)
+    expected, expected_step = plain(batch, lin.weight, lin.bias), plain(step, lin.weight, lin.bias)
+    expected_wide = plain(wide, lin.weight.float(), lin.bias.float())
+    assert bf16_linears_in_float32() and bf16_linears_in_float32()  # idempotent
+    assert F.linear is not plain and F.linear.plain is plain
+    got = lin(batch)  # nn.Linear goes through the patched F.linear
+    assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+    # both accumulate in float32 and round once: nearly all outputs are bit-identical, the rest one
+    # bfloat16 step apart or within float32's summation-order error of the terms' size (near-zero sums)
+    diff = (got.float() - expected.float()).abs()
+    terms = batch.float().abs() @ lin.weight.float().abs().T + lin.bias.float().abs()
+    assert (diff == 0).float().mean() > 0.99
+    assert (diff <= torch.finfo(torch.bfloat16).eps * expected.float().abs() + 1e-4 * terms).all()
+    assert not torch.equal(got.float(), plain(batch.float(), lin.weight.float(), lin.bias.float()))  # rounded
+    assert step.numel() < FLOAT32_MIN_ROWS * 576 and torch.equal(lin(step), expected_step)  # decode: plain
+    assert torch.equal(F.linear(wide, lin.weight.float(), lin.bias.float()), expected_wide)  # float32: plain

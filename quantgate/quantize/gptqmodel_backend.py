@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from ..errors import QuantgateError, require
-from ..kernels import cpu_flags, quantize_dtype
+from ..kernels import bf16_linears_in_float32, cpu_flags, float32_linears, quantize_dtype
 from ..models import copy_tokenizer
 from .base import QuantizeContext, QuantizeOutcome
 
@@ -91,11 +91,15 @@ class GPTQModelQuantizer:
 
             if awq_clip.install():  # same search, as matmuls: the clip search was 95% of AWQ on CPU
                 notes.append("AWQ clip search: quantgate.quantize.awq_clip (batched matmul, same result)")
-        dtype = quantize_dtype(spec.method, device, cpu_flags())
+        flags = cpu_flags()
+        dtype = quantize_dtype(spec.method, device, flags)
         if dtype != "auto":
             import torch
 
             notes.append(f"quantized in {dtype}: this CPU has no native bfloat16 (GPTQModel's CPU default)")
+            ctx.progress.log(notes[-1])
+        elif float32_linears("bfloat16", device, flags) and bf16_linears_in_float32():
+            notes.append("bfloat16 linears computed as float32 matmuls: this CPU has no native bfloat16")
             ctx.progress.log(notes[-1])
         model = GPTQModel.load(str(ctx.source), qc, device=device, trust_remote_code=ctx.trust_remote_code,
                                **({"dtype": getattr(torch, dtype)} if dtype != "auto" else {}))

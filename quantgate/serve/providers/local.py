@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
-from ...kernels import arithmetic_problems, dtype_of, kernels_of, load_kwargs
+from ...kernels import arithmetic_problems, dtype_of, kernels_of, load_causal_lm
 from .base import GenRequest, GenResult, Provider, ProviderError, StreamStats
 
 log = logging.getLogger("quantgate.serve")
@@ -46,13 +46,14 @@ class LocalProvider(Provider):
         dev = self.spec.device
         if dev == "auto":
             dev = "cuda" if torch.cuda.is_available() else "cpu"
-        # the dtype and the kernel rule the evaluation used (quantgate.kernels): the gated arithmetic
-        kw = load_kwargs(self.path, None if self.spec.dtype == "auto" else self.spec.dtype, dev)
+        # the dtype and the kernel rule the evaluation used (quantgate.kernels): the gated arithmetic,
+        # loaded as the evaluation loads it (per-module bits through GPTQModel, kept dequantized weights,
+        # float32 linears where bfloat16 is emulated)
         try:
             self.tok = transformers.AutoTokenizer.from_pretrained(self.path)
             self.counter = transformers.AutoTokenizer.from_pretrained(self.path)
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(self.path, **kw).to(dev).eval()
-        except OSError as exc:
+            self.model = load_causal_lm(self.path, None if self.spec.dtype == "auto" else self.spec.dtype, dev)
+        except (OSError, ValueError) as exc:
             raise ProviderError("unavailable", f"cannot load checkpoint {self.path}: {exc}") from None
         self.torch, self.device = torch, dev
         self.arithmetic = {"dtype": dtype_of(self.model), "kernels": kernels_of(self.model)}
