@@ -50,6 +50,8 @@ from pathlib import Path
 
 import pytest
 
+from quantgate.kernels import cpu_flags, native_bf16
+
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 SCRIPT = r'''
@@ -71,6 +73,11 @@ import transformers
 print(json.dumps({"perplexity": math.exp(nll / n), "rope_theta": getattr(model.config, "rope_theta", None),
                   "transformers": transformers.__version__, "dtype": str(model.dtype), "kernels": kernels}))
 '''
+
+
+BF16_EMULATED = ("this CPU has no native bfloat16 (no avx512_bf16/amx_bf16 flag): transformers 4.57 + auto-gptq "
+                 "score a checkpoint in emulated bfloat16 for over 11 minutes (measured, gptq-w4g64, 16 windows); "
+                 "the float32 comparison above still checks the checkpoint is read the same")
 
 
 def interop_python() -> Path | None:
@@ -138,6 +145,8 @@ def test_checkpoint_gives_the_same_perplexity_in_transformers_4_57(smollm2_run, 
     record = json.loads((smollm2_run["run_dir"] / "evaluate" / f"{name}.json").read_text())
     ours = record["quality"]["perplexity"]
     assert record["dtype"] == smollm2_run["recipe"].evaluation_dtype  # what quantgate scored it in
+    if record["dtype"] == "bfloat16" and not native_bf16(cpu_flags()):
+        pytest.skip(BF16_EMULATED)
     windows = perplexity_windows(AutoTokenizer.from_pretrained(folder), smollm2_run["recipe"].evaluation.perplexity)
     assert stable_hash(windows)[:16] == ours["protocol"]["windows_hash"]  # the very windows quantgate scored
     got = reference_perplexity(py, tmp_path, folder, windows, record["dtype"])
