@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from .errors import QuantgateError
 from .formats import Artifact, artifact_of_candidate, expected, provider_support
-from .integrity import folder_checksums, weights_sha256
+from .integrity import CURRENT_RULE, folder_checksums, weights_sha256
 from .serve.manifest import (
     ArithmeticSpec,
     Deployment,
@@ -61,7 +61,7 @@ def deployment_for(run_dir: Path, name: str) -> Deployment:
                                                if evaluated and evaluated.dtype in LOCAL_DTYPES else {}))
     return Deployment(
         name=name, model_version=version or recipe.recipe_hash[:12], artifact=res.artifact,
-        sha256=weights_sha256(Path(res.artifact)), files=folder_checksums(Path(res.artifact)),
+        sha256=weights_sha256(Path(res.artifact)), files=folder_checksums(Path(res.artifact)), files_rule=CURRENT_RULE,
         method=rec.get("method", ""), params=params,
         provider=local, price=measured_price(run, name), evaluated=evaluated,
     )

@@ -4,7 +4,10 @@ Promote records them in the manifest (`Deployment.files`: relative path → sha2
 verifies them when it starts and on every hot reload, and refuses a deployment whose files
 changed (it keeps serving the one it has). Weights, config, tokenizer and generation files,
 and code an engine might import (trust_remote_code) are all covered: every regular file in the
-folder, except hidden files and prose (README, *.md) that no engine reads.
+folder, hidden ones and prose included (rule "every-file"), except quantgate's own records beside
+the weights. Manifests written before the rule existed (no `files_rule`) recorded under "v1", which
+skipped hidden files, README*, *.md and *.lock; they are verified under it, so they still load, and
+promote writes "every-file" from now on (a file added later, hidden or not, is refused).
 
 `folder_checksums` reads files (blocking; call it off the event loop); `compare` is pure.
 Manifests written before per-file checksums keep their `sha256` (weights_sha256 over the
@@ -18,29 +21,36 @@ from pathlib import Path
 
 from .util import sha256_file
 
-SKIP_SUFFIXES = (".md", ".lock")
+SKIP_SUFFIXES = (".md", ".lock")  # rule v1 only
 # quantgate's own records beside the weights (rewritten by later stages; no engine reads them)
 SKIP_NAMES = ("candidate.json", "quantgate-source.json")
+RULES = ("v1", "every-file")
+CURRENT_RULE = "every-file"  # what promote records (Deployment.files_rule)
 
 
-def engine_files(folder: Path) -> list[Path]:
+def skipped(rel: Path, rule: str) -> bool:
+    """Pure: whether the file at `rel` (relative to the artifact folder) is left out under `rule`."""
+    if rule not in RULES:
+        raise ValueError(f"unknown integrity rule {rule!r} (known: {', '.join(RULES)})")
+    if rel.name in SKIP_NAMES and len(rel.parts) == 1:
+        return True
+    if rule == "v1":
+        return (any(part.startswith(".") for part in rel.parts) or rel.suffix.lower() in SKIP_SUFFIXES
+                or rel.name.upper().startswith("README") or rel.name in SKIP_NAMES)
+    return False
+
+
+def engine_files(folder: Path, rule: str = CURRENT_RULE) -> list[Path]:
     """The files an engine may read, in a stable order (relative paths sorted)."""
     folder = Path(folder)
-    out = []
-    for p in folder.rglob("*"):
-        rel = p.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
-            continue
-        if p.suffix.lower() in SKIP_SUFFIXES or p.name.upper().startswith("README") or p.name in SKIP_NAMES:
-            continue
-        out.append(p)
+    out = [p for p in folder.rglob("*") if p.is_file() and not skipped(p.relative_to(folder), rule)]
     return sorted(out, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def folder_checksums(folder: Path) -> dict[str, str]:
+def folder_checksums(folder: Path, rule: str = CURRENT_RULE) -> dict[str, str]:
     """Relative POSIX path → sha256 for every file an engine may read."""
     folder = Path(folder)
-    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in engine_files(folder)}
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in engine_files(folder, rule)}
 
 
 def compare(expected: dict[str, str], actual: dict[str, str]) -> list[str]:
@@ -59,12 +69,12 @@ def compare(expected: dict[str, str], actual: dict[str, str]) -> list[str]:
     return problems
 
 
-def verify_folder(folder: Path, expected: dict[str, str]) -> list[str]:
+def verify_folder(folder: Path, expected: dict[str, str], rule: str = CURRENT_RULE) -> list[str]:
     """Problems with `folder` against the manifest's per-file checksums (blocking)."""
     folder = Path(folder)
     if not folder.is_dir():
         return [f"{folder}: artifact folder does not exist"]
-    return compare(expected, folder_checksums(folder))
+    return compare(expected, folder_checksums(folder, rule))
 
 
 def problems_line(problems: list[str], first: int = 5) -> str:
@@ -82,17 +92,19 @@ def weights_sha256(folder: Path) -> str:
     return h.hexdigest()
 
 
-def deployment_problems(artifact: str | None, files: dict[str, str] | None, sha256: str | None) -> list[str]:
+def deployment_problems(artifact: str | None, files: dict[str, str] | None, sha256: str | None,
+                        rule: str | None = None) -> list[str]:
     """What is wrong with a deployment's artifact on disk, from what its manifest entry records (blocking).
 
-    Per-file checksums when the manifest has them; else the older whole-weights sha256; nothing to
+    Per-file checksums when the manifest has them, under the rule they were recorded with (None: a
+    manifest from before the rule existed, "v1"); else the older whole-weights sha256; nothing to
     check when the artifact is not a local folder (a remote engine, a CLI, a mock).
     """
     if not artifact or "://" in artifact:
         return []
     folder = Path(artifact)
     if files:
-        return verify_folder(folder, files)
+        return verify_folder(folder, files, rule or "v1")
     if sha256:
         if not folder.is_dir():
             return [f"{folder}: artifact folder does not exist"]

@@ -134,6 +134,9 @@ class Deployment(Spec):
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     files: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] | None = Field(
         None, description="sha256 of every file an engine reads in the artifact folder (quantgate.integrity)")
+    files_rule: Literal["v1", "every-file"] | None = Field(
+        None, description="which files `files` covers (quantgate.integrity.RULES); unset: v1, which skipped "
+        "hidden files, README*, *.md and *.lock")
     method: str = "baseline"
     params: dict[str, Any] = Field(default_factory=dict)
     provider: ProviderSpec = Field(default_factory=MockProviderSpec)

@@ -136,7 +136,7 @@ class Runtime:
         try:
             folder = artifact_to_check(d)
             if folder is not None:
-                problems = await asyncio.to_thread(deployment_problems, folder, d.files, d.sha256)
+                problems = await asyncio.to_thread(deployment_problems, folder, d.files, d.sha256, d.files_rule)
                 if problems:
                     raise ManifestError(f"{source}: canary.challenger ({d.key}): the artifact does not match the "
                                         f"manifest's checksums: {problems_line(problems)}")
@@ -264,7 +264,7 @@ async def verify_artifacts(m: Manifest, source: str) -> None:
         folder = artifact_to_check(d)
         if folder is None:
             continue
-        problems = await asyncio.to_thread(deployment_problems, folder, d.files, d.sha256)
+        problems = await asyncio.to_thread(deployment_problems, folder, d.files, d.sha256, d.files_rule)
         if problems:
             shown = problems_line(problems)
             raise ManifestError(f"{source}: {role} ({d.key}): the artifact does not match the manifest's "

@@ -208,7 +208,7 @@ class Supervisor:
     # ------------------------------------------------------------------ starting
     async def _verify(self, e: Engine) -> None:
         d = e.deployment
-        problems = await asyncio.to_thread(deployment_problems, d.artifact, d.files, d.sha256)
+        problems = await asyncio.to_thread(deployment_problems, d.artifact, d.files, d.sha256, d.files_rule)
         if problems:
             shown = problems_line(problems)
             why = f"the artifact does not match the manifest's checksums: {shown}"

@@ -48,11 +48,13 @@ def artifact(tmp_path):
     return d, folder_checksums(d)
 
 
-def with_artifact(folder, files=None, sha=None) -> dict:
+def with_artifact(folder, files=None, sha=None, rule="every-file") -> dict:
     m = base_manifest()
     m["active"] = {**m["active"], "artifact": str(folder)}
     if files is not None:
         m["active"]["files"] = files
+        if rule:
+            m["active"]["files_rule"] = rule
     if sha is not None:
         m["active"]["sha256"] = sha
     return m
@@ -62,7 +64,7 @@ def test_checksums_cover_every_file_an_engine_reads(tmp_path):
     from quantgate.integrity import compare
 
     d, files = artifact(tmp_path)
-    assert set(files) == {"model.safetensors", "config.json", "tokenizer.json", "sub/modeling_custom.py"}
+    assert set(files) == {"model.safetensors", "config.json", "tokenizer.json", "sub/modeling_custom.py", "README.md"}
     changed = {**files, "tokenizer.json": "0" * 64}
     assert compare(changed, files) == [f"tokenizer.json: changed (sha256 {files['tokenizer.json'][:12]}…, "
                                        f"manifest says {'0' * 12}…)"]
@@ -94,6 +96,51 @@ def test_a_reload_onto_a_tampered_artifact_is_refused_and_the_old_one_keeps_serv
     ready = httpx.get(srv.url + "/readyz").json()
     assert ready["active"] == "primary@1" and "config.json: changed" in ready["reload_error"]
     assert httpx.post(srv.url + "/chat", json={"user_id": "u", "prompt": "hi"}).status_code == 200
+
+
+def test_a_file_added_or_changed_after_promote_is_refused_hidden_or_prose_alike(tmp_path, manifest_path):
+    """Finding 8: the checksums skipped hidden files, README*, *.md and *.lock, so a file an engine or
+    remote code could be pointed at could be added or changed after promote unnoticed."""
+    import pytest
+
+    from quantgate.integrity import skipped
+    from quantgate.serve.manifest import ManifestError
+    from quantgate.serve.server import ServerThread
+    from pathlib import Path
+
+    d, files = artifact(tmp_path)
+    (d / ".hidden").mkdir()
+    (d / ".hidden" / "payload.py").write_text("import os")
+    write(manifest_path, with_artifact(d, files))
+    with pytest.raises(ManifestError, match=r"\.hidden/payload\.py: not in the manifest"):
+        ServerThread(manifest_path).start()
+    (d / ".hidden" / "payload.py").unlink()
+    (d / "README.md").write_text("changed")
+    with pytest.raises(ManifestError, match="README.md: changed"):
+        ServerThread(manifest_path).start()
+    # quantgate's own records beside the weights are the only files left out (later stages rewrite them)
+    assert skipped(Path("candidate.json"), "every-file") and not skipped(Path("sub/candidate.json"), "every-file")
+    assert skipped(Path(".x.py"), "v1") and not skipped(Path(".x.py"), "every-file")
+
+
+def test_a_manifest_from_before_the_rule_is_verified_as_it_was_recorded(serve, manifest_path, tmp_path):
+    """Manifests promoted before files_rule existed recorded without prose and hidden files: they still
+    load (a README edit does not refuse them) and their weights are still checked."""
+    import pytest
+
+    from quantgate.integrity import folder_checksums
+    from quantgate.serve.manifest import ManifestError
+    from quantgate.serve.server import ServerThread
+
+    d, _ = artifact(tmp_path)
+    old = folder_checksums(d, "v1")
+    assert "README.md" not in old
+    (d / "README.md").write_text("edited after promote")
+    srv = serve(with_artifact(d, old, rule=None))
+    assert httpx.post(srv.url + "/chat", json={"user_id": "u", "prompt": "hi"}).status_code == 200
+    (d / "model.safetensors").write_bytes(b"other" * 100)
+    with pytest.raises(ManifestError, match="model.safetensors: changed"):
+        ServerThread(manifest_path).start()
 
 
 def test_an_old_manifest_with_only_the_weights_sha256_still_loads_and_is_checked(serve, manifest_path, tmp_path):
