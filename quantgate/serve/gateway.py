@@ -115,7 +115,7 @@ class Gateway:
             self.ledger = Ledger(s.budgets)
         else:
             self.ledger.configure(s.budgets)  # usage so far is kept across reloads
-        self.limiter.configure(s.tenant_limits)
+        self.limiter.configure(s.tenant_limits, tenants=len(s.api_keys))
         if old is None or old.serving.state != s.state:
             if self.state is not None:
                 asyncio.get_running_loop().create_task(self.state.close())

@@ -17,6 +17,16 @@ from dataclasses import dataclass
 from .manifest import RateSpec
 
 DEFAULT = RateSpec()
+SHARED_DEFAULT = 0.5  # a tenant's share of the slots, unless set, where the key table names several tenants
+
+
+def share_of(spec: RateSpec, tenants: int) -> float:
+    """Pure: the fraction of max_concurrency a tenant may hold: its own `concurrency_share`, else
+    SHARED_DEFAULT when the gateway serves two or more tenants (one tenant could otherwise take every
+    slot and lock the others out), else 1 (a gateway with one tenant: its own gate decides)."""
+    if spec.concurrency_share is not None:
+        return spec.concurrency_share
+    return SHARED_DEFAULT if tenants >= 2 else 1.0
 
 
 def take(level: float, last: float, now: float, rate: float, capacity: float,
@@ -58,12 +68,13 @@ def _burst(spec: RateSpec) -> float:
 
 
 class TenantLimiter:
-    def __init__(self, specs: dict[str, RateSpec], max_tenants: int = 100_000):
-        self.specs, self.max_tenants = specs, max_tenants
+    def __init__(self, specs: dict[str, RateSpec], max_tenants: int = 100_000, tenants: int = 0):
+        self.specs, self.max_tenants, self.tenants = specs, max_tenants, tenants
         self._t: OrderedDict[str, _Tenant] = OrderedDict()
 
-    def configure(self, specs: dict[str, RateSpec]) -> None:
-        self.specs = specs
+    def configure(self, specs: dict[str, RateSpec], tenants: int = 0) -> None:
+        """The limits, and how many tenants the key table names (what an unset share defaults on)."""
+        self.specs, self.tenants = specs, tenants
 
     def spec(self, tenant: str) -> RateSpec:
         return self.specs.get(tenant) or self.specs.get("*") or DEFAULT
@@ -93,10 +104,11 @@ class TenantLimiter:
         """The tenant's share of this gateway's slots (always per replica: slots are local)."""
         spec = self.spec(tenant)
         t = self._get(tenant, spec, now)
-        slots = max(1, math.floor(max_concurrency * spec.concurrency_share))
-        if spec.concurrency_share < 1 and t.in_flight >= slots:  # at 1 the gateway's own gate decides
+        share = share_of(spec, self.tenants)
+        slots = max(1, math.floor(max_concurrency * share))
+        if share < 1 and t.in_flight >= slots:  # at 1 the gateway's own gate decides
             return Limited("concurrency_share", 1, f"tenant {tenant!r} has {t.in_flight} requests in flight, its "
-                           f"share of this gateway (concurrency_share={spec.concurrency_share}); retry after "
+                           f"share of this gateway (concurrency_share={share}); retry after "
                            "one finishes")
         t.in_flight += 1
         return None

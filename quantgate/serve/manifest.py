@@ -260,8 +260,9 @@ class ApiKeyRef(Spec):
 class RateSpec(Spec):
     """One tenant's share of the gateway: concurrent slots, a request rate and a token rate."""
 
-    concurrency_share: float = Field(1.0, gt=0, le=1, description="fraction of max_concurrency one tenant may "
-                                     "hold; 1 = no cap (a gateway with one tenant), 0.5 is a fair start for several")
+    concurrency_share: float | None = Field(None, gt=0, le=1, description="fraction of max_concurrency one tenant "
+                                            "may hold; 1 = no cap. Unset: 0.5 where serving.api_keys names two or "
+                                            "more tenants (no tenant takes every slot), else 1 (quantgate.serve.limits)")
     requests_per_s: float | None = Field(None, gt=0, description="sustained request rate (token bucket)")
     burst: int | None = Field(None, ge=1, description="requests allowed at once above the rate; default 2× the rate")
     tokens_per_min: int | None = Field(None, gt=0, description="prompt + output tokens per minute (token bucket)")

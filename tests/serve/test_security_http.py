@@ -6,10 +6,12 @@ own timeout only bounds a failing test)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import socket
 
 import aiohttp
+import pytest
 import httpx
 from gwkit import base_manifest, chat_body, hold, metric, post, release, until
 
@@ -183,20 +185,32 @@ def test_the_engines_context_caps_the_prompt_per_deployment(serve, upstream):
     assert httpx.post(srv.url + "/chat", json=chat_body("short")).status_code == 200
 
 
-def test_one_tenant_cannot_take_every_slot(serve):
-    srv = serve(base_manifest(max_concurrency=4, cache={"enabled": False},
-                              tenant_limits={"*": {"concurrency_share": 0.5}}))
+TWO_TENANTS = {"a": [{"sha256": hashlib.sha256(b"key-a").hexdigest()}],
+               "b": [{"sha256": hashlib.sha256(b"key-b").hexdigest()}]}
+
+
+@pytest.mark.parametrize("how", ["explicit share", "default with two tenants' keys"])
+def test_one_tenant_cannot_take_every_slot(serve, how):
+    """#19 finding 8: concurrency_share defaulted to 1.0, so without tenant_limits one tenant of several
+    could hold every slot; unset, it is now 0.5 where the key table names two or more tenants."""
+    if how == "explicit share":
+        srv = serve(base_manifest(max_concurrency=4, cache={"enabled": False},
+                                  tenant_limits={"*": {"concurrency_share": 0.5}}))
+        as_a, as_b = {"x-tenant": "a"}, {"x-tenant": "b"}
+    else:
+        srv = serve(base_manifest(max_concurrency=4, cache={"enabled": False}, api_keys=TWO_TENANTS, anonymous=False))
+        as_a, as_b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
     ev = hold(srv)
     prov = srv.gateway.rt.providers["active"]
 
     async def main():
         async with aiohttp.ClientSession() as s:
             url = srv.url + "/chat"
-            held = [asyncio.ensure_future(post(s, url, chat_body(f"a{i}", budget_ms=8000), headers={"x-tenant": "a"}))
+            held = [asyncio.ensure_future(post(s, url, chat_body(f"a{i}", budget_ms=8000), headers=as_a))
                     for i in range(2)]
             await until(lambda: prov.entered == 2, what="tenant a holds its share")
-            third = await post(s, url, chat_body("a3"), headers={"x-tenant": "a"})
-            other = asyncio.ensure_future(post(s, url, chat_body("b1", budget_ms=8000), headers={"x-tenant": "b"}))
+            third = await post(s, url, chat_body("a3"), headers=as_a)
+            other = asyncio.ensure_future(post(s, url, chat_body("b1", budget_ms=8000), headers=as_b))
             await until(lambda: prov.entered == 3, what="tenant b gets a slot")
             release(srv, ev)
             return third, await other, await asyncio.gather(*held)
@@ -206,6 +220,19 @@ def test_one_tenant_cannot_take_every_slot(serve):
     assert status == 429 and body["error"]["limit"] == "concurrency_share" and int(headers["Retry-After"]) >= 1
     assert "concurrency_share" in body["error"]["message"]
     assert other[0] == 200 and [h[0] for h in held] == [200, 200]
+
+
+def test_an_unset_share_is_half_with_several_tenants_and_whole_with_one():
+    from quantgate.serve.limits import TenantLimiter, share_of
+    from quantgate.serve.manifest import RateSpec
+
+    assert share_of(RateSpec(), 0) == share_of(RateSpec(), 1) == 1.0
+    assert share_of(RateSpec(), 2) == share_of(RateSpec(), 50) == 0.5
+    assert share_of(RateSpec(concurrency_share=1.0), 5) == 1.0  # an explicit share is kept
+    lim = TenantLimiter({}, tenants=2)
+    assert [lim.take_slot("a", 4, 0.0) is None for _ in range(3)] == [True, True, False]
+    lim.configure({}, tenants=1)
+    assert lim.take_slot("a", 4, 0.0) is None  # one tenant: the gateway's own gate decides
 
 
 def test_request_and_token_rates_are_limited_per_tenant(serve):
