@@ -195,7 +195,8 @@ class Handlers:
             tokens_out=tout, max_tokens=call.max_tokens if call else None,
             budget_ms=budget or (call.budget_ms if call else None), level=level, path=path,
             prompt="\n".join(m["content"] for m in call.messages) if text and call else None,
-            answer=a.text if text and a is not None else None))
+            answer=a.text if text and a is not None else None, arm=call.arm if call else "stable",
+            deployment=a.deployment.key if a is not None else None))
 
     # ------------------------------------------------------------- /chat
     async def chat(self, request: web.Request) -> web.StreamResponse:

@@ -315,6 +315,7 @@ class Opened:
         base.acquire()
         call = self.call
         rt = self.rt = base if base.canary_view is None else base.for_call(call.tenant, call.user_id)
+        call.arm = rt.arm
         ctx = self.ctx = RequestState.empty()
         try:
             return rt, ctx, await guards.admit(self.gw, rt, self.call, ctx)

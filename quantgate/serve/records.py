@@ -44,6 +44,7 @@ class ChatCall:
     seed: int | None = None
     ignore_eos: bool = False
     key_id: str | None = None           # which API key (a digest's prefix; None: anonymous), for the cache scope
+    arm: str = "stable"                 # the canary arm the request was routed to (gateway.Opened), for the trace
 
 
 @dataclass(slots=True)

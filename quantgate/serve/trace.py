@@ -3,7 +3,11 @@
 Off by default; `serving.trace: {path, max_bytes, keep, include_text}` turns it on. One JSON line
 per finished request: arrival offset (s since the file's first request), tenant as a salted hash
 (a random salt per file, never written anywhere), prompt/output token counts, max_tokens,
-budget_ms, degrade level and path, outcome, route and whether it streamed. No prompt or answer
+budget_ms, degrade level and path, outcome, route and whether it streamed, and which deployment
+served it: `arm` (stable, or canary while a canary runs: the share the caller was routed to) and
+`deployment` (the key, name@version#sha, of the deployment whose answer was sent; on the canary arm a
+failed canary attempt is answered by the stable, and the key says so; null when none answered), so
+traffic replayed as the next selection's workload knows its source. No prompt or answer
 text unless `include_text`. Each file starts with a header line holding its wall-clock start.
 
 The pure part (the record of a finished request, the line for a file, the rotation decision)
@@ -47,9 +51,11 @@ def outcome_of(status: int | None, *, cached: bool = False, degraded: bool = Fal
 
 def event(t_wall: float, tenant: str | None, route: str, stream: bool, outcome: str, *, tokens_in: int,
           tokens_out: int, max_tokens: int | None, budget_ms: int | None, level: str | None = None,
-          path: list[str] | None = None, prompt: str | None = None, answer: str | None = None) -> dict:
+          path: list[str] | None = None, prompt: str | None = None, answer: str | None = None,
+          arm: str = "stable", deployment: str | None = None) -> dict:
     """What the request handler hands over (cheap: no hashing, no encoding on the event loop)."""
     return {"t": t_wall, "tenant": tenant, "route": route, "stream": stream, "outcome": outcome,
+            "arm": arm, "deployment": deployment,
             "prompt_tokens": tokens_in, "output_tokens": tokens_out, "max_tokens": max_tokens,
             "budget_ms": budget_ms, "degrade": {"level": level, "path": path or []},
             "prompt": prompt, "answer": answer}
@@ -66,7 +72,7 @@ def line(ev: dict, t_first: float, salt: bytes, include_text: bool) -> str:
     """The JSON line for one event in a file whose first request arrived at `t_first` (wall clock)."""
     rec = {"t": round(ev["t"] - t_first, 6), "tenant": tenant_hash(salt, ev["tenant"]),
            **{k: ev[k] for k in ("route", "stream", "outcome", "prompt_tokens", "output_tokens", "max_tokens",
-                                 "budget_ms", "degrade")}}
+                                 "budget_ms", "degrade", "arm", "deployment")}}
     if include_text:
         rec["prompt"], rec["answer"] = ev["prompt"], ev["answer"]
     return json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n"
