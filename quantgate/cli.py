@@ -516,6 +516,25 @@ def canary_abort(manifest: Optional[Path] = typer.Argument(None), workspace: Pat
     _canary_move("abort", manifest, workspace, reason, by)
 
 
+@canary_app.command("log")
+def canary_log(manifest: Optional[Path] = typer.Argument(None), workspace: Path = WorkspaceOpt):
+    """Copy what the canary's history holds and MLflow lacks to the challenger's run (after MLflow was down)."""
+    from .serve.canary_mlflow import problem, sync, target
+    from .serve.manifest import load_manifest
+
+    path = _manifest_path(manifest, workspace)
+    m = load_manifest(path)
+    t = target(m)
+    if t is None:
+        raise QuantgateError(f"{path}: no canary from a tracked run (its challenger's params.mlflow names none)")
+    try:
+        n = sync(m)
+    except Exception as exc:  # noqa: BLE001 - MLflow still down: one line, no traceback
+        raise QuantgateError(problem(m, exc)) from None
+    console.print(f"[green]✓[/] {path}: {n} new canary event(s) logged to run {t.run_id} at {redact_uri(t.uri)}",
+                  highlight=False)
+
+
 def _canary_move(action: str, manifest: Optional[Path], workspace: Path, reason: str, by: Optional[str]) -> None:
     from .deploy import canary_edit
 

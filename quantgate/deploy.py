@@ -8,7 +8,6 @@ checksum verification of what a rollback restores, and the MLflow registry alias
 from __future__ import annotations
 
 import getpass
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from .serve.manifest import (
     migrate_manifest,
 )
 from .serve.promote import PromotionRefused, promote, refuse_failing, rollback
-from .util import redact_uri
+from .util import redact_uri, with_credentials
 from .workspace import candidate_record, open_run, read_json
 
 def migrate(path: Path, *, by: str | None = None):
@@ -295,7 +294,9 @@ def canary_candidate(run_dir: Path, name: str, manifest_path: Path, steps: list[
         return start(current, dep, steps, now=datetime.now(timezone.utc), by=by or getpass.getuser(), reason=why,
                      **settings)
 
-    return edit_manifest(manifest_path, change)
+    new = edit_manifest(manifest_path, change)
+    log_canary(new)  # the alias `challenger` on its version while it runs
+    return new
 
 
 def canary_edit(manifest_path: Path, action: str, *, reason: str = "", by: str | None = None) -> Manifest:
@@ -307,9 +308,19 @@ def canary_edit(manifest_path: Path, action: str, *, reason: str = "", by: str |
     fn = {"advance": advance, "abort": abort}[action]
     new = edit_manifest(manifest_path, lambda cur: fn(cur, now=datetime.now(timezone.utc),
                                                       by=by or getpass.getuser(), reason=reason))
-    if new.canary is not None and new.canary.state == "promoted":
-        move_aliases(new)
+    log_canary(new)  # champion/previous on promotion (as move_aliases), the rollback tag on abort
     return new
+
+
+def log_canary(m: Manifest) -> None:
+    """The canary's steps, figures and outcome to the challenger's MLflow run (serve/canary_mlflow.py);
+    a tracking hiccup is reported, not fatal: the manifest is the record, `quantgate canary log` copies it later."""
+    from .serve.canary_mlflow import problem, sync
+
+    try:
+        sync(m)
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: {problem(m, exc)}")
 
 
 def log_card(run) -> None:
@@ -370,11 +381,6 @@ def verify(dep: Deployment) -> None:
     if got != dep.sha256:
         raise QuantgateError(f"rollback target '{dep.key}': checksum mismatch in {folder} "
                              f"(manifest {dep.sha256[:12]}…, on disk {got[:12]}…); refusing to serve changed weights")
-
-
-def with_credentials(uri: str) -> str:
-    """Records keep no credentials (redacted to ***@): the tracking URI with them comes from the environment."""
-    return os.environ.get("MLFLOW_TRACKING_URI", uri) if "***@" in uri else uri
 
 
 def move_aliases(m: Manifest) -> None:

@@ -131,3 +131,9 @@ def redact_uri(text: str) -> str:
     if "@" not in text:
         return text
     return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@" if m["pw"] else f"{m['scheme']}***@", text)
+
+
+def with_credentials(uri: str) -> str:
+    """Records keep no credentials (redact_uri): a redacted tracking URI's credentials come from the environment
+    (MLFLOW_TRACKING_URI), the same URI as whoever wrote the record had it."""
+    return os.environ.get("MLFLOW_TRACKING_URI", uri) if "***" in uri else uri

@@ -17,7 +17,8 @@ it — figures, author and time — into their own manifest files, also while th
 canary's traffic away in memory before the file is written, so a manifest that cannot be written
 still stops the canary here; a challenger whose provider could not be had (checksums, a start that
 raised), whose engine exited, restarts, gave up, or is not ready by `ready_timeout_s` is rolled back
-with that reason.
+with that reason. Each decision written is copied to the challenger's MLflow run in a thread
+(serve/canary_mlflow.py); MLflow down costs a warning, never the canary.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from datetime import datetime, timezone
 
 from ..grading import grade
 from .canary import Decision, Window, decide, record
+from .canary_mlflow import CanaryLog
 from .ladder import Ladder
 from .manifest import LadderSpec, edit_manifest
 from .providers import GenRequest
@@ -47,6 +49,7 @@ class CanaryRun:
         self.last: Decision | None = None
         self.rounds = 0   # probe rounds completed (tests and benches wait on it)
         self._writing = False
+        self.mlflow = CanaryLog()  # each decision written is copied to the challenger's MLflow run, off the loop
 
     # ------------------------------------------------------------------ windows
     def configure(self, rt) -> None:
@@ -119,13 +122,14 @@ class CanaryRun:
                     return None
                 return record(cur, d, now=now, by=by, step=step)
 
-            await asyncio.to_thread(edit_manifest, self.gw.file.path, change)
+            written = await asyncio.to_thread(edit_manifest, self.gw.file.path, change)
         except Exception as exc:  # noqa: BLE001 - the gateway keeps serving; the decision is retried next tick
             log.error("canary %s: could not write the decision '%s' to the manifest: %s", key, d.action, exc)
             return d
         finally:
             self._writing = False
         self.gw.metrics.canary_decisions.labels(d.action).inc()
+        self.mlflow.submit(written)  # never awaited here: MLflow slow or down must not hold the canary
         log.warning("canary %s at %g%%: %s (%s)", key, c.weight, d.action, d.reason)
         await self.gw.reload_if_changed()
         return d

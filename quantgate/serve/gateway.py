@@ -94,6 +94,7 @@ class Gateway:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.canary.mlflow.close()
         if self.trace is not None:
             await self.trace.close()
         if self.cache is not None:
