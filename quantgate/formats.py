@@ -125,6 +125,19 @@ RULES: list[tuple[str, str, str, dict, Support]] = [
 ]
 
 
+# vLLM's CPU build has its W4A16 kernel (CPUWNA16, GPTQ and AWQ) in its AVX-512 build only
+VLLM_CPU_W4A16_FLAG = "avx512f"
+
+
+def vllm_cpu_w4a16_problem(flags: set[str]) -> str | None:
+    """Pure: why vLLM's CPU build cannot serve GPTQ/AWQ (W4A16) on an x86 CPU with these /proc/cpuinfo
+    flags (kernels.cpu_flags), or None. Flags that say nothing of x86 (another architecture) are no reason."""
+    if "avx2" in flags and VLLM_CPU_W4A16_FLAG not in flags:
+        return ("vLLM's CPU build cannot serve GPTQ/AWQ on this CPU: its W4A16 kernel (CPUWNA16) is in the "
+                "AVX-512 build only, and this CPU has AVX2 without AVX-512")
+    return None
+
+
 def expected(engine_kind: str, art: Artifact, device: str = "cpu", serves: str | None = None) -> Support:
     """What the table says about serving `art` on `engine_kind` on `device`."""
     if engine_kind == "openai":
