@@ -16,6 +16,9 @@ import pytest
 from quantgate.workspace import Workspace
 from quantgate.recipe import load_recipe
 
+# the vLLM tests share helpers in e2ekit.py; make it importable whatever the import mode
+sys.path.insert(0, str(Path(__file__).parent))
+
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "smollm2-cpu.yaml"
 
