@@ -183,6 +183,7 @@ class CanaryLog:
     def __init__(self, copy=sync):
         self.copy = copy
         self.copies = self.failures = 0  # finished copies, failed ones (tests wait on these)
+        self.last: Manifest | None = None  # the manifest of the last copy finished, failed or not
         self._next: Manifest | None = None
         self._task: asyncio.Task | None = None
 
@@ -203,6 +204,11 @@ class CanaryLog:
                 log.warning("%s", problem(m, exc))
             finally:
                 self.copies += 1
+                self.last = m
+
+    @property
+    def idle(self) -> bool:
+        return self._next is None and (self._task is None or self._task.done())
 
     async def close(self) -> None:
         if self._task is not None:

@@ -144,8 +144,9 @@ def test_the_gateway_logs_a_rollback_with_its_reason_to_the_challengers_run(serv
     def tags():
         return client.get_run(regs["good"]["run_id"]).data.tags
 
-    wait_for(lambda: tags().get("quantgate.canary.outcome") == "rolled_back", "the gateway's copy to MLflow")
     m = load_manifest(manifest_path)
+    # the logged tag is the copy's last write: once it counts the whole history, the copy is done
+    wait_for(lambda: tags().get(LOGGED_TAG, "").endswith(f" {len(m.canary.history)}"), "the gateway's copy to MLflow")
     assert srv.gateway.canary.mlflow.failures == 0
     tags = tags()
     assert tags["quantgate.canary.rollback"] == m.canary.history[-1].why and "error rate" in tags["quantgate.canary.rollback"]
@@ -175,8 +176,10 @@ def test_mlflow_down_costs_a_warning_not_the_canary_and_canary_log_catches_up(se
     srv = serve(canary_manifest(tracked("good", down, reply_tokens=8)))
     with caplog.at_level("WARNING", logger="quantgate.serve"):
         _, failed, _ = drive(srv, manifest_path, ended("promoted"))
-        wait_for(lambda: srv.gateway.canary.mlflow.failures >= 1, "a failed copy")
-    assert not failed
+        log, n = srv.gateway.canary.mlflow, len(load_manifest(manifest_path).canary.history)
+        wait_for(lambda: log.idle and log.last is not None and len(log.last.canary.history) == n,
+                 "the gateway's copy of the promotion")
+    assert not failed and log.failures == log.copies >= 1
     assert any("could not log to MLflow at http://***@127.0.0.1" in r.getMessage() for r in caplog.records)
     assert weights(client, regs["good"]["run_id"]) == []
     runner = CliRunner()
