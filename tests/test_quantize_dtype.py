@@ -76,8 +76,8 @@ def test_bf16_linears_in_float32_round_like_bfloat16_and_leave_the_rest_alone(mo
 
     from quantgate.kernels import FLOAT32_MIN_ROWS, bf16_linears_in_float32
 
-    monkeypatch.setattr(F, "linear", F.linear)  # restored after the test
-    plain = F.linear
+    plain = getattr(F.linear, "plain", F.linear)  # an earlier bfloat16 load in this process may have installed it
+    monkeypatch.setattr(F, "linear", plain)  # restored after the test
     torch.manual_seed(0)
     lin = torch.nn.Linear(576, 384).to(torch.bfloat16)
     batch = torch.randn(2, 64, 576).to(torch.bfloat16)
