@@ -116,7 +116,10 @@ async def good_client(url: str, tenant: str, rate: float, duration: float, out: 
 
 
 # ------------------------------------------------------------------------------ the abuser
-async def abuse(url: str, duration: float) -> dict:
+ATTACKS = ("flood", "slow", "cut", "half", "cjk", "empty", "long", "idle")
+
+
+async def abuse(url: str, duration: float, attacks: tuple[str, ...] = ATTACKS) -> dict:
     import aiohttp
 
     end = time.perf_counter() + duration
@@ -217,10 +220,12 @@ async def abuse(url: str, duration: float) -> dict:
             sock.close()
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=duration + 5)) as s:
-        await asyncio.gather(flood(s), *[stream(s, False) for _ in range(4)], *[stream(s, True) for _ in range(4)],
-                             *[half_headers() for _ in range(50)], oversized(s, "cjk"), oversized(s, "empty"),
-                             *[long_answers(s) for _ in range(6)],
-                             *[idle_sockets(f"127.0.0.{i}", 150) for i in range(2, 7)])
+        make = {"flood": lambda: [flood(s)], "slow": lambda: [stream(s, False) for _ in range(4)],
+                "cut": lambda: [stream(s, True) for _ in range(4)], "half": lambda: [half_headers() for _ in range(50)],
+                "cjk": lambda: [oversized(s, "cjk")], "empty": lambda: [oversized(s, "empty")],
+                "long": lambda: [long_answers(s) for _ in range(6)],
+                "idle": lambda: [idle_sockets(f"127.0.0.{i}", 150) for i in range(2, 7)]}
+        await asyncio.gather(*[c for name in attacks for c in make[name]()])
     return counts
 
 
@@ -232,12 +237,13 @@ def pct(values: list[float], q: float) -> float:
     return s[max(0, min(len(s) - 1, int(round(q / 100 * len(s) + 0.5)) - 1))]
 
 
-def one_round(kind: str, duration: float, rate: float, folder: Path) -> dict:
+def one_round(kind: str, duration: float, rate: float, folder: Path, attacks: tuple[str, ...] = ATTACKS) -> dict:
     proc, url = start_gateway(folder)
     abuser = None
     try:
         if kind == "abuse":
-            abuser = subprocess.Popen([sys.executable, __file__, "--abuser", url, str(duration + 1)],
+            abuser = subprocess.Popen([sys.executable, __file__, "--abuser", url, str(duration + 1),
+                                       "--attacks", ",".join(attacks)],
                                       stdout=subprocess.PIPE, text=True)
             time.sleep(1.0)  # let the flood build up before the measured clients start
         out: list = []
@@ -262,16 +268,21 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=15.0, help="seconds per round")
     ap.add_argument("--rounds", type=int, default=2, help="pairs of quiet/abuse rounds")
     ap.add_argument("--rate", type=float, default=5.0, help="requests/s per well-behaved tenant")
+    ap.add_argument("--attacks", default=",".join(ATTACKS),
+                    help=f"which attacks the abuser runs, comma-separated (default all: {','.join(ATTACKS)})")
     ap.add_argument("--abuser", nargs=2, metavar=("URL", "SECONDS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    attacks = tuple(x for x in a.attacks.split(",") if x)
+    if unknown := [x for x in attacks if x not in ATTACKS]:
+        ap.error(f"--attacks: unknown {', '.join(unknown)}; choose from {', '.join(ATTACKS)}")
     if a.abuser:
-        print(json.dumps(asyncio.run(abuse(a.abuser[0], float(a.abuser[1])))))
+        print(json.dumps(asyncio.run(abuse(a.abuser[0], float(a.abuser[1]), attacks))))
         return
     rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
             for kind in ("quiet", "abuse") if r % 2 == 0 else ("abuse", "quiet"):
-                res = one_round(kind, a.duration, a.rate, Path(tmp))
+                res = one_round(kind, a.duration, a.rate, Path(tmp), attacks)
                 rounds.append(res)
                 print(f"  round {r + 1} {kind:5}: {res['ok']}/{res['requests']} ok, P50 {res['p50_ms']:.1f} ms, "
                       f"P99 {res['p99_ms']:.1f} ms {res['abuser'] or ''}", file=sys.stderr)

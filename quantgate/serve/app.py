@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from .connections import ConnectionTable
 from .gateway import Answer, ChatCall, Gateway, GatewayError
-from .guards.input_size import prompt_tokens
+from .guards.input_size import body_shape_problem, prompt_tokens
 from .trace import event as trace_event, outcome_of
 from .schemas import ChatCompletionRequest, ChatRequest, describe
 from .access import (Principal, Refusal, admin_problem, host_problem, identify, is_json, key_of, lookup,
@@ -87,6 +87,8 @@ class Handlers:
     async def _parse(self, request: web.Request, model):
         """The body as `model`, or a 400 naming the first field that is wrong."""
         raw = await self._body(request)
+        if (problem := body_shape_problem(raw, self.gw.rt.serving.max_messages)) is not None:
+            raise problem
         try:
             return model.model_validate_json(raw)
         except ValidationError as exc:

@@ -167,3 +167,36 @@ def test_the_audits_floods_are_refused_with_413_behind_an_engine_with_its_checkp
         ok = send([{"role": "user", "content": "hello world"}])
         assert ok.status_code == 200, ok.text
         assert srv.gateway.rt.providers["active"].count_tokens([{"role": "user", "content": "hello world"}]) > 3
+
+
+def test_a_flood_of_messages_is_refused_from_the_raw_body_before_it_is_validated(serve, monkeypatch):
+    """Validating 31,000 empty messages holds the event loop for tens of milliseconds (every other
+    request waits); the count is read off the body first, so the validator never sees it."""
+    from quantgate.serve.schemas import ChatCompletionRequest
+
+    validated = []
+    plain = ChatCompletionRequest.model_validate_json
+    monkeypatch.setattr(ChatCompletionRequest, "model_validate_json",
+                        classmethod(lambda cls, raw: validated.append(len(raw)) or plain(raw)))
+    srv = serve(base_manifest(cache={"enabled": False}))
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        r = c.post("/v1/chat/completions", json={"model": "m", "messages": EMPTY})
+        assert r.status_code == 413, r.text
+        err = r.json()["error"]
+        assert err["param"] == "messages" and err["limit"] == 512 and "max_messages=512" in err["message"], err
+        assert validated == []
+        # `"role":` quoted inside a message is escaped in JSON, so it is not counted as a message
+        quoted = [{"role": "user", "content": '{"role": "user"} ' * 600}]
+        assert c.post("/v1/chat/completions", json={"model": "m", "messages": quoted}).status_code == 200
+        assert len(validated) == 1
+
+
+def test_the_raw_count_is_exact_for_plain_json_and_never_over_for_escaped_keys():
+    body = json.dumps({"messages": [{"role": "user", "content": 'say "role": x'}] * 600}).encode()
+    problem = input_size.body_shape_problem(body, 599)
+    assert problem is not None and problem.status == 413 and "more than the 599 messages" in str(problem)
+    assert input_size.body_shape_problem(body, 600) is None
+    spaced = b'{"messages": [' + b",".join([b'{"role" \n :"user","content":""}'] * 513) + b"]}"
+    assert input_size.body_shape_problem(spaced, 512) is not None and input_size.body_shape_problem(spaced, 513) is None
+    escaped = b'{"messages": [' + b",".join([b'{"\\u0072ole":"user","content":""}'] * 600) + b"]}"
+    assert input_size.body_shape_problem(escaped, 512) is None  # left to the parsed check (shape_problem)

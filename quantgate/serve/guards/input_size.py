@@ -17,7 +17,9 @@ tokens plus max_tokens).
 
 from __future__ import annotations
 
+import itertools
 import logging
+import re
 
 from ..admission import input_cap
 from ..ladder import Level
@@ -55,6 +57,24 @@ def shape_problem(messages: list[dict[str, str]], max_messages: int, max_chars: 
                               f"accepts in one message (max_message_chars={max_chars})", f"messages.{i}.content",
                               len(m["content"]), max_chars, "characters")
     return None
+
+
+_ROLE_KEY = re.compile(rb'"role"\s*:')
+
+
+def body_shape_problem(raw: bytes, max_messages: int) -> GatewayError | None:
+    """The 413 for too many messages, read off the raw body before it is parsed: validating 31,000
+    empty messages (1 MB) holds the event loop ~47 ms, every other request waiting; finding the
+    message past the cap here takes microseconds (the scan stops there). Each message carries exactly
+    one "role" key, and an unescaped quote cannot occur inside a JSON string, so the matches of
+    `"role":` are the messages; a key written with escapes is not matched here and meets
+    shape_problem after parsing."""
+    past_cap = next(itertools.islice(_ROLE_KEY.finditer(raw), max_messages, None), None)
+    if past_cap is None:
+        return None
+    return GatewayError(413, "invalid_request_error", f"messages: more than the {max_messages} messages this gateway "
+                        f"accepts in one request (max_messages={max_messages})", "messages",
+                        extra={"limit": max_messages, "unit": "messages"})
 
 
 def _too_large(message: str, param: str, size: int, limit: int, unit: str) -> GatewayError:
