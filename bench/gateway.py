@@ -9,6 +9,8 @@ asyncio client when wrk is missing) at concurrency 1, 16, 64 and 256:
   gateway         quantgate's gateway, provider `openai` → the stub, every guard on (API key,
                   tenant/user/global budgets, concurrency gate, cache, degrade ladder, metrics)
   gateway-mock    quantgate's gateway, provider `mock` with zero delay, every guard on
+  gateway-hit     the `gateway` target's setup, every request the same prompt: after the first, every
+                  answer is a cache hit (the upstream is not called)
   litellm         LiteLLM's proxy (one worker) → the stub, only if /tmp/litellm-venv has it
                   (install it there, never into quantgate's venv:
                    python3 -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install 'litellm[proxy]')
@@ -17,7 +19,9 @@ Each server runs in its own process, started and stopped here; all on loopback. 
 concurrency the targets are measured in interleaved rounds (--rounds), so a change in the machine's
 other load hits them alike. Read the ratios
 (gateway/forwarder, gateway/litellm, added P50 against direct), not the absolutes: on a shared
-2-core machine the load generator, the upstream and the server under test share the cores.
+2-core machine the load generator, the upstream and the server under test share the cores. Each
+server's CPU per request (its process's user+system time over the requests it answered) is
+printed beside: unlike throughput it does not depend on who else wanted the cores.
 
     .venv/bin/python bench/gateway.py [--duration 6] [--rounds 3] [--concurrency 1,16,64,256] [--targets ...]
 
@@ -54,11 +58,12 @@ WRK_SCRIPT = r"""
 local counter = 0
 local run = tostring(os.time())
 local auth = os.getenv("BENCH_AUTH")
+local fixed = os.getenv("BENCH_FIXED") == "1"
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 if auth and auth ~= "" then wrk.headers["Authorization"] = "Bearer " .. auth end
 request = function()
-  counter = counter + 1
+  if not fixed then counter = counter + 1 end
   local body = '{"model":"ok","messages":[{"role":"user","content":"bench ' .. run .. ' ' .. counter ..
                '"}],"max_tokens":16}'
   return wrk.format(nil, nil, nil, body)
@@ -150,8 +155,10 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen) -> None:
 
 
 class Target:
-    def __init__(self, name: str, argv: list[str], port: int, health: str, auth: str = "", env=None, cwd=None):
+    def __init__(self, name: str, argv: list[str], port: int, health: str, auth: str = "", env=None, cwd=None,
+                 fixed: bool = False):
         self.name, self.argv, self.port, self.health, self.auth = name, argv, port, health, auth
+        self.fixed = fixed  # one prompt for every request (the cache-hit target)
         self.env, self.cwd = env, cwd
         self.proc: subprocess.Popen | None = None
 
@@ -165,6 +172,15 @@ class Target:
                                      env={**os.environ, **(self.env or {})}, cwd=self.cwd, start_new_session=True)
         wait_http(self.url + self.health, timeout_s, self.proc)
 
+    def cpu_s(self) -> float:
+        """The server process's user+system CPU seconds so far (0 when it has none to read)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, AttributeError):
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)  # our own process group: the server and its workers
@@ -176,13 +192,14 @@ class Target:
 
 
 # ------------------------------------------------------------------ load
-def load_wrk(url: str, conc: int, duration: float, auth: str) -> dict:
+def load_wrk(url: str, conc: int, duration: float, auth: str, fixed: bool = False) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(WRK_SCRIPT)
     try:
         argv = ["wrk", "-t1", f"-c{conc}", f"-d{max(1, round(duration))}s", "--timeout", "10s", "-s", f.name,
                 url + PATH]
-        out = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "BENCH_AUTH": auth},
+        out = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "BENCH_AUTH": auth,
+                                                                       "BENCH_FIXED": "1" if fixed else "0"},
                              timeout=duration + 60)
     finally:
         os.unlink(f.name)
@@ -196,7 +213,8 @@ def load_wrk(url: str, conc: int, duration: float, auth: str) -> dict:
             "p99_ms": r["p99_us"] / 1000, "non2xx": r["non2xx"], "socket_errors": errors}
 
 
-def load_async(url: str | list[str], conc: int, duration: float, auth: str, tag: str = "") -> dict:
+def load_async(url: str | list[str], conc: int, duration: float, auth: str, tag: str = "",
+               fixed: bool = False) -> dict:
     """Fallback load generator when wrk is missing (it is slower: read the ratios only); with a list
     of URLs (replicas, bench/replicas.py) each worker spreads its requests over them in turn."""
     urls = [url] if isinstance(url, str) else url
@@ -211,7 +229,7 @@ def load_async(url: str | list[str], conc: int, duration: float, auth: str, tag:
                 nonlocal non2xx, errors
                 i = 0
                 while time.perf_counter() < end:
-                    i += 1
+                    i += 0 if fixed else 1
                     body = json.dumps({"model": "ok", "max_tokens": 16,
                                        "messages": [{"role": "user", "content": f"bench {tag}{k} {i}"}]})
                     t = time.perf_counter()
@@ -242,7 +260,9 @@ def combine(parts: list[dict]) -> dict:
 
     secs = sum(p["secs"] for p in parts)
     n = sum(p["requests"] for p in parts)
+    cpu = sum(p.get("cpu_s", 0.0) for p in parts)
     return {"requests": n, "secs": secs, "rps": n / secs if secs else 0.0,
+            "cpu_us_per_request": cpu / n * 1e6 if n and cpu else None,
             "p50_ms": median([p["p50_ms"] for p in parts]), "p99_ms": median([p["p99_ms"] for p in parts]),
             "non2xx": sum(p["non2xx"] for p in parts), "socket_errors": sum(p["socket_errors"] for p in parts),
             "rounds": len(parts)}
@@ -274,7 +294,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds the duration is cut into")
     ap.add_argument("--concurrency", default="1,16,64,256")
-    ap.add_argument("--targets", default="direct,forwarder,gateway,gateway-mock,litellm")
+    ap.add_argument("--targets", default="direct,forwarder,gateway,gateway-hit,gateway-mock,litellm")
     ap.add_argument("--serve-forwarder", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     ap.add_argument("--serve-gateway", nargs=2, metavar=("PORT", "MANIFEST"), help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -304,11 +324,11 @@ def main() -> None:
             continue
         if name == "forwarder":
             targets.append(Target(name, [py, __file__, "--serve-forwarder", str(port), up.url], port, "/healthz"))
-        elif name in ("gateway", "gateway-mock"):
+        elif name in ("gateway", "gateway-mock", "gateway-hit"):
             mpath = work / f"manifest.{name}.json"
-            mpath.write_text(json.dumps(gateway_manifest("openai" if name == "gateway" else "mock", up.url)))
+            mpath.write_text(json.dumps(gateway_manifest("mock" if name == "gateway-mock" else "openai", up.url)))
             targets.append(Target(name, [py, __file__, "--serve-gateway", str(port), str(mpath)], port, "/healthz",
-                                  auth=API_KEY))
+                                  auth=API_KEY, fixed=name == "gateway-hit"))
         elif name == "litellm":
             if not LITELLM_BIN.exists():
                 notes.append("litellm skipped: /tmp/litellm-venv/bin/litellm not found")
@@ -339,16 +359,19 @@ def main() -> None:
         slice_s = max(1.0, a.duration / a.rounds)
         for c in concs:
             for _, t in running:
-                load(t.url, c, a.warmup, t.auth)
+                load(t.url, c, a.warmup, t.auth, fixed=t.fixed)
             parts: dict[str, list[dict]] = {name: [] for name, _ in running}
             for _ in range(a.rounds):
                 for name, t in running:
-                    parts[name].append(load(t.url, c, slice_s, t.auth))
+                    cpu0 = t.cpu_s()
+                    part = load(t.url, c, slice_s, t.auth, fixed=t.fixed)
+                    parts[name].append({**part, "cpu_s": t.cpu_s() - cpu0})
             for name, _ in running:
                 r = combine(parts[name])
                 rows.append({"target": name, "concurrency": c, **r})
+                cpu = f"{r['cpu_us_per_request']:6.0f} us CPU/req" if r["cpu_us_per_request"] else ""
                 print(f"{name:13s} c={c:<4d} {r['rps']:9.0f} req/s  p50 {r['p50_ms']:8.2f} ms  "
-                      f"p99 {r['p99_ms']:8.2f} ms  non2xx {r['non2xx']}  socket errors {r['socket_errors']}",
+                      f"p99 {r['p99_ms']:8.2f} ms  non2xx {r['non2xx']}  socket errors {r['socket_errors']}  {cpu}",
                       flush=True)
         for name, t in running:
             if name.startswith("gateway"):
@@ -377,10 +400,12 @@ def summarise(rows: list[dict], concs: list[int]) -> dict:
     out: dict = {}
     for c in concs:
         g, f, ll, d = (by.get((n, c)) for n in ("gateway", "forwarder", "litellm", "direct"))
-        gm = by.get(("gateway-mock", c))
+        gm, gh = by.get(("gateway-mock", c)), by.get(("gateway-hit", c))
         o: dict = {}
         if g and f:
             o["gateway_vs_forwarder_rps"] = g["rps"] / f["rps"]
+        if gh and f:
+            o["cache_hit_vs_forwarder_rps"] = gh["rps"] / f["rps"]
         if g and ll:
             if ll["rps"] > 0:
                 o["gateway_vs_litellm_rps"] = g["rps"] / ll["rps"]
@@ -397,12 +422,13 @@ def summarise(rows: list[dict], concs: list[int]) -> dict:
 
 def print_table(rows: list[dict], report: dict, concs: list[int]) -> None:
     print("\nratios (same run, same machine):")
-    print(f"{'conc':>5} {'gw/fwd rps':>11} {'gw/litellm rps':>15} {'gw +p50 ms':>11} {'fwd +p50 ms':>12} "
-          f"{'litellm +p50':>13} {'mock-gw +p50':>13}")
+    print(f"{'conc':>5} {'gw/fwd rps':>11} {'hit/fwd rps':>12} {'gw/litellm rps':>15} {'gw +p50 ms':>11} "
+          f"{'fwd +p50 ms':>12} {'litellm +p50':>13} {'mock-gw +p50':>13}")
     for c in concs:
         o = report[str(c)]
         f = lambda k, fmt="{:.2f}": fmt.format(o[k]) if k in o else "-"  # noqa: E731
-        print(f"{c:>5} {f('gateway_vs_forwarder_rps'):>11} {f('gateway_vs_litellm_rps', '{:.1f}x'):>15} "
+        print(f"{c:>5} {f('gateway_vs_forwarder_rps'):>11} {f('cache_hit_vs_forwarder_rps'):>12} "
+              f"{f('gateway_vs_litellm_rps', '{:.1f}x'):>15} "
               f"{f('gateway_added_p50_ms'):>11} {f('forwarder_added_p50_ms'):>12} {f('litellm_added_p50_ms'):>13} "
               f"{f('gateway_mock_added_p50_ms'):>13}")
 
