@@ -15,6 +15,7 @@ into the HTTP answer. The rules:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import os
@@ -73,6 +74,7 @@ def key_table(m: Manifest, source: str) -> dict[str, Principal]:
     return table
 
 
+@functools.lru_cache(maxsize=256)  # the Host header of every request: parsing an address costs ~10 us
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

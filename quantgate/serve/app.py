@@ -71,8 +71,11 @@ class Handlers:
             raise GatewayError(413, "invalid_request_error", f"body: {request.content_length} bytes is more than "
                                f"this gateway accepts ({limit})", "body")
         try:
-            async with asyncio.timeout(self.gw.rt.serving.http.body_timeout_s):
+            if request.content.is_eof():  # all of it came with the headers (most requests): no timer to arm
                 raw = await request.read()
+            else:
+                async with asyncio.timeout(self.gw.rt.serving.http.body_timeout_s):
+                    raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raw = None
         except TimeoutError:
