@@ -1,15 +1,20 @@
-"""One canary step on the real model and vLLM's CPU build: the baseline promoted as the stable deployment,
-a quantized candidate as the challenger (`promote --canary 50,100`), both served by vLLM side by side under
+"""One canary step on the real model: the baseline promoted as the stable deployment, served by vLLM's CPU
+build, a quantized candidate as the challenger (`promote --canary 50,100`), both served side by side under
 `quantgate serve`; traffic from distinct users until the gateway steps the canary from 50% to 100%; no
 client request failed, the candidate answered some of them, and the trace marks each request's arm and
 deployment.
 
-Reuses the session's `quantgate run` (tests/e2e/conftest.py) as test_serve_vllm.py does. Skipped before the
-shared run starts (a mark and a session fixture listed ahead of `smollm2_run`) where vLLM cannot serve the
-candidate: on an AVX2-only x86 CPU (vLLM's W4A16 kernel for GPTQ/AWQ is in its AVX-512 build only), or
-where vLLM is not installed for quantgate. The live gates are loosened in the manifest: this test is about
-the loop on real engines deciding a step, not about how a 4-bit SmolLM2 compares (the gates' own
-decisions are tests/serve/test_canary_*.py's).
+Where vLLM's CPU build can serve the 4-bit candidate (AVX-512, or not x86), the challenger is on vLLM
+too: `quantgate engines` measures both on vLLM and promote takes each one's engine from the card. On an
+AVX2-only x86 CPU (vLLM's W4A16 kernel for GPTQ/AWQ is in its AVX-512 build only; W4A16_PROBLEM says
+why) the card measures the baseline alone, so promote serves the challenger in process (its default:
+the local provider, transformers) beside the stable baseline on vLLM.
+
+Reuses the session's `quantgate run` (tests/e2e/conftest.py) as test_serve_vllm.py does, and its
+`quantgate engines` settings (a cached pair is shared). Skipped before the shared run starts (a session
+fixture listed ahead of `smollm2_run`) only where vLLM is not installed for quantgate. The live gates
+are loosened in the manifest: this test is about the loop on real engines deciding a step, not about how
+a 4-bit SmolLM2 compares (the gates' own decisions are tests/serve/test_canary_*.py's).
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ from e2ekit import RECIPE, cli, get_json, post, start_gateway, stop_gateway, wai
 from quantgate.formats import vllm_cpu_w4a16_problem
 from quantgate.kernels import cpu_flags
 
+# None where vLLM's CPU build serves the 4-bit challenger; else why not, and the challenger is served in process
 W4A16_PROBLEM = vllm_cpu_w4a16_problem(cpu_flags())
+CHALLENGER_ON_VLLM = W4A16_PROBLEM is None
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400),
-              pytest.mark.skipif(W4A16_PROBLEM is not None, reason=W4A16_PROBLEM or "")]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 
 
 @pytest.fixture(scope="session")
@@ -40,11 +46,16 @@ def vllm_here():
 
 
 def both_ready(url: str, canary: str):
+    """/readyz once the stable's vLLM answers and the challenger does: its vLLM ready, or (in process) its
+    weights loaded, which is when the gateway starts to route the canary arm to it."""
     code, body = get_json(f"{url}/readyz")
-    engines = body.get("engines") or {}
+    engines, c = body.get("engines") or {}, body.get("canary") or {}
     ok = code == 200 and (engines.get("active") or {}).get("state") == "ready"
-    ok = ok and (engines.get("canary") or {}).get("state") == "ready"
-    return body if ok and (body.get("canary") or {}).get("challenger", "").startswith(canary + "@") else None
+    if CHALLENGER_ON_VLLM:
+        ok = ok and (engines.get("canary") or {}).get("state") == "ready"
+    else:
+        ok = ok and "canary" not in engines and c.get("serving") is True
+    return body if ok and c.get("challenger", "").startswith(canary + "@") else None
 
 
 def test_one_canary_step_on_vllm(vllm_here, smollm2_run, tmp_path):
@@ -52,7 +63,8 @@ def test_one_canary_step_on_vllm(vllm_here, smollm2_run, tmp_path):
     base = smollm2_run["recipe"].baseline.name
     rec = smollm2_run["compare"]["recommended"]
     cand = rec if rec not in (None, base) else "awq-w4g64"  # a quantized candidate either way
-    proc = cli("engines", RECIPE, "-w", ws, "--engine", "vllm-cpu", "--only", base, "--only", cand,
+    on_vllm = [base, cand] if CHALLENGER_ON_VLLM else [base]  # the card's rows: where promote serves each
+    proc = cli("engines", RECIPE, "-w", ws, "--engine", "vllm-cpu", *(a for n in on_vllm for a in ("--only", n)),
                "--requests", "4", "--no-sweep")
     print(proc.stdout + proc.stderr[-1500:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -66,7 +78,12 @@ def test_one_canary_step_on_vllm(vllm_here, smollm2_run, tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     m = json.loads(manifest.read_text())
     assert m["active"]["name"] == base and m["active"]["engine"]["kind"] == "vllm"
-    assert m["canary"]["challenger"]["name"] == cand and m["canary"]["challenger"]["engine"]["kind"] == "vllm"
+    challenger = m["canary"]["challenger"]
+    assert challenger["name"] == cand
+    if CHALLENGER_ON_VLLM:
+        assert challenger["engine"]["kind"] == "vllm", challenger
+    else:  # no card row for it: promote's in-process default
+        assert challenger["engine"]["kind"] == "transformers" and challenger["provider"]["kind"] == "local", challenger
     trace = tmp_path / "trace.jsonl"
     m["canary"]["gates"] = {"error_rate": 0.5, "p95_ttft_ratio": 100, "p95_e2e_ratio": 100,
                             "latency_slack_ms": 10_000, "budget_exhausted_rate": 0.5, "probe_pass_rate": 1.0}
@@ -77,8 +94,8 @@ def test_one_canary_step_on_vllm(vllm_here, smollm2_run, tmp_path):
     gw, url = start_gateway(manifest, tmp_path / "serve.log")
     groups, served, failed = set(), {}, []
     try:
-        body = wait_until(lambda: gw.poll() is None and both_ready(url, cand), 900, f"{base} and {cand} on vLLM")
-        groups |= {body["engines"]["active"]["pid"], body["engines"]["canary"]["pid"]}
+        body = wait_until(lambda: gw.poll() is None and both_ready(url, cand), 900, f"{base} and {cand} ready")
+        groups |= {e["pid"] for e in body["engines"].values()}
 
         def stepped():
             c = json.loads(manifest.read_text())["canary"]
