@@ -105,7 +105,10 @@ def test_one_canary_step_on_vllm(vllm_here, smollm2_run, tmp_path):
         while not stepped():  # traffic moves a canary: distinct users until the gateway decides a step
             assert i < 400 and gw.poll() is None, f"no canary decision after {i} requests"
             try:
-                ans = post(f"{url}/chat", {"user_id": f"u{i}", "prompt": "Name a river.", "max_tokens": 8})
+                # /chat takes its budget from the body (x-budget-ms is the OpenAI route's): room for two engines
+                # sharing the CPU with the probe rounds; the serving default (2 s) would time some out there
+                ans = post(f"{url}/chat", {"user_id": f"u{i}", "prompt": "Name a river.", "max_tokens": 8,
+                                           "budget_ms": 20_000})
                 served[ans["deployment"]] = served.get(ans["deployment"], 0) + 1
             except OSError as exc:  # an HTTP error status is an OSError too
                 failed.append(repr(exc))
