@@ -12,9 +12,10 @@ the local provider, transformers) beside the stable baseline on vLLM.
 
 Reuses the session's `quantgate run` (tests/e2e/conftest.py) as test_serve_vllm.py does, and its
 `quantgate engines` settings (a cached pair is shared). Skipped before the shared run starts (a session
-fixture listed ahead of `smollm2_run`) only where vLLM is not installed for quantgate. The live gates
-are loosened in the manifest: this test is about the loop on real engines deciding a step, not about how
-a 4-bit SmolLM2 compares (the gates' own decisions are tests/serve/test_canary_*.py's).
+fixture listed ahead of `smollm2_run`) only where vLLM is not installed for quantgate. In the manifest
+the live gates are loosened, and the stable requests a step needs to compare with and the probe set
+(3 of its cases) cut down: this test is about the loop on real engines deciding a step, not about how a
+4-bit SmolLM2 compares (the gates' own decisions are tests/serve/test_canary_*.py's).
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ def test_one_canary_step_on_vllm(vllm_here, smollm2_run, tmp_path):
     trace = tmp_path / "trace.jsonl"
     m["canary"]["gates"] = {"error_rate": 0.5, "p95_ttft_ratio": 100, "p95_e2e_ratio": 100,
                             "latency_slack_ms": 10_000, "budget_exhausted_rate": 0.5, "probe_pass_rate": 1.0}
+    m["canary"]["min_fail_requests"] = 4  # stable requests to compare with before a step (default 20)
+    # the gateway decides between probe rounds: a round of all 12 cases on engines sharing 2 cores takes ~40 s
+    m["canary"]["probes"]["cases"] = m["canary"]["probes"]["cases"][:3]
     m["serving"]["trace"] = {"path": str(trace)}
     manifest.write_text(json.dumps(m))
     assert cli("manifest", "validate", manifest).returncode == 0
