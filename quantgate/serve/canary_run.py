@@ -155,13 +155,17 @@ class CanaryRun:
         c = rt.canary
         if c is None or rt.canary_view is None:
             return
+        if not (rt.available("active") and rt.available("canary")):
+            return  # an engine still starting (or restarting) fails every probe: that says nothing of its answers
         key = (c.challenger.key, c.step)
         timeout_s = rt.serving.max_budget_ms / 1000
         for case in c.probes.cases:
-            for arm, prov in (("stable", rt.providers["active"]), ("canary", rt.providers["canary"])):
-                passed = await _probe(prov, case, c.probes.max_tokens, timeout_s)
+            for arm, role in (("stable", "active"), ("canary", "canary")):
+                passed = await _probe(rt.providers[role], case, c.probes.max_tokens, timeout_s)
                 if self.key != key:
                     return  # the step moved meanwhile: these verdicts belong to no window
+                if not passed and not rt.available(role):
+                    return  # its engine went down meanwhile: the supervisor's to judge, not its answers
                 (self.canary if arm == "canary" else self.stable).probed(passed)
                 self.gw.metrics.canary_probes.labels(arm, "pass" if passed else "fail").inc()
         self.rounds += 1

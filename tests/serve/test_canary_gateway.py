@@ -157,6 +157,24 @@ def test_a_crashing_canary_engine_is_rolled_back_with_no_failed_client_request(s
     wait_for(lambda: srv.gateway.rt.canary is None, "the gateway to reload without the canary")
 
 
+def test_probes_wait_for_both_engines_to_be_ready(serve, manifest_path, tmp_path):
+    """A stable whose engine is still starting would fail every probe: that is no evidence against its answers
+    (it had biased the probe gate towards the canary, 1/45 against 45/45 on real vLLM)."""
+    from test_serve_engines import engine_dep
+
+    m = canary_manifest(mock("good", reply_tokens=8), min_requests=10_000)
+    m["active"] = engine_dep(tmp_path, "stable", "--ready-after", "1.0")
+    srv = serve(m)
+    assert not srv.gateway.rt.available("active")  # starting: the rounds so far probed nothing
+    wait_for(lambda: srv.gateway.rt.available("active"), "the stable engine to be ready")
+    start = srv.gateway.canary.rounds
+    wait_for(lambda: srv.gateway.canary.rounds >= start + 3, "three probe rounds on ready engines")
+    text = srv.gateway.metrics.render().decode()
+    assert metric(text, "quantgate_canary_probes_total", arm="stable", result="pass") >= 6
+    assert metric(text, "quantgate_canary_probes_total", arm="stable", result="fail") == 0
+    assert load_manifest(manifest_path).canary.state == "running"
+
+
 def test_a_challenger_failing_its_checksum_takes_no_traffic_and_is_rolled_back(serve, manifest_path, tmp_path):
     from test_serve_engines import engine_dep
 
