@@ -48,6 +48,7 @@ class CanaryRun:
         self.since = 0.0  # clock() when this gateway first served this challenger: the readiness deadline
         self.last: Decision | None = None
         self.rounds = 0   # probe rounds completed (tests and benches wait on it)
+        self._probing: asyncio.Task | None = None  # the probe round in flight: decisions do not wait for it
         self._writing = False
         self.mlflow = CanaryLog()  # each decision written is copied to the challenger's MLflow run, off the loop
 
@@ -135,18 +136,31 @@ class CanaryRun:
         return d
 
     async def run(self) -> None:
-        """The gateway's background task: decide every eval_interval_s, probe every probes.every_s."""
+        """The gateway's background task: decide every eval_interval_s, probe every probes.every_s. A probe
+        round runs beside the decisions (one at a time): a round of slow or timing-out probes can take
+        many seconds, and a rollback the requests' windows call for must not wait for it."""
         next_probe = 0.0
-        while True:
-            c = self.gw.rt.canary
-            await asyncio.sleep(c.eval_interval_s if c is not None else 1.0)
-            try:
-                if c is not None and c.probes.cases and self.gw.clock() >= next_probe:
-                    next_probe = self.gw.clock() + c.probes.every_s
-                    await self.probe_round()
-                await self.tick()
-            except Exception:  # noqa: BLE001 - a bug here must not end the canary's watch (nor the gateway)
-                log.exception("canary: the decision loop failed; trying again")
+        try:
+            while True:
+                c = self.gw.rt.canary
+                await asyncio.sleep(c.eval_interval_s if c is not None else 1.0)
+                try:
+                    idle = self._probing is None or self._probing.done()
+                    if c is not None and c.probes.cases and idle and self.gw.clock() >= next_probe:
+                        next_probe = self.gw.clock() + c.probes.every_s
+                        self._probing = asyncio.get_running_loop().create_task(self._probe_logged())
+                    await self.tick()
+                except Exception:  # noqa: BLE001 - a bug here must not end the canary's watch (nor the gateway)
+                    log.exception("canary: the decision loop failed; trying again")
+        finally:
+            if self._probing is not None:
+                self._probing.cancel()
+
+    async def _probe_logged(self) -> None:
+        try:
+            await self.probe_round()
+        except Exception:  # noqa: BLE001 - the next round tries again
+            log.exception("canary: a probe round failed")
 
     # ------------------------------------------------------------------ probes
     async def probe_round(self) -> None:

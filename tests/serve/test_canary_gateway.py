@@ -175,6 +175,20 @@ def test_probes_wait_for_both_engines_to_be_ready(serve, manifest_path, tmp_path
     assert load_manifest(manifest_path).canary.state == "running"
 
 
+def test_a_probe_round_that_never_ends_does_not_hold_up_a_rollback(serve, manifest_path, monkeypatch):
+    """Probes that hang (an injected fault: each waits for ever) must not stop the windows' decisions."""
+    from quantgate.serve import canary_run
+
+    async def hung(*args, **kwargs):
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(canary_run, "_probe", hung)
+    srv = serve(canary_manifest(mock("flaky", reply_tokens=8, error_rate=0.5, seed=3)))
+    sent, failed, served = drive(srv, manifest_path, ended("rolled_back"), deadline_s=30)
+    assert "error rate" in load_manifest(manifest_path).canary.history[-1].why
+    assert srv.gateway.canary.rounds == 0 and not failed
+
+
 def test_a_challenger_failing_its_checksum_takes_no_traffic_and_is_rolled_back(serve, manifest_path, tmp_path):
     from test_serve_engines import engine_dep
 
