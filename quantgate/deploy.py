@@ -190,7 +190,8 @@ def artifact_of(name: str, dep: Deployment) -> Artifact:
 
 
 FALLBACK_ENGINE = "the fallback: in-process transformers"
-DEFAULT_ENGINE = "default: in-process transformers (no engine card for this candidate; choose with --engine)"
+DEFAULT_ENGINE = ("default: in-process transformers (the engine card, if any, has no started pair of this candidate; "
+                  "choose with --engine)")
 
 
 def with_engine(dep: Deployment, choice, *, force: bool, reason: str) -> tuple[Deployment, dict]:
