@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 from .limits import Limited, TenantLimiter, burst, refused
 from .manifest import StateSpec
+from .redis_pack import fast_packing
 from .tenants import Ledger, OverBudget, Reservation, window_start
 
 log = logging.getLogger("quantgate.serve")
@@ -252,6 +253,7 @@ class RedisState(LocalState):
             client = aioredis.from_url(spec.redis, socket_timeout=None, socket_connect_timeout=spec.timeout_ms / 1000,
                                        retry=Retry(NoBackoff(), 1, supported_errors=(self.exceptions.ConnectionError,)),
                                        health_check_interval=0)
+            fast_packing(client.connection_pool)  # serve/redis_pack.py: a command packed in one C call
         self.redis = client
         self._sha = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()}
         # request ids for the scripts' idempotency: a random prefix per process and a counter
@@ -598,9 +600,13 @@ def _retrieved(fut: asyncio.Future) -> None:
 
 
 def _noscript(r) -> bool:
+    """Whether a reply is Redis saying it has not got the script (a new or restarted Redis). Called
+    on every reply of a batch: nothing but the type check for the replies that are not errors."""
+    if not isinstance(r, Exception):
+        return False
     from redis.exceptions import NoScriptError
 
-    return isinstance(r, NoScriptError) or (isinstance(r, Exception) and str(r).startswith("NOSCRIPT"))
+    return isinstance(r, NoScriptError) or str(r).startswith("NOSCRIPT")
 
 
 def _s(v) -> str:
