@@ -16,12 +16,11 @@ from __future__ import annotations
 def fast_packing(pool) -> bool:
     """Give `pool`'s future connections the one-call packer (before any connection is made: the
     pool picks the class per URL scheme, TCP, TLS or unix socket, and that class stays the base).
-    False, changing nothing, where hiredis is not installed."""
+    False, changing nothing, where hiredis (or its packer) is not installed."""
     try:
-        import hiredis
+        from hiredis import pack_command as pack  # hiredis >= 2.1; redis[hiredis] 5+ wants 3
     except ImportError:
         return False
-    pack = hiredis.pack_command
     base = pool.connection_class
 
     class Packed(base):
