@@ -560,7 +560,7 @@ class RedisState(LocalState):
                 if kind == "settle":
                     pipe.execute_command(*self._evalsha("settle", *a))
                 else:
-                    pipe.set(a[0], a[1], px=a[2])
+                    pipe.execute_command("SET", a[0], a[1], "PX", a[2])  # not pipe.set: no argument parsing
             self.trip("writes")
             try:
                 out = await self._bounded(pipe.execute(raise_on_error=False))

@@ -475,3 +475,27 @@ async def test_a_settle_whose_reply_came_too_late_is_replayed_without_charging_t
         assert await _held(st) == (10, 0)
     finally:
         await st.close()
+
+
+@aio
+async def test_cache_entries_ride_the_states_batches_on_a_real_redis(redis_server):
+    """Replicas sharing state share the cache through the state's own client: a store goes out with
+    the settles (one pipeline), a lookup with the admits; both reach a real redis-server intact."""
+    from quantgate.serve.cache import make_cache
+    from quantgate.serve.manifest import CacheSpec
+
+    spec = StateSpec(redis=redis_server.url, prefix=f"qg-cache-{uuid.uuid4().hex[:8]}:")
+    st = RedisState(spec, Ledger(BUDGETS), TenantLimiter({}), GatewayMetrics())
+    cache = make_cache(CacheSpec(ttl_s=60), spec, st)
+    try:
+        value = {"text": "héllo ✓", "tokens_in": 3, "tokens_out": 2, "finish_reason": "stop"}
+        held = await st.admit("acme", None, 5, 0.0, NOW, 0)
+        held.settle(4, 0.0, NOW)
+        cache.put_soon("k1", value)
+        await st.drain()
+        assert await cache.lookup("k1") == value and await cache.lookup("k2") is None
+        assert 0 < await st.redis.pttl(f"{spec.prefix}cache:k1") <= 60_000
+        used = await st.redis.hget(f"{spec.prefix}budget:tenant:acme:{int(NOW // 3600 * 3600)}", "t")
+        assert int(used) == 4  # the settle in the same batch as the store
+    finally:
+        await st.close()
