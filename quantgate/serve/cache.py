@@ -77,6 +77,10 @@ class MemoryCache:
     async def get(self, key: str) -> Any | None:
         return self.get_now(key)
 
+    def peek_key(self, key: str) -> None:
+        """In memory there is no Redis key for the admit script to read: look it up (`lookup`)."""
+        return None
+
     def lookup(self, key: str):
         """Start a lookup now, await it later (in memory it is done at once)."""
         return self.get(key)
@@ -114,13 +118,24 @@ class RedisCache:
             return self.get(key)
         return self._decode(self._state.call_soon(("GET", self.prefix + key)))
 
+    def peek_key(self, key: str) -> str | None:
+        """The Redis key the shared state's admit script reads for this entry, in the same script and
+        only once the request is admitted (state.RedisState.admit's `peek`): one command per request
+        fewer than a lookup of its own. None when this cache has its own client: `lookup` it."""
+        return self.prefix + key if self._state is not None else None
+
     @staticmethod
-    async def _decode(fut) -> Any | None:
+    def decode(raw) -> Any | None:
+        """A stored entry as it came from Redis (None: absent)."""
+        return None if raw is None or isinstance(raw, Exception) else json.loads(raw)
+
+    @classmethod
+    async def _decode(cls, fut) -> Any | None:
         try:
             raw = await fut
         except Exception:
             return None  # a cache that is down is a miss, never a failed request
-        return None if raw is None or isinstance(raw, Exception) else json.loads(raw)
+        return cls.decode(raw)
 
     async def get(self, key: str) -> Any | None:
         try:

@@ -67,7 +67,8 @@ end
 # later still (it was sent before a timeout, and the gateway has released it since) holds nothing.
 
 # KEYS: n budget accounts (one hash per window: t, u used; rt, ru reserved), the request bucket,
-# the token bucket, the request's mark. ARGV: n, tokens, usd, now, then (limit_tokens, limit_usd,
+# the token bucket, the request's mark, and optionally a key to read once admitted (the request's
+# cache entry: a lookup in the same script instead of a command of its own). ARGV: n, tokens, usd, now, then (limit_tokens, limit_usd,
 # expire_at) per account (-1 = no limit), then req rate, req capacity, token rate, token capacity
 # (-1 = no bucket), bucket ttl, the mark's expire_at.
 ADMIT = """
@@ -119,6 +120,7 @@ for i = 1, n do
 end
 redis.call('SET', mark, '1')
 redis.call('EXPIREAT', mark, ARGV[b + 5])
+if KEYS[n + 4] then return {0, redis.call('GET', KEYS[n + 4])} end
 return {0}
 """
 
@@ -170,6 +172,8 @@ class Held:
     remote: tuple | None = None   # (account keys, token bucket key, token capacity, expire_at per account, mark)
     backend: "LocalState | None" = None  # who settles it: a reload may swap the state meanwhile
     settled: bool = field(default=False)
+    read: bool = False  # whether the admit read the key it was asked to peek at (Redis did the admit)
+    peeked: bytes | None = None  # that key's value (None: absent)
 
     def settle(self, tokens: int, usd: float, wall: float) -> None:
         self.backend.settle(self, tokens, usd, wall)
@@ -184,7 +188,9 @@ class LocalState:
         self.ledger, self.limiter = ledger, limiter
 
     async def admit(self, tenant: str, user_id: str | None, tokens: int, usd: float, wall: float,
-                    mono: float) -> Held | OverBudget | Limited | Unavailable:
+                    mono: float, peek: str | None = None) -> Held | OverBudget | Limited | Unavailable:
+        """Reserve, or say why not. `peek`: a Redis key the shared state reads in the same script once
+        the request is admitted (Held.read, Held.peeked); here there is no Redis, and nothing is read."""
         return self.admit_now(tenant, user_id, tokens, usd, wall, mono)
 
     def admit_now(self, tenant, user_id, tokens, usd, wall, mono) -> Held | OverBudget | Limited:
@@ -476,7 +482,7 @@ class RedisState(LocalState):
         return keys, limits, expire
 
     async def admit(self, tenant: str, user_id: str | None, tokens: int, usd: float, wall: float,
-                    mono: float) -> Held | OverBudget | Limited | Unavailable:
+                    mono: float, peek: str | None = None) -> Held | OverBudget | Limited | Unavailable:
         if not self._use_redis():
             return self._local(tenant, user_id, tokens, usd, wall, mono)
         keys, limits, expire = self._keys(tenant, user_id, wall)
@@ -492,7 +498,7 @@ class RedisState(LocalState):
         mark = f"{p}res:{self._rid_prefix}{next(self._rid_n):x}"
         args += [rr, burst(rate) if rr != -1 else -1, tr, tc, 120, max(expire, default=int(wall) + 3600)]
         try:
-            out = await self._script("admit", keys + bucket_keys + [mark], args)
+            out = await self._script("admit", keys + bucket_keys + [mark] + ([peek] if peek else []), args)
         except self._errors() as exc:
             self._down(exc)
             # the script may have run after all (a reply slower than timeout_ms): release whatever it
@@ -514,7 +520,8 @@ class RedisState(LocalState):
             return refused(tenant, rate, _s(out[1]), float(out[2]))
         if code == 3:  # an id already released: cannot happen for a fresh id; decide here rather than guess
             return self._local(tenant, user_id, tokens, usd, wall, mono)
-        return Held(tenant, tokens, usd, remote=(keys, bucket_keys[1], tc, expire, mark), backend=self)
+        return Held(tenant, tokens, usd, remote=(keys, bucket_keys[1], tc, expire, mark), backend=self,
+                    read=peek is not None, peeked=out[1] if peek is not None and len(out) > 1 else None)
 
     @staticmethod
     def _settle_args(keys, bucket, cap, expire, mark, held_tokens, held_usd, tokens, usd) -> tuple:

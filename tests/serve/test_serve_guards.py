@@ -162,7 +162,7 @@ def test_over_budget_is_refused_without_a_reservation_and_the_cache_lookup_is_cl
     env, rt = budget_env(tokens=40), runtime()
     run(budget_cache.take(env, rt, call(), admitted_ctx(rt)))  # holds 50 of the tenant's 40 tokens
     pending = Lookup()
-    env.cache = SimpleNamespace(lookup=lambda key: pending)
+    env.cache = SimpleNamespace(lookup=lambda key: pending, peek_key=lambda key: None)
     ctx = admitted_ctx(rt)
     with pytest.raises(GatewayError) as e:
         run(budget_cache.take(env, rt, call(), ctx))

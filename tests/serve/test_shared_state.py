@@ -499,3 +499,49 @@ async def test_cache_entries_ride_the_states_batches_on_a_real_redis(redis_serve
         assert int(used) == 4  # the settle in the same batch as the store
     finally:
         await st.close()
+
+
+@aio
+async def test_an_admitted_request_reads_its_cache_entry_inside_the_admit_script():
+    """With the cache on the state's Redis the admit script reads the entry itself, once the request
+    is admitted: no GET of its own in the batch, and nothing read for a request the budget refuses."""
+    from types import SimpleNamespace
+
+    from quantgate.serve.cache import make_cache
+    from quantgate.serve.guards import budget_cache
+    from quantgate.serve.ladder import Level
+    from quantgate.serve.manifest import CacheSpec, Deployment, ServingSpec
+    from quantgate.serve.records import ChatCall, GatewayError, RequestState
+
+    st, _, _ = redis_state()
+    cache = make_cache(CacheSpec(ttl_s=60), st.spec, st)
+    sent = []
+    call_soon = st._call
+    st._call = lambda cmd: (sent.append(cmd[0]), call_soon(cmd))[1]
+    dep = Deployment(name="m")
+    env = SimpleNamespace(state=st, cache=cache, wall=lambda: NOW, clock=lambda: 0.0, metrics=GatewayMetrics(),
+                          ladder=SimpleNamespace(level=Level.NORMAL))
+    rt = SimpleNamespace(serving=ServingSpec(), active=dep)
+
+    def ctx(reserved=40):
+        c = RequestState.empty()
+        c.lookup, c.tokens_in, c.max_tokens, c.reserved_tokens, c.budget_ms = dep, 8, 32, reserved, 1000
+        return c
+
+    def call():
+        return ChatCall("openai", "t1", "acme", None, [{"role": "user", "content": "same"}], 0.0)
+
+    first = ctx()
+    assert await budget_cache.take(env, rt, call(), first) is None and first.reservation.read
+    del sent[:]  # the first admit also loaded the scripts (a fresh Redis answers NOSCRIPT once)
+    cache.put_soon(first.key, {"text": "cached ✓", "tokens_in": 8, "tokens_out": 2, "finish_reason": "stop"})
+    first.reservation.settle(10, 0.0, NOW)
+    await st.drain()
+    hit = await budget_cache.take(env, rt, call(), second := ctx())
+    assert (hit.text, hit.cached) == ("cached ✓", True) and second.reservation is not None
+    assert sent == ["EVALSHA"]  # the admit, with its lookup inside: no GET of its own
+    second.reservation.settle(95, 0.0, NOW)  # (a hit is free; this one spent the tenant's 100 tokens)
+    await st.drain()
+    with pytest.raises(GatewayError) as refused:  # 105 used of 100: refused, its entry not read
+        await budget_cache.take(env, rt, call(), ctx())
+    assert refused.value.status == 429 and sent == ["EVALSHA"] * 2
