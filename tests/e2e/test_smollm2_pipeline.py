@@ -86,7 +86,12 @@ def test_promote_recommended_then_rollback_restores_previous(smollm2_run, tmp_pa
     m = load_manifest(manifest)
     assert m.active.name == rec and m.previous[0].name == first
     assert m.evidence["go_live_check"]["engine_supports_format"]["ok"]
-    assert m.evidence["go_live_check"]["rollback_target"]["verified"]
+    target = m.evidence["go_live_check"]["rollback_target"]  # the fallback the gateway serves meanwhile:
+    if rec != base:  # the baseline, its checksums verified
+        assert target["name"] == base and target["verified"], target
+    else:  # the baseline is the active one (the load test's cost noise can recommend it): no fallback
+        assert target == {"name": None, "present": False, "verified": False}, target
+        assert m.previous[0].sha256  # and the rollback goes to the previous deployment, checksummed
     tracking = json.loads((run_dir / "tracking.json").read_text())
     client = MlflowClient(tracking["uri"])
     model = tracking["registered_model"]
