@@ -112,11 +112,9 @@ class RedisCache:
         self._pending: set[asyncio.Task] = set()
 
     def lookup(self, key: str):
-        """Start a lookup now and await it later: with the shared state it joins the same batch as the
-        request's budget check (one round trip for both)."""
-        if self._state is None:
-            return self.get(key)
-        return self._decode(self._state.call_soon(("GET", self.prefix + key)))
+        """Start a lookup now and await it later. With the shared state the gateway does not look up:
+        the admit script reads the entry (`peek_key`)."""
+        return self.get(key)
 
     def peek_key(self, key: str) -> str | None:
         """The Redis key the shared state's admit script reads for this entry, in the same script and
@@ -129,20 +127,12 @@ class RedisCache:
         """A stored entry as it came from Redis (None: absent)."""
         return None if raw is None or isinstance(raw, Exception) else json.loads(raw)
 
-    @classmethod
-    async def _decode(cls, fut) -> Any | None:
-        try:
-            raw = await fut
-        except Exception:
-            return None  # a cache that is down is a miss, never a failed request
-        return cls.decode(raw)
-
     async def get(self, key: str) -> Any | None:
         try:
             raw = await self._r.get(self.prefix + key)
         except Exception:
             return None  # a cache that is down is a miss, never a failed request
-        return None if raw is None else json.loads(raw)
+        return self.decode(raw)
 
     async def put(self, key: str, value: Any) -> None:
         try:

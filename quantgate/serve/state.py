@@ -7,8 +7,8 @@ scripts, so a check-and-reserve over every account a request draws on (global, t
 both of its buckets is one atomic script shared by all replicas, and a settle is a second one,
 sent in the background (the answer does not wait for it).
 
-Round trips are batched: the commands issued in one event-loop turn (admits and cache lookups)
-go out as one pipeline, and background writes (settles, cache stores) queue while a batch is in
+Round trips are batched: the commands issued in one event-loop turn (admits, each reading its
+cache entry) go out as one pipeline, and background writes (settles, cache stores) queue while a batch is in
 flight and go in the next. Each script stays atomic on its own; under load many requests share a
 round trip (bench/replicas.py counts them). The breaker signal is shared too: a replica that
 opens its breaker says so for one cool-down, and the others open theirs once per opening.
@@ -68,9 +68,9 @@ end
 
 # KEYS: n budget accounts (one hash per window: t, u used; rt, ru reserved), the request bucket,
 # the token bucket, the request's mark, and optionally a key to read once admitted (the request's
-# cache entry: a lookup in the same script instead of a command of its own). ARGV: n, tokens, usd, now, then (limit_tokens, limit_usd,
-# expire_at) per account (-1 = no limit), then req rate, req capacity, token rate, token capacity
-# (-1 = no bucket), bucket ttl, the mark's expire_at.
+# cache entry: a lookup in the same script instead of a command of its own). ARGV: n, tokens, usd,
+# now, then (limit_tokens, limit_usd, expire_at) per account (-1 = no limit), then req rate, req
+# capacity, token rate, token capacity (-1 = no bucket), bucket ttl, the mark's expire_at.
 ADMIT = """
 local ARGV = words(ARGV[1])
 local n = tonumber(ARGV[1])
@@ -374,10 +374,6 @@ class RedisState(LocalState):
     async def _load_scripts(self) -> None:
         for name, src in SCRIPTS.items():
             self._sha[name] = await self._bounded(self.redis.script_load(src))
-
-    def call_soon(self, cmd: tuple) -> asyncio.Future:
-        """One command in the next batch; its reply (or its own error) is the future's result."""
-        return self._call(cmd)
 
     def _call(self, cmd: tuple) -> asyncio.Future:
         loop = asyncio.get_running_loop()
