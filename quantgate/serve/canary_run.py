@@ -13,7 +13,9 @@ manifest under its lock, atomically, with the figures (a restarted gateway resum
 the same step), and the gateway reloads at once. A decision taken at a step the file has already
 left (a person or another replica decided first) is dropped. Replicas sharing Redis
 (serving.state) take one decision per step: the first to claim it there (SET NX); the others adopt
-it — figures, author and time — into their own manifest files, also while they would hold. Fail closed: a rollback takes the
+it — figures, author and time — into their own manifest files, also while they would hold. While
+Redis does not answer a replica holds rather than step or promote on its own figures (another may be
+deciding otherwise); a rollback it still takes alone. Fail closed: a rollback takes the
 canary's traffic away in memory before the file is written, so a manifest that cannot be written
 still stops the canary here; a challenger whose provider could not be had (checksums, a start that
 raised), whose engine exited, restarts, gave up, or is not ready by `ready_timeout_s` is rolled back
@@ -111,7 +113,14 @@ class CanaryRun:
                 return d
             d, by, now = _decision(theirs)
         else:
-            d, by, now = _decision(await state.claim_canary(step_key, _payload(d, by, now), CLAIM_TTL_S))
+            claimed = await state.claim_canary(step_key, _payload(d, by, now), CLAIM_TTL_S)
+            if claimed is not None:
+                d, by, now = _decision(claimed)
+            elif d.action != "rollback":  # a rollback alone is safe: it only takes this replica's traffic away
+                self.last = Decision("hold", f"{d.action} waits: the replicas' shared state does not answer",
+                                     d.figures)
+                log.warning("canary %s: not taking the %s alone while Redis does not answer", key, d.action)
+                return self.last
         self.last = d
         if d.action == "rollback":
             rt.canary_view = None  # weight 0 now, whatever happens to the file

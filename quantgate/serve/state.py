@@ -48,6 +48,7 @@ log = logging.getLogger("quantgate.serve")
 
 _KEEP_S = 60  # a budget window's key outlives its window by this much (settles of late answers)
 _TOMBSTONE_S = 600  # a request released before Redis ran its admit: that admit holds nothing this long
+CANARY_TIMEOUT_S = 2.0  # a canary claim waits this long for Redis (a background decision, not a request)
 
 # Each script's ARGV arrives as one space-separated string (`_evalsha`): redis-py encodes every
 # argument of a command in Python, and one string instead of two dozen numbers per request was the
@@ -220,7 +221,7 @@ class LocalState:
     async def breaker_event(self, deployment: str) -> str | None:
         return None
 
-    async def claim_canary(self, step_key: str, decision: str, ttl_s: float) -> str:
+    async def claim_canary(self, step_key: str, decision: str, ttl_s: float) -> str | None:
         return decision  # alone, this replica's decision is the decision
 
     async def canary_decision(self, step_key: str) -> str | None:
@@ -286,10 +287,10 @@ class RedisState(LocalState):
     def _errors(self) -> tuple:
         return (self.exceptions.RedisError, OSError, asyncio.TimeoutError)
 
-    async def _bounded(self, aw):
+    async def _bounded(self, aw, timeout_s: float | None = None):
         """One round trip, or asyncio.TimeoutError after timeout_ms (Redis counts as down). Cancelled
         mid-reply, the client closes that connection rather than reuse it."""
-        async with asyncio.timeout(self.spec.timeout_ms / 1000):
+        async with asyncio.timeout(self.spec.timeout_ms / 1000 if timeout_s is None else timeout_s):
             return await aw
 
     def _use_redis(self) -> bool:
@@ -441,25 +442,28 @@ class RedisState(LocalState):
         return None if got is None else _s(got)
 
     # ------------------------------------------------------------------ canary decisions
-    async def claim_canary(self, step_key: str, decision: str, ttl_s: float) -> str:
+    async def claim_canary(self, step_key: str, decision: str, ttl_s: float) -> str | None:
         """The one decision about a canary step: `decision` if no replica decided this step first (SET NX),
-        else the one that did. Redis down: this replica's own (the manifest file's stale check still
-        keeps a step from being taken twice where replicas share the file)."""
+        else the one that did. None when Redis cannot be asked (down, or no answer within
+        CANARY_TIMEOUT_S): the caller must not take a step or promote alone then, since another
+        replica may be deciding otherwise. A claim whose reply was lost may still have landed: the next
+        one reads it back as the decision, which is this replica's own."""
         if not self._use_redis():
-            return decision
+            return None
         k = f"{self.spec.prefix}canary:{step_key}"
+        bound = max(self.spec.timeout_ms / 1000, CANARY_TIMEOUT_S)  # off the request path: wait longer
         self.trip("canary")
         try:
-            if await self._bounded(self.redis.set(k, decision, nx=True, px=max(1, int(ttl_s * 1000)))):
+            if await self._bounded(self.redis.set(k, decision, nx=True, px=max(1, int(ttl_s * 1000))), bound):
                 self._up()
                 return decision
             self.trip("canary")
-            got = await self._bounded(self.redis.get(k))
+            got = await self._bounded(self.redis.get(k), bound)
         except self._errors() as exc:
             self._down(exc)
-            return decision
+            return None
         self._up()
-        return decision if got is None else _s(got)
+        return None if got is None else _s(got)  # expired between the two calls: ask again next tick
 
     async def canary_decision(self, step_key: str) -> str | None:
         """The decision another replica took about this canary step, if any."""

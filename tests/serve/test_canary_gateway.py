@@ -270,3 +270,34 @@ def test_two_replicas_on_one_redis_follow_one_decision(tmp_path):
         for srv in srvs:
             srv.stop()
         redis.stop()
+
+
+def test_a_replica_whose_redis_does_not_answer_holds_rather_than_step_alone(serve, manifest_path, tmp_path):
+    """Redis stopped (an injected fault): the replica keeps serving, but takes no step on its own figures,
+    since another replica may be deciding that step otherwise; once Redis answers again the canary goes on."""
+    import shutil
+
+    from gwkit import RedisServer
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run installs it)")
+    redis = RedisServer(binary, tmp_path).start()
+    m = canary_manifest(mock("good", reply_tokens=8))
+    m["serving"]["state"] = {"redis": redis.url, "retry_s": 0.05}
+    redis.stop()
+    try:
+        srv = serve(m)
+        last = lambda: srv.gateway.canary.last
+        held = lambda _m: last() is not None and "shared state does not answer" in last().reason
+        sent, failed, _ = drive(srv, manifest_path, held, deadline_s=30)
+        assert not failed and last().action == "hold" and last().reason.startswith("step waits")
+        c = load_manifest(manifest_path).canary
+        assert c.step == 0 and c.history == []
+        redis.start()
+        sent, failed, _ = drive(srv, manifest_path, ended("promoted"))
+        assert not failed
+        assert [(e.what, e.weight) for e in load_manifest(manifest_path).canary.history] == [
+            ("step", 50), ("step", 100), ("promote", 100)]
+    finally:
+        redis.stop()
