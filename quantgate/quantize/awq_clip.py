@@ -7,6 +7,13 @@ which made the clip search 95% of AWQ's time on a 2-core machine (26 s for one 1
 where its 20 forwards take 1 s). The sum over a group is a dot product, so here it is one batched
 matmul per group: the same candidates, the same error, the same choice, up to float rounding.
 `install()` swaps it in only where the library's method has the signature this mirrors.
+
+Where the CPU has no native bfloat16, torch computes a bfloat16 bmm with a scalar dot-product
+fallback (`bf16_dot_with_fp32_arith`): it was 38% of AWQ's CPU time on SmolLM2 (py-spy). There,
+`install(float32_products=True)` computes the same bfloat16 values' products in float32 and rounds
+each output to bfloat16 once, which is what that fallback does (it accumulates in float32), at
+float32 GEMM speed: 3-12x faster per call; outputs differ from it by summation order (one bfloat16
+step in ~4 of 100,000).
 """
 
 from __future__ import annotations
@@ -16,11 +23,15 @@ import inspect
 import torch
 
 EXPECTED_PARAMS = ["self", "w", "input_feat", "n_grid", "max_shrink", "n_sample_token"]
+FLOAT32_PRODUCTS = {"on": False}  # set by install(): bfloat16 products computed in float32 (see above)
 
 
 def _group_outputs(xg: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """(x * w).sum(-1) for x [1, t, g, k] and w [c, 1, g, k], as matmuls: xg [g, t, k] → [c, t, g]."""
-    return torch.bmm(xg, w[:, 0].permute(1, 2, 0)).permute(2, 1, 0)
+    wt = w[:, 0].permute(1, 2, 0)
+    if FLOAT32_PRODUCTS["on"] and w.dtype is torch.bfloat16 and w.device.type == "cpu":
+        return torch.bmm(xg.float(), wt.float()).to(torch.bfloat16).permute(2, 1, 0)
+    return torch.bmm(xg, wt).permute(2, 1, 0)
 
 
 @torch.inference_mode()
@@ -58,8 +69,10 @@ def compute_best_clip(self, w: torch.Tensor, input_feat: torch.Tensor, n_grid=20
     return torch.cat(best_all, dim=0).squeeze(1)
 
 
-def install() -> bool:
-    """Use the matmul clip search in GPTQModel's AWQ; False (and the library's own) if it changed shape."""
+def install(float32_products: bool = False) -> bool:
+    """Use the matmul clip search in GPTQModel's AWQ; False (and the library's own) if it changed shape.
+    `float32_products`: compute bfloat16 products in float32 (kernels.float32_linears says where)."""
+    FLOAT32_PRODUCTS["on"] = float32_products
     try:
         from gptqmodel.looper.awq_processor import AWQProcessor
     except ImportError:

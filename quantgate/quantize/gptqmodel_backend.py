@@ -86,13 +86,16 @@ class GPTQModelQuantizer:
             f"{len(calib)} windows × {len(ctx.calibration[0])} tokens"
         )
         notes = []
+        flags = cpu_flags()
+        dtype = quantize_dtype(spec.method, device, flags)
         if spec.method == "awq":
             from . import awq_clip
 
-            if awq_clip.install():  # same search, as matmuls: the clip search was 95% of AWQ on CPU
-                notes.append("AWQ clip search: quantgate.quantize.awq_clip (batched matmul, same result)")
-        flags = cpu_flags()
-        dtype = quantize_dtype(spec.method, device, flags)
+            # same search, as matmuls: the clip search was 95% of AWQ on CPU
+            upcast = float32_linears("bfloat16", device, flags)
+            if awq_clip.install(float32_products=upcast):
+                notes.append("AWQ clip search: quantgate.quantize.awq_clip (batched matmul"
+                             + (", bfloat16 products in float32" if upcast else "") + ")")
         if dtype != "auto":
             import torch
 
