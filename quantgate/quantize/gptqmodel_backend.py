@@ -88,11 +88,11 @@ class GPTQModelQuantizer:
         notes = []
         flags = cpu_flags()
         dtype = quantize_dtype(spec.method, device, flags)
+        upcast = float32_linears("bfloat16", device, flags)  # a CPU without native bfloat16
         if spec.method == "awq":
             from . import awq_clip
 
             # same search, as matmuls: the clip search was 95% of AWQ on CPU
-            upcast = float32_linears("bfloat16", device, flags)
             if awq_clip.install(float32_products=upcast):
                 notes.append("AWQ clip search: quantgate.quantize.awq_clip (batched matmul"
                              + (", bfloat16 products in float32" if upcast else "") + ")")
@@ -101,7 +101,7 @@ class GPTQModelQuantizer:
 
             notes.append(f"quantized in {dtype}: this CPU has no native bfloat16 (GPTQModel's CPU default)")
             ctx.progress.log(notes[-1])
-        elif float32_linears("bfloat16", device, flags) and bf16_linears_in_float32():
+        elif upcast and bf16_linears_in_float32():
             notes.append("bfloat16 linears computed as float32 matmuls: this CPU has no native bfloat16")
             ctx.progress.log(notes[-1])
         model = GPTQModel.load(str(ctx.source), qc, device=device, trust_remote_code=ctx.trust_remote_code,

@@ -7,25 +7,25 @@ scripts, so a check-and-reserve over every account a request draws on (global, t
 both of its buckets is one atomic script shared by all replicas, and a settle is a second one,
 sent in the background (the answer does not wait for it).
 
-Round trips are batched: the commands issued in one event-loop turn (admits, each reading its
-cache entry) go out as one pipeline, and background writes (settles, cache stores) queue while a batch is in
-flight and go in the next. Each script stays atomic on its own; under load many requests share a
-round trip (bench/replicas.py counts them). The breaker signal is shared too: a replica that
-opens its breaker says so for one cool-down, and the others open theirs once per opening.
+Round trips are batched: the commands issued in one event-loop turn (admits, each reading its cache
+entry) go out as one pipeline, and background writes (settles, cache stores) queue while a batch is
+in flight and go in the next. Each script stays atomic on its own; under load many requests share a
+round trip (bench/replicas.py counts them). The breaker signal is shared too: a replica that opens
+its breaker says so for one cool-down, and the others open theirs once per opening.
 
 Budget windows are keys named by their start, so a period's reset is the key changing (the old
 one expires a minute after its window ends). A request is settled in the window it was admitted in.
 
 When Redis does not answer (down, or slower than `timeout_ms`), the replica keeps serving by the
-manifest's `on_redis_down`: `open` decides with its own local ledger and buckets (each replica
-then enforces the limits on its own, so together they may let through up to N times a budget);
-`closed` refuses requests that draw on a budget (503) and serves the rest with local rate limits.
-It tries Redis again at most every `retry_s` (one request or /readyz probe at a time), and
-settles that could not be sent are replayed when it is back. Reserve and settle are idempotent by
-request id (the scripts' mark), so a settle whose reply came too late is replayed without charging
-twice, and an admit that timed out here but ran on Redis is released (a settle of nothing, queued
-like the others): its reservation does not lock the tenant out until the window's key expires. The tenant's share of concurrent
-slots stays per replica: slots are this process's own.
+manifest's `on_redis_down`: `open` decides with its own local ledger and buckets (each replica then
+enforces the limits on its own, so together they may let through up to N times a budget); `closed`
+refuses requests that draw on a budget (503) and serves the rest with local rate limits. It tries
+Redis again at most every `retry_s` (one request or /readyz probe at a time), and settles that could
+not be sent are replayed when it is back. Reserve and settle are idempotent by request id (the
+scripts' mark), so a settle whose reply came too late is replayed without charging twice, and an
+admit that timed out here but ran on Redis is released (a settle of nothing, queued like the
+others): its reservation does not lock the tenant out until the window's key expires. The tenant's
+share of concurrent slots stays per replica: slots are this process's own.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 state that must answer does not), with the cache looked up beside it; a hit answers the request.
 
 The cache lookup starts before the budget is asked and is awaited after it; with both on one Redis
-the admit script reads the entry itself once the request is admitted (one command, one round
-trip). A cached answer still needs the budget: a tenant over its budget is refused a hit too. The reservation is settled when the request ends with what it really used
-(nothing, for a hit or a refusal after it); Attempts settles it earlier on success, and a
-reservation settles once.
+the admit script reads the entry itself once the request is admitted (one command, one round trip).
+A cached answer still needs the budget: a tenant over its budget is refused a hit too. The
+reservation is settled when the request ends with what it really used (nothing, for a hit or a
+refusal after it); Attempts settles it earlier on success, and a reservation settles once.
 """
 
 from __future__ import annotations
