@@ -11,7 +11,7 @@ why) the card measures the baseline alone, so promote serves the challenger in p
 the local provider, transformers) beside the stable baseline on vLLM.
 
 Reuses the session's `quantgate run` (tests/e2e/conftest.py) as test_serve_vllm.py does, and its
-`quantgate engines` settings (a cached pair is shared). Skipped before the shared run starts (a session
+`quantgate engines` settings, with vLLM eager (see the test). Skipped before the shared run starts (a session
 fixture listed ahead of `smollm2_run`) only where vLLM is not installed for quantgate. In the manifest
 the live gates are loosened, and the stable requests a step needs to compare with and the probe set
 (3 of its cases) cut down: this test is about the loop on real engines deciding a step, not about how a
@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from e2ekit import RECIPE, cli, get_json, post, start_gateway, stop_gateway, wait_until
 from quantgate.formats import vllm_cpu_w4a16_problem
@@ -65,8 +66,15 @@ def test_one_canary_step_on_vllm(vllm_here, smollm2_run, tmp_path):
     rec = smollm2_run["compare"]["recommended"]
     cand = rec if rec not in (None, base) else "awq-w4g64"  # a quantized candidate either way
     on_vllm = [base, cand] if CHALLENGER_ON_VLLM else [base]  # the card's rows: where promote serves each
-    proc = cli("engines", RECIPE, "-w", ws, "--engine", "vllm-cpu", *(a for n in on_vllm for a in ("--only", n)),
-               "--requests", "4", "--no-sweep")
+    # The recipe's engine selection with vLLM eager: its warm-up compilation costs ~85 s a start on 2 cores
+    # (measured: ready in 136 s compiled vs 53 s eager) and this test starts vLLM twice (the card's
+    # measurement, then under the gateway). The card keeps the argument, so promote serves what was measured.
+    selection = yaml.safe_load(RECIPE.with_name("smollm2-cpu.engines.yaml").read_text())
+    selection["engines"]["vllm-cpu"]["args"] = ["--enforce-eager"]
+    config = tmp_path / "engines.yaml"
+    config.write_text(yaml.safe_dump(selection))
+    proc = cli("engines", RECIPE, "-w", ws, "--config", config, "--engine", "vllm-cpu",
+               *(a for n in on_vllm for a in ("--only", n)), "--requests", "4", "--no-sweep")
     print(proc.stdout + proc.stderr[-1500:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -81,6 +89,7 @@ def test_one_canary_step_on_vllm(vllm_here, smollm2_run, tmp_path):
     assert m["active"]["name"] == base and m["active"]["engine"]["kind"] == "vllm"
     challenger = m["canary"]["challenger"]
     assert challenger["name"] == cand
+    assert "--enforce-eager" in m["active"]["engine"]["args"]  # the engine as measured, not as the recipe's default
     if CHALLENGER_ON_VLLM:
         assert challenger["engine"]["kind"] == "vllm", challenger
     else:  # no card row for it: promote's in-process default
